@@ -1,0 +1,1 @@
+"""jaxgen: JAX-native LLM generation serving."""

@@ -1,0 +1,96 @@
+"""Checkpoint loading: bundled names, GGUF files, HF safetensors directories and jaxgen's
+Orbax format, all into a `Model`, its params (placed on a mesh) and its tokenizer.
+
+Bundled models are converted once into the cache directory and restored from there afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+from jaxgen.checkpoints import gguf_file, hf_safetensors, orbax_format
+from jaxgen.checkpoints.errors import CheckpointError
+from jaxgen.checkpoints.hf_layout import load_params
+from jaxgen.checkpoints.registry import BUNDLED, CACHE_ENV, DEFAULT_MODEL, bundled, cache_dir
+from jaxgen.models import Model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BUNDLED", "CACHE_ENV", "DEFAULT_MODEL", "CheckpointError", "LoadedModel", "convert",
+           "load"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Model
+    params: dict
+    tokenizer: object
+    source: str  # what was actually read: a GGUF, an HF dir, or a jaxgen checkpoint dir
+    load_seconds: float
+    converted: bool = False  # True when this load first converted a bundled model into the cache
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _load_source(path: str, dtype: str, mesh, attn_backend: str):
+    """(model, params, tokenizer) from a GGUF file, HF dir or jaxgen dir."""
+    from jaxgen import tokenizer as tok
+
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise CheckpointError(f"{path}: a model file must be a .gguf")
+        reader = gguf_file.open_gguf(path)
+        model = Model(gguf_file.config_from_gguf(reader, path, dtype), attn_backend)
+        get, names = gguf_file.tensor_reader(reader, model.config, path)
+        params = load_params(model, get, path, names, mesh)
+        return model, params, tok.tokenizer_from_gguf(reader)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if orbax_format.is_jaxgen_checkpoint(path):
+        model = Model(orbax_format.read_config(path, dtype), attn_backend)
+        params = orbax_format.restore(path, model, mesh)
+        return model, params, tok.load_tokenizer(os.path.join(path, "tokenizer"))
+    if hf_safetensors.is_hf_checkpoint(path):
+        cfg = hf_safetensors.config_from_hf(hf_safetensors.read_config(path), path, dtype)
+        model = Model(cfg, attn_backend)
+        get, names = hf_safetensors.tensor_reader(path)
+        params = load_params(model, get, path, names, mesh)
+        return model, params, tok.load_hf_tokenizer(path)
+    raise CheckpointError(
+        f"{path}: not a model directory: expected {orbax_format.CONFIG_FILE} (jaxgen checkpoint) "
+        "or config.json with *.safetensors (HF checkpoint)")
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None,
+         cache: str | None = None, attn_backend: str = "auto") -> LoadedModel:
+    """Loads a bundled model by name, or a checkpoint by path, onto `mesh` (None: one device)."""
+    start = time.perf_counter()
+    entry = bundled(name_or_path)
+    converted = False
+    if entry is not None:
+        path = os.path.join(cache_dir(cache), "models", entry.name)
+        if not orbax_format.is_jaxgen_checkpoint(path):
+            log.info("converting %s into %s (first use)", entry.name, path)
+            convert(entry.locate_gguf(), path)
+            converted = True
+    elif os.path.exists(name_or_path):
+        path = name_or_path
+    else:
+        raise CheckpointError(
+            f"model {name_or_path!r}: not a bundled model ({', '.join(sorted(BUNDLED))}) "
+            "and no such file or directory")
+    model, params, tokenizer = _load_source(path, dtype, mesh, attn_backend)
+    return LoadedModel(model, params, tokenizer, path, time.perf_counter() - start, converted)
+
+
+def convert(src: str, dst: str, dtype: str = "float32") -> None:
+    """Writes `src` (bundled name, GGUF, HF dir, jaxgen dir) as a jaxgen checkpoint at `dst`."""
+    entry = bundled(src)
+    path = entry.locate_gguf() if entry is not None else src
+    model, params, tokenizer = _load_source(path, dtype, None, "auto")
+    orbax_format.save(dst, model.config, params, tokenizer)

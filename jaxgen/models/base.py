@@ -1,0 +1,92 @@
+"""The split-once model wrapper and the attention metadata pytree.
+
+`Model` builds the Flax NNX module abstractly, splits it once into a graphdef and a parameter
+pytree (a nested dict of arrays), and exposes `forward` as a pure function of those params —
+the only thing jitted step functions call. Knows nothing about checkpoints or scheduling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgen.models.config import ModelConfig
+from jaxgen.models.gemma3 import Gemma3
+from jaxgen.models.llama import Llama
+from jaxgen.models.sharding import kv_pages_sharding, tree_shardings
+
+MODEL_TYPES = {"gemma3": Gemma3, "llama": Llama}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each sequence's K/V live. S = sequence rows (slots), P = pages per sequence.
+
+    kv_lens: i32[S] tokens per sequence after this step; page_indices: i32[S, P];
+    cu_q_lens: i32[S + 1] packed query offsets; num_seqs: i32[1] live rows of S.
+    """
+
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+class Model:
+    """A decoder of `config`, split once; `params` are a nested dict of arrays."""
+
+    def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
+        self.config = config
+        self.attn_backend = attn_backend
+        module = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
+        self.graphdef, self._abstract_state = nnx.split(module)
+
+    def _build(self, rngs: nnx.Rngs) -> nnx.Module:
+        return MODEL_TYPES[self.config.architecture](self.config, rngs, self.attn_backend)
+
+    @property
+    def abstract_params(self):
+        """Nested dict of `jax.ShapeDtypeStruct`, the shape of every parameter."""
+        return nnx.to_pure_dict(self._abstract_state)
+
+    @property
+    def logical_axes(self):
+        """Nested dict (same structure as params) of each parameter's logical axes."""
+        axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._abstract_state,
+                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.to_pure_dict(axes)
+
+    def param_shardings(self, mesh):
+        return tree_shardings(self.logical_axes, self.abstract_params, mesh)
+
+    def forward(self, params, tokens, positions, kv_pages, attn_metadata: AttentionMetadata,
+                logits_indices=None):
+        """`tokens, positions: i32[T]`, `kv_pages: list[L] of [N, page_size, 2*Hkv, D]` ->
+        `(logits f32[T or len(logits_indices), V], kv_pages)`."""
+        state = jax.tree.map(lambda x: x, self._abstract_state)  # fresh Variables to fill
+        nnx.replace_by_pure_dict(state, params)
+        module = nnx.merge(self.graphdef, state)
+        return module(tokens, positions, list(kv_pages), attn_metadata, logits_indices)
+
+    def init_random(self, seed: int = 0, mesh=None):
+        """Random parameters (speed work and tests), created directly in their shardings."""
+        def make():
+            return nnx.to_pure_dict(nnx.split(self._build(nnx.Rngs(seed)))[1])
+        out = None if mesh is None else self.param_shardings(mesh)
+        return jax.jit(make, out_shardings=out)()
+
+    def kv_page_shape(self, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+        c = self.config
+        return (num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
+
+    def init_kv_pages(self, num_pages: int, page_size: int, dtype=None, mesh=None):
+        """One zeroed page pool per layer."""
+        dtype = jnp.dtype(dtype or self.config.dtype)
+        shape = self.kv_page_shape(num_pages, page_size)
+        sharding = None if mesh is None else kv_pages_sharding(self.config.num_kv_heads, mesh)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return [make() for _ in range(self.config.num_layers)]

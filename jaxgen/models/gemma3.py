@@ -1,0 +1,58 @@
+"""Gemma 3 text decoder: interleaved local (sliding-window) and global layers, QK-norm,
+pre- and post-norms around attention and MLP, GeLU-tanh MLP, embeddings scaled by sqrt(dim)
+and tied to the output head."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgen.models.config import ModelConfig
+from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param
+
+
+class Gemma3Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, attn_backend: str):
+        dt, e, eps = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.rms_norm_eps
+        self.pre_attn_norm = RMSNorm(e, eps, dt, rngs, zero_centered=True)
+        self.attn = Attention(cfg, layer, rngs, attn_backend)
+        self.post_attn_norm = RMSNorm(e, eps, dt, rngs, zero_centered=True)
+        self.pre_mlp_norm = RMSNorm(e, eps, dt, rngs, zero_centered=True)
+        self.mlp = GatedMLP(cfg, rngs)
+        self.post_mlp_norm = RMSNorm(e, eps, dt, rngs, zero_centered=True)
+
+    def __call__(self, x, positions, kv_pages, md):
+        h, kv_pages = self.attn(self.pre_attn_norm(x), positions, kv_pages, md)
+        x = x + self.post_attn_norm(h)
+        x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        return x, kv_pages
+
+
+class Gemma3(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto"):
+        dt = jnp.dtype(cfg.dtype)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.layers = nnx.List(
+            [Gemma3Block(cfg, i, rngs, attn_backend) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs, zero_centered=True)
+        self.embed_scale = math.sqrt(cfg.hidden_size)
+        self.final_logit_softcap = cfg.final_logit_softcap
+
+    def __call__(self, tokens, positions, kv_pages, md, logits_indices=None):
+        table = self.embed[...]
+        # The reference rounds the scale to the weights' dtype before multiplying.
+        x = table[tokens] * jnp.asarray(self.embed_scale, table.dtype)
+        new_pages = []
+        for block, pages in zip(self.layers, kv_pages):
+            x, pages = block(x, positions, pages, md)
+            new_pages.append(pages)
+        x = self.final_norm(x)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        logits = jnp.einsum("te,ve->tv", x, table).astype(jnp.float32)
+        if self.final_logit_softcap is not None:
+            cap = self.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        return logits, new_pages

@@ -1,0 +1,140 @@
+"""Building blocks shared by the decoder families: params with logical axes, RMSNorm, RoPE,
+paged attention, gated MLP.
+
+Every parameter is an `nnx.Param` carrying `logical_axes`; `jaxgen.models.sharding` maps those to
+mesh axes. Weights are stored input-major (`x @ w`), heads split out: `q: [embed, q_heads,
+head_dim]`, `o: [q_heads, head_dim, embed]`. Knows nothing about checkpoints or scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from jaxgen.models.config import ModelConfig, RopeScaling
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          init: str = "normal") -> nnx.Param:
+    """A parameter of `shape` with its logical axes. Real values come from checkpoints; the
+    initialiser only matters for random-weight speed work."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in f32.
+
+    Gemma stores the scale zero-centred and multiplies by `1 + w` (in f32, then casts);
+    Llama multiplies the normalised activations, cast back, by `w`.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, *, zero_centered: bool):
+        self.weight = param(rngs, (dim,), ("norm",), dtype, "zeros" if zero_centered else "ones")
+        self.eps = eps
+        self.zero_centered = zero_centered
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...]
+        if self.zero_centered:
+            return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """f32[head_dim // 2] inverse frequencies, computed in f32 on host (as the HF reference)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates `x: [T, H, D]` by `positions: i32[T]` (half-split "rotate_half" layout)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1)).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1)).astype(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """GQA/MQA self-attention over one layer's page pool, optional QK-norm (Gemma 3)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, attn_backend: str):
+        dt = jnp.dtype(cfg.dtype)
+        e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dt)
+        self.k = param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dt)
+        self.v = param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dt)
+        self.o = param(rngs, (hq, d, e), ("q_heads", "head_dim", "embed"), dt)
+        gemma = cfg.architecture == "gemma3"
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs, zero_centered=True) if gemma else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs, zero_centered=True) if gemma else None
+        sliding = cfg.is_sliding(layer)
+        # Gemma 3 scales RoPE on global layers only; Llama on every layer.
+        scaling = None if (gemma and sliding) else cfg.rope_scaling
+        self.inv_freq = tuple(rope_inv_freq(d, cfg.layer_rope_theta(layer), scaling).tolist())
+        self.sliding_window = cfg.sliding_window if sliding else None
+        self.sm_scale = cfg.sm_scale
+        self.soft_cap = cfg.attn_logit_softcap
+        self.attn_backend = attn_backend
+
+    def __call__(self, x, positions, kv_pages, md):
+        q = jnp.einsum("te,ehd->thd", x, self.q[...])
+        k = jnp.einsum("te,ehd->thd", x, self.k[...])
+        v = jnp.einsum("te,ehd->thd", x, self.v[...])
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = np.asarray(self.inv_freq, np.float32)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out, kv_pages = pallas_kernels.ragged_paged_attention(
+            q, k, v, kv_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+            sm_scale=self.sm_scale, sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap, backend=self.attn_backend,
+        )
+        return jnp.einsum("thd,hde->te", out, self.o[...]), kv_pages
+
+
+class GatedMLP(nnx.Module):
+    """`down(act(gate(x)) * up(x))`: SwiGLU for Llama, GeLU-tanh for Gemma."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = param(rngs, (e, f), ("embed", "mlp"), dt)
+        self.up = param(rngs, (e, f), ("embed", "mlp"), dt)
+        self.down = param(rngs, (f, e), ("mlp", "embed"), dt)
+        self.gelu = cfg.architecture == "gemma3"
+
+    def __call__(self, x):
+        gate = x @ self.gate[...]
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return (act * (x @ self.up[...])) @ self.down[...]

@@ -1,0 +1,76 @@
+"""Ragged paged attention: one public function for mixed prefill + decode batches.
+
+The step's new K/V are written into their pages (fused write, the pool is donated by callers)
+and every query token attends to its own sequence's pages only. Backends sit behind
+`ragged_paged_attention`; today only the plain-jnp reference exists, the TPU (Mosaic) and GPU
+kernels plug in under the same signature.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.ragged_paged_attention import reference
+
+BACKENDS = ("reference",)
+
+
+def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
+    """The concrete backend for `backend` ("auto" picks by platform) on `platform`."""
+    if backend == "auto":
+        # Until the TPU/GPU kernels land every platform runs the reference.
+        del platform
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend={backend!r}: must be 'auto' or one of {BACKENDS}")
+    return backend
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's K/V into their pages, then attends each query token to its sequence.
+
+    Tokens of all sequences are packed along one axis: sequence `s` owns query rows
+    `cu_q_lens[s]:cu_q_lens[s+1]`, which are the last `q_len` tokens of its `kv_lens[s]` tokens
+    (so a query row at offset `i` has position `kv_lens[s] - q_len + i`). Rows at or past
+    `cu_q_lens[num_seqs]` are padding: nothing is written for them and their output is 0.
+
+    Args:
+      q: `[T, Hq, D]` float (f32 / bf16) queries, RoPE already applied.
+      k: `[T, Hkv, D]` keys of the T new tokens; `v`: `[T, Hkv, D]` values. `Hq % Hkv == 0`.
+      kv_pages: `[num_pages, page_size, 2 * Hkv, D]` page pool of one layer, token-major; row
+        `2h` holds K of kv head `h`, row `2h + 1` its V. Any float dtype; new K/V are cast to it.
+      kv_lens: `i32[S]` tokens of each sequence after this step (context + new tokens).
+      page_indices: `i32[S, pages_per_seq]` page ids of each sequence, in order.
+      cu_q_lens: `i32[S + 1]` cumulative query lengths, non-decreasing, `cu_q_lens[0] == 0`.
+      num_seqs: `i32[1]` (or scalar) number of live sequences; rows of S past it are ignored.
+      sm_scale: softmax scale applied to `q·k`.
+      sliding_window: if set, a query at position p sees keys at positions `> p - window`.
+      soft_cap: if set, scores become `soft_cap * tanh(scores / soft_cap)` before masking.
+      backend: "auto" (by platform) or one of `BACKENDS`.
+
+    Returns:
+      `(out [T, Hq, D] in q.dtype, kv_pages with the new K/V written)`.
+
+    A sequence only ever reads pages listed in its own `page_indices` row, and within them only
+    positions below its `kv_lens` entry, so stale or foreign data (even NaN) never leaks in.
+    """
+    resolved = resolve_backend(backend, jax.default_backend())
+    assert resolved == "reference"
+    return reference.ragged_paged_attention(
+        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+    )
