@@ -1,0 +1,1 @@
+"""Device side: jitted prefill / decode steps over the paged KV cache, and sampling."""

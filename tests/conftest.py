@@ -1,0 +1,19 @@
+"""Test session setup: CPU JAX with 8 host devices (for mesh tests), fp32 matmuls, shared
+fixtures for the bundled models and tiny random configs."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A private jaxgen cache: bundled models are converted here once per test session."""
+    return str(tmp_path_factory.mktemp("jaxgen-cache"))

@@ -1,0 +1,56 @@
+"""Shared test code: tiny model configs, packed-batch metadata, and the naive slow twins
+(full-forward greedy decode) that the fast paths are compared against."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.models import AttentionMetadata, Model, ModelConfig
+
+TINY_GEMMA3 = ModelConfig(
+    architecture="gemma3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
+    num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
+    rope_local_theta=1e4, max_position_embeddings=1024, sliding_window=12,
+    sliding_window_pattern=2, query_pre_attn_scalar=24.0, final_logit_softcap=30.0,
+    attn_logit_softcap=50.0)
+TINY_LLAMA = ModelConfig(
+    architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3,
+    num_heads=8, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=5e5,
+    max_position_embeddings=1024, tie_embeddings=False)
+
+
+def packed_metadata(seqs: list[tuple[int, int]], page_indices: np.ndarray, rows: int | None = None):
+    """AttentionMetadata for sequences given as (kv_len after step, q_len this step)."""
+    rows = rows or len(seqs)
+    kv_lens = np.zeros(rows, np.int32)
+    cu = np.zeros(rows + 1, np.int32)
+    for s, (kv_len, q_len) in enumerate(seqs):
+        kv_lens[s] = kv_len
+        cu[s + 1] = cu[s] + q_len
+    cu[len(seqs) + 1:] = cu[len(seqs)]
+    return AttentionMetadata(jnp.asarray(kv_lens), jnp.asarray(page_indices, jnp.int32),
+                             jnp.asarray(cu), jnp.array([len(seqs)], jnp.int32))
+
+
+def full_forward_logits(model: Model, params, ids: list[int], page_size: int = 16) -> np.ndarray:
+    """Logits of every position of one sequence from a single fresh prefill: the slow twin."""
+    pages_needed = -(-len(ids) // page_size)
+    pages = model.init_kv_pages(pages_needed + 1, page_size)
+    md = packed_metadata([(len(ids), len(ids))], np.arange(1, pages_needed + 1)[None])
+    logits, _ = model.forward(params, jnp.asarray(ids, jnp.int32),
+                              jnp.arange(len(ids), dtype=jnp.int32), pages, md)
+    return np.asarray(logits)
+
+
+def naive_greedy(model: Model, params, prompt: list[int], max_tokens: int, stop_ids=()) -> list[int]:
+    """Greedy decode by re-running the full forward over the whole sequence for every token."""
+    ids = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        nxt = int(full_forward_logits(model, params, ids)[-1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt in stop_ids:
+            break
+    return out
