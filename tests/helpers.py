@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import weakref
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,14 +36,25 @@ def packed_metadata(seqs: list[tuple[int, int]], page_indices: np.ndarray, rows:
                              jnp.asarray(cu), jnp.array([len(seqs)], jnp.int32))
 
 
+_FORWARD: "weakref.WeakKeyDictionary[Model, object]" = weakref.WeakKeyDictionary()
+
+
 def full_forward_logits(model: Model, params, ids: list[int], page_size: int = 16) -> np.ndarray:
-    """Logits of every position of one sequence from a single fresh prefill: the slow twin."""
-    pages_needed = -(-len(ids) // page_size)
+    """Logits of every position of one sequence from a single fresh prefill: the slow twin.
+
+    The sequence is padded to a power-of-two length (padding rows lie past `cu_q_lens[1]`, so
+    they are ignored) to keep compilations few across calls.
+    """
+    n = len(ids)
+    padded = max(16, 1 << (n - 1).bit_length())
+    pages_needed = padded // page_size
     pages = model.init_kv_pages(pages_needed + 1, page_size)
-    md = packed_metadata([(len(ids), len(ids))], np.arange(1, pages_needed + 1)[None])
-    logits, _ = model.forward(params, jnp.asarray(ids, jnp.int32),
-                              jnp.arange(len(ids), dtype=jnp.int32), pages, md)
-    return np.asarray(logits)
+    md = packed_metadata([(n, n)], np.arange(1, pages_needed + 1)[None])
+    tokens = np.zeros(padded, np.int32)
+    tokens[:n] = ids
+    fwd = _FORWARD.setdefault(model, jax.jit(model.forward))
+    logits, _ = fwd(params, jnp.asarray(tokens), jnp.arange(padded, dtype=jnp.int32), pages, md)
+    return np.asarray(logits)[:n]
 
 
 def naive_greedy(model: Model, params, prompt: list[int], max_tokens: int, stop_ids=()) -> list[int]:
