@@ -48,24 +48,9 @@ class Generator:
 
     def generate(self, prompts: list[list[int]], *, max_tokens: int, stop_ids=frozenset(),
                  temperature: float = 0.0, seed: int = 0) -> list[Completion]:
-        cfg = self.model.config
         if not prompts:
             return []
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
-        if temperature < 0 or not np.isfinite(temperature):
-            raise ValueError(f"temperature={temperature}: must be a finite number >= 0")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
-            if len(p) + max_tokens > cfg.max_position_embeddings:
-                raise ValueError(
-                    f"prompts[{i}]: {len(p)} prompt tokens + max_tokens={max_tokens} exceeds the "
-                    f"model's context of {cfg.max_position_embeddings}")
-            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-
+        self._validate(prompts, max_tokens, temperature)
         n = len(prompts)
         rows = bucket(n, 1)
         lens = np.array([len(p) for p in prompts], np.int32)
@@ -100,6 +85,23 @@ class Generator:
                     done[s] = self._finished(out[s], max_tokens, stop_ids)
         return [Completion(list(p), o, "stop" if o[-1] in stop_ids else "length")
                 for p, o in zip(prompts, out)]
+
+    def _validate(self, prompts, max_tokens: int, temperature: float) -> None:
+        cfg = self.model.config
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+        if temperature < 0 or not np.isfinite(temperature):
+            raise ValueError(f"temperature={temperature}: must be a finite number >= 0")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
+            if len(p) + max_tokens > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"prompts[{i}]: {len(p)} prompt tokens + max_tokens={max_tokens} exceeds the "
+                    f"model's context of {cfg.max_position_embeddings}")
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
 
     @staticmethod
     def _finished(out: list[int], max_tokens: int, stop_ids) -> bool:

@@ -108,5 +108,11 @@ class ModelConfig:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         return cls(**data)
 
+    @classmethod
+    def from_json_file(cls, path: str) -> "ModelConfig":
+        """A config file such as the shape presets in configs/models/."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param
+from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param, run_blocks
 
 
 class Gemma3Block(nnx.Module):
@@ -44,13 +44,8 @@ class Gemma3(nnx.Module):
         table = self.embed[...]
         # The reference rounds the scale to the weights' dtype before multiplying.
         x = table[tokens] * jnp.asarray(self.embed_scale, table.dtype)
-        new_pages = []
-        for block, pages in zip(self.layers, kv_pages):
-            x, pages = block(x, positions, pages, md)
-            new_pages.append(pages)
-        x = self.final_norm(x)
-        if logits_indices is not None:
-            x = x[logits_indices]
+        x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
+                                  logits_indices)
         logits = jnp.einsum("te,ve->tv", x, table).astype(jnp.float32)
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap

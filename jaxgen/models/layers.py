@@ -142,3 +142,14 @@ class GatedMLP(nnx.Module):
         gate = x @ self.gate[...]
         act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
         return (act * (x @ self.up[...])) @ self.down[...]
+
+
+def run_blocks(blocks, final_norm, x, positions, kv_pages, md, logits_indices=None):
+    """Runs `x: [T, E]` through every block (each with its own layer's page pool) and the final
+    norm; returns the normalised rows to take logits of (all, or `logits_indices`) and the pools."""
+    new_pages = []
+    for block, pages in zip(blocks, kv_pages):
+        x, pages = block(x, positions, pages, md)
+        new_pages.append(pages)
+    x = final_norm(x)
+    return (x if logits_indices is None else x[logits_indices]), new_pages

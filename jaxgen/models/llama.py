@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param
+from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param, run_blocks
 
 
 class LlamaBlock(nnx.Module):
@@ -36,13 +36,8 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions, kv_pages, md, logits_indices=None):
         x = self.embed[...][tokens]
-        new_pages = []
-        for block, pages in zip(self.layers, kv_pages):
-            x, pages = block(x, positions, pages, md)
-            new_pages.append(pages)
-        x = self.final_norm(x)
-        if logits_indices is not None:
-            x = x[logits_indices]
+        x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
+                                  logits_indices)
         if self.lm_head is None:
             logits = jnp.einsum("te,ve->tv", x, self.embed[...])
         else:

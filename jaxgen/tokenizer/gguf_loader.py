@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import gguf
+from typing import TYPE_CHECKING, Any
 
 from jaxgen.tokenizer.base import Tokenizer
 from jaxgen.tokenizer.bpe import BPETokenizer, byte_level_backend
@@ -23,11 +21,14 @@ from jaxgen.tokenizer.sentencepiece import SentencePieceTokenizer
 from jaxgen.tokenizer.sentencepiece_proto import NORMAL, UNKNOWN, build_bpe_model_proto
 from jaxgen.tokenizer.settings import TokenizerSettings
 
+if TYPE_CHECKING:  # `gguf` is imported only when a GGUF is read: serving hosts may lack it.
+    import gguf
+
 SUPPORTED_MODELS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
 _MISSING = object()
 
 
-def tokenizer_from_gguf(reader_or_path: gguf.GGUFReader | str | os.PathLike) -> Tokenizer:
+def tokenizer_from_gguf(reader_or_path: "gguf.GGUFReader | str | os.PathLike") -> Tokenizer:
     """The tokenizer a GGUF file describes (pass a path, or a reader already opened on the file)."""
     metadata = _Metadata(_open(reader_or_path))
     model = metadata.get("tokenizer.ggml.model")
@@ -102,7 +103,9 @@ def _unknown_id(metadata: _Metadata, types: list[int]) -> int:
     return unknown[0]
 
 
-def _open(reader_or_path: gguf.GGUFReader | str | os.PathLike) -> gguf.GGUFReader:
+def _open(reader_or_path: "gguf.GGUFReader | str | os.PathLike") -> "gguf.GGUFReader":
+    import gguf
+
     if isinstance(reader_or_path, gguf.GGUFReader):
         return reader_or_path
     path = Path(reader_or_path)
@@ -114,7 +117,7 @@ def _open(reader_or_path: gguf.GGUFReader | str | os.PathLike) -> gguf.GGUFReade
 class _Metadata:
     """Key lookup on a GGUF reader, with errors that name the file and the key."""
 
-    def __init__(self, reader: gguf.GGUFReader):
+    def __init__(self, reader: "gguf.GGUFReader"):
         self._fields = reader.fields
         self.source = f"GGUF file {str(getattr(reader.data, 'filename', '<unnamed>'))!r}"
 
