@@ -115,3 +115,17 @@ def test_backend_validation():
     assert resolve_backend("auto", "cpu") == "reference"
     with pytest.raises(ValueError, match="attention backend='nope'"):
         resolve_backend("nope")
+
+
+def test_idle_slot_with_query_rows_is_ignored():
+    """Decode batches give every slot one query row; an idle slot (kv_len 0) must not write."""
+    rng = np.random.default_rng(2)
+    args, _ = make_case(rng, [(20, 1), (9, 1)], 4, 2, 64, 16, jnp.float32, pad_rows=0)
+    q, k, v, pool, kv_lens, page_indices, cu, num_seqs = args
+    kv_lens = kv_lens.at[1].set(0)  # slot 1 idle but still owns a query row
+    out, new_pool = ragged_paged_attention(q, k, v, pool, kv_lens, page_indices, cu, num_seqs,
+                                           sm_scale=0.125, backend="reference")
+    before, after = np.asarray(pool), np.asarray(new_pool)
+    changed = ~((before == after) | (np.isnan(before) & np.isnan(after)))
+    assert changed.sum() == 2 * 64 * 2  # only slot 0's token
+    assert np.all(np.asarray(out)[1] == 0)

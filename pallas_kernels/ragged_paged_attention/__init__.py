@@ -46,7 +46,8 @@ def ragged_paged_attention(
     Tokens of all sequences are packed along one axis: sequence `s` owns query rows
     `cu_q_lens[s]:cu_q_lens[s+1]`, which are the last `q_len` tokens of its `kv_lens[s]` tokens
     (so a query row at offset `i` has position `kv_lens[s] - q_len + i`). Rows at or past
-    `cu_q_lens[num_seqs]` are padding: nothing is written for them and their output is 0.
+    `cu_q_lens[num_seqs]` are padding, and so are the rows of a sequence whose `kv_lens` entry is
+    0 (an idle slot): nothing is written for them and their output is 0.
 
     Args:
       q: `[T, Hq, D]` float (f32 / bf16) queries, RoPE already applied.

@@ -25,6 +25,8 @@ def token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
     seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
+    # A sequence with kv_len 0 (an idle slot) is ignored even if it has query rows.
+    live &= (kv_lens[seq] > 0) & (pos >= 0)
     return seq, jnp.where(live, pos, 0), live
 
 

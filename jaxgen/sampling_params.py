@@ -1,0 +1,67 @@
+"""Per-request generation parameters: one frozen dataclass, validated on construction.
+
+Plain data (no jax): the scheduler reads the stop conditions and limits, the runtime turns the
+sampling fields into per-slot traced arrays, the server maps its proto message onto it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # in (0, 1]; 1 = off
+    min_p: float = 0.0  # in [0, 1); 0 = off
+    repetition_penalty: float = 1.0  # > 0; 1 = off (divides positive logits of seen tokens)
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    seed: int | None = None  # None: the engine picks one
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's own stop ids
+    stop: tuple[str, ...] = ()  # stop strings, matched on text, never streamed past
+    ignore_eos: bool = False  # keep going past the model's stop ids (until max_tokens)
+    logprobs: int | None = None  # None: off; n >= 0: chosen token's logprob + top-n alternatives
+
+    def __post_init__(self):
+        def bad(field, value, rule):
+            raise ValueError(f"{field}={value!r}: {rule}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", self.temperature, "must be a finite number >= 0")
+        if self.top_k < 0:
+            bad("top_k", self.top_k, "must be >= 0 (0 disables it)")
+        if not (0.0 < self.top_p <= 1.0):
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not (0.0 <= self.min_p < 1.0):
+            bad("min_p", self.min_p, "must be in [0, 1)")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (-2.0 <= value <= 2.0):
+                bad(name, value, "must be in [-2, 2]")
+        if self.seed is not None and not (0 <= self.seed < 2**32):
+            bad("seed", self.seed, "must be in [0, 2**32)")
+        if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, "must be non-negative token ids")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"<{len(self.stop)} strings>", f"at most {MAX_STOP_STRINGS} stop strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                bad("stop", s, f"each stop string must have 1..{MAX_STOP_STRING_LEN} characters")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
