@@ -1,23 +1,21 @@
-"""Static-batch generation over the paged KV cache: prefill every prompt in one packed call,
-then decode all of them together, `decode_steps` tokens per device call.
+"""Static-batch generation on the `ModelRunner`: every prompt gets a slot and a contiguous run
+of pages, all are prefilled in one step, then decoded together until each stops.
 
-This is the offline path of `jaxgen generate` until the continuous-batching engine takes over;
-it owns a trivial page assignment (each sequence gets a contiguous run of pages, page 0 is the
-null page) and knows nothing about tokenisation beyond stop ids.
+The offline path of `jaxgen generate` until the continuous-batching engine takes it over; it
+builds its own `StepPlan`s with a trivial page assignment (page 0 is the null page) and knows
+nothing about tokenisation beyond stop ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.models import AttentionMetadata, Model
-from jaxgen.runtime.steps import make_decode, make_prefill
-
-NULL_PAGE = 0
+from jaxgen.models import Model
+from jaxgen.runtime.runner import ModelRunner, RunnerConfig
+from jaxgen.sampling_params import SamplingParams
+from jaxgen.scheduler.plan import PrefillChunk, SlotAssignment, StepPlan
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -33,18 +31,13 @@ class Completion:
 
 
 class Generator:
-    """Compiled prefill/decode for one model; reused across `generate` calls."""
-
     def __init__(self, model: Model, params, *, page_size: int = 16, decode_steps: int = 8):
         if page_size % 16:
             raise ValueError(f"page_size={page_size}: must be a multiple of 16")
         if decode_steps < 1:
             raise ValueError(f"decode_steps={decode_steps}: must be >= 1")
         self.model, self.params = model, params
-        self.page_size = page_size
-        self.decode_steps = decode_steps
-        self._prefill = make_prefill(model)
-        self._decode = make_decode(model, decode_steps)
+        self.page_size, self.decode_steps = page_size, decode_steps
 
     def generate(self, prompts: list[list[int]], *, max_tokens: int, stop_ids=frozenset(),
                  temperature: float = 0.0, seed: int = 0) -> list[Completion]:
@@ -52,37 +45,42 @@ class Generator:
             return []
         self._validate(prompts, max_tokens, temperature)
         n = len(prompts)
-        rows = bucket(n, 1)
-        lens = np.array([len(p) for p in prompts], np.int32)
-        # Room for the prompt, max_tokens, and the extra tokens of the last decode call.
-        span = int(lens.max()) + max_tokens + self.decode_steps
-        pages_per_seq = bucket(-(-span // self.page_size), 1)
-        page_indices = np.full((rows, pages_per_seq), NULL_PAGE, np.int32)
-        for s in range(n):
-            page_indices[s] = 1 + s * pages_per_seq + np.arange(pages_per_seq)
-        kv_pages = self.model.init_kv_pages(1 + n * pages_per_seq, self.page_size)
-
-        temperature_row = jnp.full((rows,), temperature, jnp.float32)
-        seeds = jnp.full((rows,), seed, jnp.uint32)
-        first, kv_pages = self._run_prefill(prompts, lens, rows, page_indices, kv_pages,
-                                            temperature_row, seeds)
-
-        out = [[int(t)] for t in np.asarray(first)[:n]]
-        done = [self._finished(o, max_tokens, stop_ids) for o in out]
-        tokens = first
-        positions = jnp.asarray(np.pad(lens, (0, rows - n)))
-        num_seqs = jnp.array([n], jnp.int32)
-        page_indices = jnp.asarray(page_indices)
+        longest = max(len(p) for p in prompts)
+        cfg = RunnerConfig(num_slots=bucket(n, 1), page_size=self.page_size,
+                           max_model_len=bucket(longest + max_tokens),
+                           decode_steps=self.decode_steps,
+                           max_prefill_tokens=bucket(sum(len(p) for p in prompts)))
+        cfg = dataclasses.replace(cfg, num_pages=1 + n * cfg.pages_per_seq)
+        runner = ModelRunner(self.model, self.params, cfg)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        tables = {s: tuple(range(1 + s * cfg.pages_per_seq, 1 + (s + 1) * cfg.pages_per_seq))
+                  for s in range(n)}
+        plan = StepPlan(
+            step=0,
+            prefills=tuple(PrefillChunk(str(s), s, 0, tuple(p), True) for s, p in enumerate(prompts)),
+            page_table_updates=tables,
+            assignments=tuple(SlotAssignment(s, str(s), params, seed, tuple(p))
+                              for s, p in enumerate(prompts)),
+        )
+        out = [[int(t)] for t in runner.execute(plan).prefill_tokens]
+        done = [o[-1] in stop_ids or len(o) >= max_tokens for o in out]
+        step = 1
         while not all(done):
-            steps, kv_pages = self._decode(self.params, kv_pages, tokens, positions, page_indices,
-                                           num_seqs, temperature_row, seeds)
-            tokens, positions = steps[-1], positions + self.decode_steps
-            for s, column in enumerate(np.asarray(steps)[:, :n].T):
+            slots = tuple(range(n))
+            positions = tuple(len(p) + len(o) - 1 for p, o in zip(prompts, out))
+            # Finished rows keep decoding (discarded) so every row's position stays in step.
+            plan = StepPlan(step=step, decode_slots=slots, decode_positions=positions,
+                            num_steps=self.decode_steps)
+            columns = runner.execute(plan).decode_tokens[:, :n].T
+            for s, column in enumerate(columns):
                 for t in column:
                     if done[s]:
-                        break
+                        out[s].append(-1)  # placeholder keeps positions aligned; stripped below
+                        continue
                     out[s].append(int(t))
-                    done[s] = self._finished(out[s], max_tokens, stop_ids)
+                    done[s] = out[s][-1] in stop_ids or len(out[s]) >= max_tokens
+            step += 1
+        out = [[t for t in o if t >= 0] for o in out]
         return [Completion(list(p), o, "stop" if o[-1] in stop_ids else "length")
                 for p, o in zip(prompts, out)]
 
@@ -102,25 +100,3 @@ class Generator:
             bad = [t for t in p if not 0 <= t < cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-
-    @staticmethod
-    def _finished(out: list[int], max_tokens: int, stop_ids) -> bool:
-        return out[-1] in stop_ids or len(out) >= max_tokens
-
-    def _run_prefill(self, prompts, lens, rows, page_indices, kv_pages, temperature, seeds):
-        n = len(prompts)
-        total = int(lens.sum())
-        padded = bucket(total)
-        tokens = np.zeros(padded, np.int32)
-        positions = np.zeros(padded, np.int32)
-        tokens[:total] = np.concatenate(prompts)
-        positions[:total] = np.concatenate([np.arange(l) for l in lens])
-        cu = np.full(rows + 1, total, np.int32)
-        cu[: n + 1] = np.concatenate([[0], np.cumsum(lens)])
-        kv_lens = np.zeros(rows, np.int32)
-        kv_lens[:n] = lens
-        last_rows = np.maximum(cu[1:] - 1, 0)
-        md = AttentionMetadata(jnp.asarray(kv_lens), jnp.asarray(page_indices), jnp.asarray(cu),
-                               jnp.array([n], jnp.int32))
-        return self._prefill(self.params, kv_pages, jnp.asarray(tokens), jnp.asarray(positions),
-                             md, jnp.asarray(last_rows), temperature, seeds)

@@ -1,23 +1,95 @@
-"""Per-row sampling from logits with traced parameters (changing them never recompiles).
+"""Per-slot sampling with traced parameters: changing a request's parameters never recompiles.
 
-A row's random stream is `fold_in(key(seed), position)`: the same request samples the same
-tokens whatever its batch mates are.
+Order (as vLLM): penalties on the raw logits -> logprobs (of the penalised distribution) ->
+greedy rows take the argmax; other rows divide by temperature, then top-k, top-p and min-p
+filter, then draw. A row's random stream is `fold_in(key(seed), position)`, so a seeded request
+samples the same tokens whatever its batch mates are. The full-vocabulary sort that top-k/top-p
+need runs only when some row uses them (`lax.cond`, both branches compiled once).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from jaxgen.sampling_params import MAX_LOGPROBS
 
-def sample(logits: jax.Array, temperature: jax.Array, seeds: jax.Array, positions: jax.Array) -> jax.Array:
-    """`logits f32[B, V]`, `temperature f32[B]` (0 = greedy), `seeds u32[B]`,
-    `positions i32[B]` (index of the token being sampled) -> `i32[B]` tokens."""
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """Per-slot sampling parameters, each `[S]`."""
+
+    temperature: jax.Array  # f32, 0 = greedy
+    top_k: jax.Array  # i32, 0 = off
+    top_p: jax.Array  # f32, 1 = off
+    min_p: jax.Array  # f32, 0 = off
+    repetition_penalty: jax.Array  # f32, 1 = off
+    presence_penalty: jax.Array  # f32
+    frequency_penalty: jax.Array  # f32
+    seed: jax.Array  # u32
+
+    @classmethod
+    def zeros(cls, slots: int) -> "SamplingRows":
+        f = lambda v: jnp.full((slots,), v, jnp.float32)
+        return cls(f(0.0), jnp.zeros((slots,), jnp.int32), f(1.0), f(0.0), f(1.0), f(0.0), f(0.0),
+                   jnp.zeros((slots,), jnp.uint32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    tokens: jax.Array  # i32[B]
+    logprobs: jax.Array  # f32[B] of the chosen tokens
+    top_ids: jax.Array  # i32[B, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32[B, MAX_LOGPROBS]
+
+
+def apply_penalties(logits, rows: SamplingRows, prompt_seen, output_counts):
+    """`logits f32[B, V]`; `prompt_seen bool[B, V]`; `output_counts i32[B, V]`.
+
+    Repetition divides positive (multiplies negative) logits of every token seen in prompt or
+    output; presence and frequency subtract for tokens of the output only.
+    """
+    seen = prompt_seen | (output_counts > 0)
+    rp = rows.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    counts = output_counts.astype(jnp.float32)
+    logits = logits - rows.frequency_penalty[:, None] * counts
+    return logits - rows.presence_penalty[:, None] * (counts > 0)
+
+
+def _filtered(scaled, rows: SamplingRows):
+    """Top-k / top-p / min-p as a mask over `scaled f32[B, V]` (logits / temperature)."""
+    vocab = scaled.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(rows.top_k > 0, rows.top_k, vocab)[:, None]
+    keep = rank < k
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+    keep &= before < rows.top_p[:, None]
+    keep &= probs >= rows.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)  # the top candidate always survives
+    mask = jnp.zeros_like(keep).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep)
+    return jnp.where(mask, scaled, -jnp.inf)
+
+
+def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) -> Sampled:
+    """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`."""
+    logits = apply_penalties(logits.astype(jnp.float32), rows, prompt_seen, output_counts)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(row_logits, temp, seed, pos):
-        key = jax.random.fold_in(jax.random.key(seed), pos)
-        return jax.random.categorical(key, row_logits / jnp.maximum(temp, 1e-6)).astype(jnp.int32)
-
-    sampled = jax.vmap(draw)(logits, temperature, seeds, positions)
-    return jnp.where(temperature > 0, sampled, greedy)
+    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+    needs_filter = jnp.any((rows.temperature > 0) & (
+        (rows.top_k > 0) | (rows.top_p < 1.0) | (rows.min_p > 0.0)))
+    scaled = jax.lax.cond(needs_filter, _filtered, lambda s, _: s, scaled, rows)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    tokens = jnp.where(rows.temperature > 0, drawn, greedy)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

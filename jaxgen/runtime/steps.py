@@ -1,62 +1,103 @@
-"""Jitted pure step functions: `prefill` and multi-step `decode` over the paged KV cache.
+"""Jitted pure step functions over the paged KV cache: `prefill` (packed prompt chunks) and
+`generate` (k decode steps for every slot in an on-device loop).
 
-Both take the page pools donated and return them updated; sampled tokens stay on device until
-the caller asks for them (decode runs `num_steps` tokens per call in an on-device loop, so the
-host sees tokens once per `num_steps`). Knows nothing about requests or scheduling: it sees
-page tables, lengths and per-row sampling arrays.
+Both take the page pools and the decode state donated and return them updated; sampled tokens
+stay on device in the state for the next step, and are also returned (one array per call) for the
+host to read. Knows nothing about requests or scheduling: it sees page tables, positions, slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from jaxgen.models import AttentionMetadata, Model
-from jaxgen.runtime.sampling import sample
+from jaxgen.runtime.sampling import Sampled, sample
+from jaxgen.runtime.state import DecodeState
+
+
+def _take_rows(tree, index):
+    return jax.tree.map(lambda a: a[index], tree)
 
 
 def make_prefill(model: Model):
-    """`prefill(params, kv_pages, tokens i32[T], positions i32[T], md, last_rows i32[S],
-    temperature f32[S], seeds u32[S]) -> (first tokens i32[S], kv_pages)`.
+    """`prefill(params, kv_pages, state, tokens i32[T], positions i32[T], row_slots i32[T],
+    chunk_slots i32[C], cu_q_lens i32[C+1], num_chunks i32[1], sample_mask bool[C])
+    -> (Sampled [C], kv_pages, state)`.
 
-    Rows of `tokens` are the packed prompts described by `md`; `last_rows[s]` is the row of
-    sequence s's last prompt token, whose logits give its first generated token.
+    Chunk c of slot `chunk_slots[c]` holds rows `cu_q_lens[c]:cu_q_lens[c+1]`; its K/V go into that
+    slot's pages; where `sample_mask[c]`, the token sampled from its last row becomes the slot's
+    next input token. `row_slots` is the slot of each row (S for padding rows).
     """
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def prefill(params, kv_pages, tokens, positions, md, last_rows, temperature, seeds):
+    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    def prefill(params, kv_pages, state: DecodeState, tokens, positions, row_slots, chunk_slots,
+                cu_q_lens, num_chunks, sample_mask):
+        num_slots = state.tokens.shape[0]
+        last_rows = jnp.maximum(cu_q_lens[1:] - 1, 0)
+        kv_lens = jnp.where(jnp.arange(chunk_slots.shape[0]) < num_chunks[0],
+                            positions[last_rows] + 1, 0)
+        md = AttentionMetadata(kv_lens.astype(jnp.int32), state.page_table[chunk_slots],
+                               cu_q_lens, num_chunks)
         logits, kv_pages = model.forward(params, tokens, positions, kv_pages, md, last_rows)
-        return sample(logits, temperature, seeds, positions[last_rows] + 1), kv_pages
+        # Penalty statistics: prompt positions mark `prompt_seen`, later ones (outputs being
+        # recomputed after a preemption) count as output.
+        safe = jnp.minimum(row_slots, num_slots - 1)
+        is_prompt = positions < state.prompt_len[safe]
+        pad = row_slots >= num_slots
+        prompt_seen = state.prompt_seen.at[jnp.where(is_prompt & ~pad, row_slots, num_slots),
+                                           tokens].set(True, mode="drop")
+        counts = state.output_counts.at[jnp.where(~is_prompt & ~pad, row_slots, num_slots),
+                                        tokens].add(1, mode="drop")
+        sampled = sample(logits, _take_rows(state.rows, chunk_slots), positions[last_rows] + 1,
+                         prompt_seen[chunk_slots], counts[chunk_slots])
+        target = jnp.where(sample_mask, chunk_slots, num_slots)
+        state = dataclasses.replace(
+            state,
+            tokens=state.tokens.at[target].set(sampled.tokens, mode="drop"),
+            prompt_seen=prompt_seen,
+            output_counts=counts.at[target, sampled.tokens].add(1, mode="drop"),
+        )
+        return sampled, kv_pages, state
 
     return prefill
 
 
-def make_decode(model: Model, num_steps: int):
-    """`decode(params, kv_pages, tokens i32[S], positions i32[S], page_indices i32[S, P],
-    num_seqs i32[1], temperature f32[S], seeds u32[S]) -> (tokens i32[num_steps, S], kv_pages)`.
+def make_generate(model: Model, num_steps: int):
+    """`generate(params, kv_pages, state, positions i32[S], active bool[S])
+    -> (Sampled with leading [num_steps, S], kv_pages, state)`.
 
-    Row s feeds `tokens[s]` at `positions[s]` and samples the next token, `num_steps` times.
-    Rows at or past `num_seqs` are idle (kv_len 0: they neither read nor write pages).
+    Every active slot feeds `state.tokens` at `positions` and samples `num_steps` tokens in an
+    on-device loop; inactive slots have kv_len 0 (they neither read nor write pages).
     """
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def decode(params, kv_pages, tokens, positions, page_indices, num_seqs, temperature, seeds):
-        rows = tokens.shape[0]
-        live = jnp.arange(rows) < num_seqs[0]
-        cu_q_lens = jnp.minimum(jnp.arange(rows + 1, dtype=jnp.int32), num_seqs[0])
+    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    def generate(params, kv_pages, state: DecodeState, positions, active):
+        num_slots = state.tokens.shape[0]
+        cu_q_lens = jnp.arange(num_slots + 1, dtype=jnp.int32)
+        num_seqs = jnp.array([num_slots], jnp.int32)
+        slot_ids = jnp.arange(num_slots)
 
         def step(carry, _):
-            tokens, positions, kv_pages = carry
-            md = AttentionMetadata(jnp.where(live, positions + 1, 0).astype(jnp.int32),
-                                   page_indices, cu_q_lens, num_seqs)
+            tokens, positions, kv_pages, counts = carry
+            kv_lens = jnp.where(active, positions + 1, 0).astype(jnp.int32)
+            md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens, num_seqs)
             logits, kv_pages = model.forward(params, tokens, positions, kv_pages, md)
-            nxt = sample(logits, temperature, seeds, positions + 1)
-            return (nxt, positions + 1, kv_pages), nxt
+            out = sample(logits, state.rows, positions + 1, state.prompt_seen, counts)
+            counts = counts.at[jnp.where(active, slot_ids, num_slots), out.tokens].add(
+                1, mode="drop")
+            return (out.tokens, positions + 1, kv_pages, counts), out
 
-        (_, _, kv_pages), out = jax.lax.scan(step, (tokens, positions, kv_pages), None,
-                                             length=num_steps)
-        return out, kv_pages
+        init = (state.tokens, positions, kv_pages, state.output_counts)
+        (tokens, _, kv_pages, counts), out = jax.lax.scan(step, init, None, length=num_steps)
+        state = dataclasses.replace(state, tokens=jnp.where(active, tokens, state.tokens),
+                                    output_counts=counts)
+        return out, kv_pages, state
 
-    return decode
+    return generate
+
+
+__all__ = ["Sampled", "make_generate", "make_prefill"]

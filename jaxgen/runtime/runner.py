@@ -1,0 +1,217 @@
+"""`ModelRunner`: executes a `StepPlan` on device and returns a `StepOutput` of host arrays.
+
+Owns the params, the page pools and the decode state; packs a plan's prompt chunks into a
+bucketed token array (few shapes, so steady serving never recompiles), calls the jitted
+`insert` / `prefill` / `generate` functions with the pools and state donated, and counts any
+compilation that happens after warm-up. Knows nothing about requests, queues or text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.models import Model
+from jaxgen.runtime.sampling import SamplingRows
+from jaxgen.runtime.state import DecodeState, insert
+from jaxgen.runtime.steps import make_generate, make_prefill
+from jaxgen.scheduler.plan import StepOutput, StepPlan
+
+log = logging.getLogger(__name__)
+
+# Pages when the device cannot report free memory (CPU): 16k tokens at page size 16.
+DEFAULT_CPU_PAGES = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    num_slots: int = 8
+    page_size: int = 16
+    max_model_len: int = 4096
+    decode_steps: int = 8  # tokens per `generate` call (on-device loop)
+    max_prefill_tokens: int = 512  # largest prefill bucket = per-step prefill token budget
+    num_pages: int | None = None  # None: from free device memory
+    memory_fraction: float = 0.5  # share of free device memory for the page pool
+
+    def __post_init__(self):
+        def positive(name):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("num_slots", "max_model_len", "decode_steps", "max_prefill_tokens"):
+            positive(name)
+        if self.page_size < 16 or self.page_size % 16:
+            raise ValueError(f"page_size={self.page_size}: must be a positive multiple of 16")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages}: must be >= 2 (page 0 is reserved)")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={self.memory_fraction}: must be in (0, 1]")
+
+    @property
+    def pages_per_seq(self) -> int:
+        # Room for decode writes past the last kept token (they land in the null page).
+        return math.ceil((self.max_model_len + self.decode_steps) / self.page_size)
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        buckets, size = [], 16
+        while size < self.max_prefill_tokens:
+            buckets.append(size)
+            size *= 2
+        return tuple(buckets) + (self.max_prefill_tokens,)
+
+
+def size_page_pool(model: Model, cfg: RunnerConfig, dtype) -> int:
+    """Pages that fit in `memory_fraction` of the device's free memory (all layers)."""
+    if cfg.num_pages is not None:
+        return cfg.num_pages
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_CPU_PAGES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    c = model.config
+    per_page = c.num_layers * cfg.page_size * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
+    return max(2, int(free * cfg.memory_fraction) // per_page)
+
+
+class ModelRunner:
+    def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
+        self.model, self.params, self.cfg = model, params, cfg
+        self.num_pages = size_page_pool(model, cfg, model.config.dtype)
+        self.kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)
+        self.state = DecodeState.create(cfg.num_slots, cfg.pages_per_seq, model.config.vocab_size)
+        self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
+        self._prefill = make_prefill(model)
+        self._generate = make_generate(model, cfg.decode_steps)
+        self._insert = jax.jit(insert, donate_argnums=(0,))
+        self._baseline_compiles: int | None = None
+        self.compilations_after_warmup = 0
+
+    # -- compilation accounting ---------------------------------------------------------------
+
+    def _compiled(self) -> int:
+        return sum(f._cache_size() for f in (self._prefill, self._generate, self._insert))
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket, `generate` and `insert` with no-op inputs."""
+        s = self.cfg.num_slots
+        self.state = self._insert(self.state, jnp.full((s,), s, jnp.int32), SamplingRows.zeros(s),
+                                  jnp.zeros((s,), jnp.int32))
+        for t in self.cfg.prefill_buckets:
+            self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, s, np.int32),
+                              np.full(s, s, np.int32), np.zeros(s + 1, np.int32), 0,
+                              np.zeros(s, bool))
+        out, self.kv_pages, self.state = self._generate(
+            self.params, self.kv_pages, self.state, jnp.zeros((s,), jnp.int32), jnp.zeros((s,), bool))
+        jax.block_until_ready(out.tokens)
+        self._baseline_compiles = self._compiled()
+
+    def _check_compiles(self) -> None:
+        if self._baseline_compiles is None:
+            return
+        now = self._compiled()
+        if now > self._baseline_compiles:
+            self.compilations_after_warmup += now - self._baseline_compiles
+            log.warning("compiled %d new program(s) after warm-up (shape outside the buckets?)",
+                        now - self._baseline_compiles)
+            self._baseline_compiles = now
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self._update_page_table(plan.page_table_updates)
+        if plan.assignments:
+            self._assign(plan)
+        prefill = self._prefill_chunks(plan) if plan.prefills else None
+        decode = self._decode(plan) if plan.decode_slots else None
+        self._check_compiles()
+        return self._to_host(plan, prefill, decode)
+
+    def _update_page_table(self, updates) -> None:
+        if not updates:
+            return
+        for slot, pages in updates.items():
+            if len(pages) > self.cfg.pages_per_seq:
+                raise ValueError(f"slot {slot}: {len(pages)} pages > pages_per_seq={self.cfg.pages_per_seq}")
+            self._page_table[slot] = 0
+            self._page_table[slot, :len(pages)] = pages
+        self.state = dataclasses.replace(self.state, page_table=jnp.asarray(self._page_table))
+
+    def _assign(self, plan: StepPlan) -> None:
+        s = self.cfg.num_slots
+        slots = np.full(s, s, np.int32)
+        cols = {f.name: np.zeros(s, np.float32) for f in dataclasses.fields(SamplingRows)}
+        cols["top_k"] = np.zeros(s, np.int32)
+        cols["seed"] = np.zeros(s, np.uint32)
+        prompt_len = np.zeros(s, np.int32)
+        for i, a in enumerate(plan.assignments):
+            p = a.params
+            slots[i], prompt_len[i] = a.slot, len(a.prompt_ids)
+            for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                         "presence_penalty", "frequency_penalty"):
+                cols[name][i] = getattr(p, name)
+            cols["seed"][i] = a.seed
+        rows = SamplingRows(**{k: jnp.asarray(v) for k, v in cols.items()})
+        self.state = self._insert(self.state, jnp.asarray(slots), rows, jnp.asarray(prompt_len))
+
+    def _prefill_chunks(self, plan: StepPlan):
+        s = self.cfg.num_slots
+        total = plan.num_prefill_tokens
+        bucket = next((b for b in self.cfg.prefill_buckets if b >= total), None)
+        if bucket is None:
+            raise ValueError(f"plan has {total} prefill tokens > max_prefill_tokens="
+                             f"{self.cfg.max_prefill_tokens}")
+        tokens = np.zeros(bucket, np.int32)
+        positions = np.zeros(bucket, np.int32)
+        row_slots = np.full(bucket, s, np.int32)
+        chunk_slots = np.zeros(s, np.int32)
+        cu = np.full(s + 1, total, np.int32)
+        sample_mask = np.zeros(s, bool)
+        offset = 0
+        for c, chunk in enumerate(plan.prefills):
+            n = len(chunk.token_ids)
+            tokens[offset:offset + n] = chunk.token_ids
+            positions[offset:offset + n] = np.arange(chunk.start, chunk.start + n)
+            row_slots[offset:offset + n] = chunk.slot
+            chunk_slots[c], cu[c], sample_mask[c] = chunk.slot, offset, chunk.sample
+            offset += n
+        return self._run_prefill(tokens, positions, row_slots, chunk_slots, cu,
+                                 len(plan.prefills), sample_mask)
+
+    def _run_prefill(self, tokens, positions, row_slots, chunk_slots, cu, num_chunks, sample_mask):
+        sampled, self.kv_pages, self.state = self._prefill(
+            self.params, self.kv_pages, self.state, jnp.asarray(tokens), jnp.asarray(positions),
+            jnp.asarray(row_slots), jnp.asarray(chunk_slots), jnp.asarray(cu),
+            jnp.array([num_chunks], jnp.int32), jnp.asarray(sample_mask))
+        return sampled
+
+    def _decode(self, plan: StepPlan):
+        if plan.num_steps != self.cfg.decode_steps:
+            raise ValueError(f"plan.num_steps={plan.num_steps}: this runner decodes "
+                             f"{self.cfg.decode_steps} per call")
+        positions = np.zeros(self.cfg.num_slots, np.int32)
+        active = np.zeros(self.cfg.num_slots, bool)
+        positions[list(plan.decode_slots)] = plan.decode_positions
+        active[list(plan.decode_slots)] = True
+        out, self.kv_pages, self.state = self._generate(
+            self.params, self.kv_pages, self.state, jnp.asarray(positions), jnp.asarray(active))
+        return out
+
+    def _to_host(self, plan: StepPlan, prefill, decode) -> StepOutput:
+        n = len(plan.prefills)
+        prefill, decode = jax.device_get((prefill, decode))  # one transfer for the step
+        empty_i = np.zeros((0,), np.int32)
+        return StepOutput(
+            prefill_tokens=prefill.tokens[:n] if prefill is not None else empty_i,
+            decode_tokens=decode.tokens if decode is not None else np.zeros((0, 0), np.int32),
+            prefill_logprobs=prefill.logprobs[:n] if prefill is not None else None,
+            prefill_top_ids=prefill.top_ids[:n] if prefill is not None else None,
+            prefill_top_logprobs=prefill.top_logprobs[:n] if prefill is not None else None,
+            decode_logprobs=decode.logprobs if decode is not None else None,
+            decode_top_ids=decode.top_ids if decode is not None else None,
+            decode_top_logprobs=decode.top_logprobs if decode is not None else None,
+        )
