@@ -43,7 +43,7 @@ class SamplingRows:
 class Sampled:
     tokens: jax.Array  # i32[B]
     logprobs: jax.Array  # f32[B] of the chosen tokens
-    top_ids: jax.Array  # i32[B, MAX_LOGPROBS]
+    top_ids: jax.Array  # i32[B, min(MAX_LOGPROBS, V)]
     top_logprobs: jax.Array  # f32[B, MAX_LOGPROBS]
 
 
@@ -91,5 +91,5 @@ def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) ->
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(rows.temperature > 0, drawn, greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

@@ -1,0 +1,106 @@
+"""Per-slot sampling against a numpy oracle: penalties, greedy, top-k / top-p / min-p filters
+and the distribution they leave, logprobs, and seeds independent of the row and batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.runtime.sampling import SamplingRows, apply_penalties, sample
+
+V = 12
+
+
+def rows(n, **kw):
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                presence_penalty=0.0, frequency_penalty=0.0, seed=0)
+    base.update(kw)
+    dtype = {"top_k": jnp.int32, "seed": jnp.uint32}
+    return SamplingRows(**{k: jnp.broadcast_to(jnp.asarray(v, dtype.get(k, jnp.float32)), (n,))
+                           for k, v in base.items()})
+
+
+def allowed(logits, temperature, top_k, top_p, min_p):
+    """Numpy oracle: the set of token ids the filters keep, and their renormalised probs."""
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(len(z), bool)
+    k = top_k or len(z)
+    kept = order[:k]
+    pk = p[kept] / p[kept].sum()
+    cum_before = np.cumsum(pk) - pk
+    kept = kept[(cum_before < top_p) & (pk >= min_p * pk[0])]
+    keep[kept] = True
+    keep[order[0]] = True
+    q = np.where(keep, p, 0)
+    return keep, q / q.sum()
+
+
+def draws(logits, r, n=3000):
+    """Tokens drawn for one logits row at n different positions (n independent keys)."""
+    b = logits[None].repeat(n, 0)
+    rr = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], (n,)), r)
+    zeros_b, zeros_i = jnp.zeros((n, V), bool), jnp.zeros((n, V), jnp.int32)
+    out = jax.jit(sample)(jnp.asarray(b), rr, jnp.arange(n, dtype=jnp.int32), zeros_b, zeros_i)
+    return np.asarray(out.tokens)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.6), dict(min_p=0.2),
+                                dict(top_k=5, top_p=0.8, temperature=0.7), dict(temperature=1.5)])
+def test_filters_keep_the_oracle_set_and_distribution(kw):
+    logits = np.random.default_rng(0).normal(size=V).astype(np.float32) * 2
+    r = rows(1, **kw)
+    got = draws(logits, r)
+    keep, q = allowed(logits, kw.get("temperature", 1.0), kw.get("top_k", 0),
+                      kw.get("top_p", 1.0), kw.get("min_p", 0.0))
+    assert set(np.unique(got)) <= set(np.flatnonzero(keep))
+    freq = np.bincount(got, minlength=V) / len(got)
+    np.testing.assert_allclose(freq, q, atol=0.035)
+
+
+def test_penalties_match_formula():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, V)).astype(np.float32)
+    prompt_seen = np.zeros((2, V), bool)
+    prompt_seen[0, [1, 2]] = True
+    counts = np.zeros((2, V), np.int32)
+    counts[0, [2, 5]] = [3, 1]
+    counts[1, 7] = 2
+    r = rows(2, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    got = np.asarray(apply_penalties(jnp.asarray(logits), r, jnp.asarray(prompt_seen),
+                                     jnp.asarray(counts)))
+    want = logits.copy()
+    seen = prompt_seen | (counts > 0)
+    want = np.where(seen, np.where(want > 0, want / 1.3, want * 1.3), want)
+    want -= 0.25 * counts + 0.5 * (counts > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_greedy_logprobs_and_top_alternatives():
+    logits = np.random.default_rng(2).normal(size=(3, V)).astype(np.float32)
+    r = rows(3, temperature=0.0)
+    out = sample(jnp.asarray(logits), r, jnp.zeros(3, jnp.int32), jnp.zeros((3, V), bool),
+                 jnp.zeros((3, V), jnp.int32))
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
+    np.testing.assert_allclose(np.asarray(out.logprobs), lp.max(-1), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[:, 0], logits.argmax(-1))
+    assert np.all(np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0)
+
+
+def test_seed_and_position_alone_decide_the_draw():
+    logits = np.random.default_rng(3).normal(size=V).astype(np.float32)
+    batch = np.stack([np.zeros(V, np.float32), logits, logits * 3])
+    temperature = jnp.asarray([0.0, 1.0, 0.5])
+    seeds = jnp.asarray([7, 42, 9], jnp.uint32)
+    base = rows(3)
+    r = SamplingRows(temperature, base.top_k, base.top_p.at[2].set(0.5), base.min_p,
+                     base.repetition_penalty, base.presence_penalty, base.frequency_penalty, seeds)
+    z = (jnp.zeros((3, V), bool), jnp.zeros((3, V), jnp.int32))
+    pos = jnp.asarray([4, 11, 2], jnp.int32)
+    in_batch = int(sample(jnp.asarray(batch), r, pos, *z).tokens[1])
+    alone = sample(jnp.asarray(logits[None]), rows(1, seed=42), pos[1:2],
+                   jnp.zeros((1, V), bool), jnp.zeros((1, V), jnp.int32))
+    assert in_batch == int(alone.tokens[0])
