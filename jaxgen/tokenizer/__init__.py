@@ -9,16 +9,20 @@ This package knows nothing about models, weights or the serving loop.
 from jaxgen.tokenizer.base import Tokenizer
 from jaxgen.tokenizer.bpe import BPETokenizer
 from jaxgen.tokenizer.chat_template import GEMMA_CHAT_TEMPLATE, ChatTemplateError, render_chat_template
+from jaxgen.tokenizer.detokenizer import IncrementalDetokenizer
 from jaxgen.tokenizer.directory import load_hf_tokenizer, load_tokenizer
 from jaxgen.tokenizer.gguf_loader import tokenizer_from_gguf
 from jaxgen.tokenizer.sentencepiece import SentencePieceTokenizer
 from jaxgen.tokenizer.settings import TokenizerSettings
+from jaxgen.tokenizer.stop_strings import StopStringMatcher
 
 __all__ = [
     "BPETokenizer",
     "ChatTemplateError",
     "GEMMA_CHAT_TEMPLATE",
+    "IncrementalDetokenizer",
     "SentencePieceTokenizer",
+    "StopStringMatcher",
     "Tokenizer",
     "TokenizerSettings",
     "load_hf_tokenizer",

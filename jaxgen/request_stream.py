@@ -1,0 +1,81 @@
+"""What a caller gets back from the engine: a stream of `RequestOutput`s ending in one final
+output with a finish reason and usage. Thread-safe: the engine loop writes, any thread reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    queue_time: float | None  # seconds from arrival to first scheduled
+    time_to_first_token: float | None  # seconds from arrival to first token
+    num_preemptions: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens since the previous output
+    text: str  # new complete text since the previous output
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None  # None until the final output: stop/length/abort/error
+    detail: str = ""  # why, for abort and error
+    usage: Usage | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestStream:
+    """Iterate to receive outputs as they are produced; iteration ends after the final one."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: queue.Queue[RequestOutput] = queue.Queue()
+        self.finished = False
+
+    def put(self, output: RequestOutput) -> None:
+        self._queue.put(output)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        return self._queue.get(timeout=timeout)
+
+    def __iter__(self):
+        while not self.finished:
+            out = self._queue.get()
+            self.finished = out.finished
+            yield out
+
+    def result(self) -> "Completion":
+        """Drains the stream into one `Completion` (blocking until the final output)."""
+        token_ids, text, logprobs, last = [], [], [], None
+        for last in self:
+            token_ids.extend(last.token_ids)
+            text.append(last.text)
+            logprobs.extend(last.logprobs or ())
+        return Completion(self.request_id, tuple(token_ids), "".join(text), last.finish_reason,
+                          last.detail, last.usage, tuple(logprobs) if logprobs else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    detail: str
+    usage: Usage | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
