@@ -1,27 +1,14 @@
 """What a caller gets back from the engine: a stream of `RequestOutput`s ending in one final
-output with a finish reason and usage. Thread-safe: the engine loop writes, any thread reads."""
+output with a finish reason and usage (the scheduler's `Usage`). Thread-safe: the engine loop
+writes, any thread reads."""
 
 from __future__ import annotations
 
 import dataclasses
 import queue
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) alternatives, best first
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    queue_time: float | None  # seconds from arrival to first scheduled
-    time_to_first_token: float | None  # seconds from arrival to first token
-    num_preemptions: int = 0
+from jaxgen.scheduler.events import Usage
+from jaxgen.scheduler.samples import TokenLogprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +16,7 @@ class RequestOutput:
     request_id: str
     token_ids: tuple[int, ...]  # new tokens since the previous output
     text: str  # new complete text since the previous output
-    logprobs: tuple[TokenLogprob, ...] | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
     finish_reason: str | None = None  # None until the final output: stop/length/abort/error
     detail: str = ""  # why, for abort and error
     usage: Usage | None = None
@@ -78,4 +65,4 @@ class Completion:
     finish_reason: str
     detail: str
     usage: Usage | None
-    logprobs: tuple[TokenLogprob, ...] | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None

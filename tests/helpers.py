@@ -68,3 +68,17 @@ def naive_greedy(model: Model, params, prompt: list[int], max_tokens: int, stop_
         if nxt in stop_ids:
             break
     return out
+
+
+class ByteTokenizer:
+    """A tokenizer whose ids are bytes (vocab 256): text is computable by hand in engine tests.
+    Id 0 is the stop id."""
+
+    stop_ids = frozenset({0})
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i != 0).decode("utf-8", errors="replace")

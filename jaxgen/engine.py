@@ -1,0 +1,221 @@
+"""The engine: one model, one page pool, many concurrent requests.
+
+Owns the `Scheduler` (host, no jax) and the `ModelRunner` (device). `step()` is plan ->
+execute -> update; `_deliver` turns the scheduler's token events into streamed outputs (text via
+the incremental detokenizer, stop strings matched on text and never streamed past). A background
+loop thread calls `step()` while there is work. The scheduler is the only state shared with
+caller threads, behind one lock held only for host bookkeeping, never across a device call.
+An exception in one request's handling ends that request with finish_reason "error"; a failed
+device step fails the requests in that plan; the loop keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import uuid
+
+from jaxgen.request_stream import Completion, RequestOutput, RequestStream
+from jaxgen.runtime.runner import ModelRunner, RunnerConfig
+from jaxgen.sampling_params import SamplingParams
+from jaxgen.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from jaxgen.tokenizer.detokenizer import IncrementalDetokenizer
+from jaxgen.tokenizer.stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "QueueFullError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    runner: RunnerConfig = RunnerConfig()
+    max_waiting: int = 1024  # bound of the waiting queue: past it add_request raises QueueFullError
+    enable_prefix_cache: bool = True
+    warmup: bool = True  # compile every shape at start
+
+
+@dataclasses.dataclass
+class _Live:
+    """Engine-side state of one request: its stream and text pipeline."""
+
+    stream: RequestStream
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+
+
+class Engine:
+    def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), mesh=None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.runner = ModelRunner(model, params, config.runner, mesh=mesh)
+        rc = config.runner
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_slots=rc.num_slots, num_pages=self.runner.num_pages, page_size=rc.page_size,
+            max_model_len=rc.max_model_len, max_waiting=config.max_waiting,
+            max_prefill_tokens=rc.max_prefill_tokens, decode_steps=rc.decode_steps,
+            model_stop_ids=frozenset(tokenizer.stop_ids),
+            enable_prefix_cache=config.enable_prefix_cache))
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._seeds = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: BaseException | None = None  # set if the loop itself crashed
+        if config.warmup:
+            start = time.perf_counter()
+            self.runner.warmup()
+            log.info("warm-up compiled in %.1fs", time.perf_counter() - start)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids, params: SamplingParams, request_id: str | None = None,
+                    deadline: float | None = None) -> RequestStream:
+        """Queues a request; returns its stream. Raises ValueError for bad input and
+        QueueFullError when the waiting queue is at its bound (nothing is queued then)."""
+        request_id = request_id or uuid.uuid4().hex
+        vocab = self.runner.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad}: outside the vocabulary [0, {vocab})")
+        seed = params.seed if params.seed is not None else next(self._seeds)
+        stream = RequestStream(request_id)
+        with self._work:
+            self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline)
+            self._live[request_id] = _Live(
+                stream, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                StopStringMatcher(params.stop))
+            self._work.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request at the next step (slot and pages freed); unknown ids are ignored."""
+        with self._work:
+            if request_id in self._live:
+                self.scheduler.abort(request_id)
+                self._work.notify()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to do."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            events = self.scheduler.take_finished_events() if plan.empty else []
+        if plan.empty:
+            self._deliver(events)
+            return bool(events)
+        try:
+            output = self.runner.execute(plan)
+        except Exception as e:  # a device failure fails this plan's requests, not the engine
+            log.exception("step %d failed on device", plan.step)
+            self._fail_plan(plan, f"device step failed: {type(e).__name__}: {e}")
+            return True
+        with self._lock:
+            events = self.scheduler.update(plan, output)
+        self._deliver(events)
+        return True
+
+    def _fail_plan(self, plan, detail: str) -> None:
+        ids = {c.request_id for c in plan.prefills} | set(self.scheduler.running_ids())
+        with self._lock:
+            events = [self.scheduler.finish(i, "error", detail) for i in ids]
+        self._deliver([e for e in events if e is not None])
+
+    def _deliver(self, events) -> None:
+        for ev in events:
+            live = self._live.get(ev.request_id)
+            if live is None:
+                continue
+            try:
+                self._deliver_one(live, ev)
+            except Exception as e:  # isolate: this request fails, the others go on
+                log.exception("request %s failed while delivering output", ev.request_id)
+                detail = f"{type(e).__name__}: {e}"
+                with self._lock:
+                    final = self.scheduler.finish(ev.request_id, "error", detail)
+                self._close(ev.request_id, RequestOutput(
+                    ev.request_id, (), "", None, "error", detail, final.usage if final else None))
+
+    def _deliver_one(self, live: _Live, ev) -> None:
+        ids = list(ev.token_ids)
+        text_ids = ids
+        if ev.finish_reason == "stop" and ids and ids[-1] in self._stop_ids(live.params):
+            text_ids = ids[:-1]  # the stop token itself is not text
+        emit, matched = live.stop.feed(live.detok.push(text_ids))
+        finish, detail, usage = ev.finish_reason, ev.detail, ev.usage
+        if matched is not None and finish is None:
+            with self._lock:
+                final = self.scheduler.finish(ev.request_id, "stop", f"stop string {matched!r}")
+            finish, detail = "stop", f"stop string {matched!r}"
+            usage = final.usage if final is not None else None
+        elif finish is not None and matched is None:
+            emit += live.stop.feed(live.detok.flush())[0] + live.stop.flush()
+        out = RequestOutput(ev.request_id, tuple(ids), emit, ev.logprobs, finish, detail, usage)
+        if finish is None:
+            live.stream.put(out)
+        else:
+            self._close(ev.request_id, out)
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        model = frozenset() if params.ignore_eos else frozenset(self.tokenizer.stop_ids)
+        return model | frozenset(params.stop_token_ids)
+
+    def _close(self, request_id: str, out: RequestOutput) -> None:
+        live = self._live.pop(request_id, None)
+        if live is not None:
+            live.stream.put(out)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    def start(self) -> None:
+        """Runs `step()` on a background thread whenever there is work."""
+        self._thread = threading.Thread(target=self._loop, name="jaxgen-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._work:
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                self.step()
+        except BaseException as e:  # the loop must never die silently: health reads `dead`
+            log.exception("engine loop crashed")
+            self.dead = e
+            raise
+
+    # -- offline ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Runs every prompt to completion (continuous batching, this thread) and returns the
+        completions in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        pending = list(zip(prompts, params_list))[::-1]
+        streams = []
+        while pending or any(s.request_id in self._live for s in streams):
+            while pending:  # keep the waiting queue full, never past its bound
+                try:
+                    streams.append(self.add_request(*pending[-1]))
+                except QueueFullError:
+                    break
+                pending.pop()
+            if not self.step() and not self.has_work():
+                raise RuntimeError("engine has unfinished requests but nothing to schedule")
+        return [s.result() for s in streams]

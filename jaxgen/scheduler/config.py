@@ -1,0 +1,54 @@
+"""`SchedulerConfig`: the scheduler's limits, frozen and validated on construction.
+
+Knows sizes (slots, pages, lengths, budgets) and the model's stop ids; does not know the model,
+the device or how the pool size was measured (the runtime sizes the pool, the engine passes the
+numbers here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    num_slots: int  # decode batch rows
+    num_pages: int  # KV pages in the pool, the null page 0 included
+    max_model_len: int  # prompt + max_tokens limit of one request
+    page_size: int = 16  # tokens per page, a multiple of 16
+    max_waiting: int = 1024  # bound of the waiting queue; add() beyond it raises QueueFullError
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per step, over all chunks
+    decode_steps: int = 1  # k: tokens each decode slot advances per step (StepPlan.num_steps)
+    model_stop_ids: frozenset[int] = frozenset()  # ignored for requests with ignore_eos
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_stop_ids", frozenset(self.model_stop_ids))
+
+        def bad(field, value, rule):
+            raise ValueError(f"{field}={value!r}: {rule}")
+
+        for field in ("num_slots", "max_model_len", "max_waiting", "max_prefill_tokens",
+                      "decode_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                bad(field, value, "must be an integer >= 1")
+        if not isinstance(self.page_size, int) or self.page_size < 16 or self.page_size % 16:
+            bad("page_size", self.page_size, "must be a positive multiple of 16")
+        if self.max_model_len < 2:
+            bad("max_model_len", self.max_model_len, "must be >= 2 (one prompt + one new token)")
+        # One request of max_model_len must fit in the pool alone; then the oldest running
+        # request can always grow once everyone newer is preempted, so preemption cannot deadlock.
+        need = 1 + self.max_pages_per_request
+        if not isinstance(self.num_pages, int) or self.num_pages < need:
+            bad("num_pages", self.num_pages,
+                f"must be >= {need} (the null page + {need - 1} pages for one request of "
+                f"max_model_len={self.max_model_len})")
+        if any(not isinstance(t, int) or t < 0 for t in self.model_stop_ids):
+            bad("model_stop_ids", sorted(self.model_stop_ids), "must be non-negative token ids")
+
+    @property
+    def max_pages_per_request(self) -> int:
+        """Pages covering max_model_len tokens: the most one request ever holds. (The runtime's
+        page-table rows may be longer: lookahead writes past them land in the null page.)"""
+        return -(-self.max_model_len // self.page_size)

@@ -1,0 +1,345 @@
+"""Continuous batching over a paged KV cache: admission, chunked prefill, multi-step decode,
+preemption by recompute, prefix sharing.
+
+`schedule()` turns request state into a plain-data `StepPlan`; `update()` folds the device's
+`StepOutput` back into request state and returns `RequestEvent`s. They alternate: while a plan
+with work is in flight, the next `schedule()` waits for its `update()` (unless every request of
+it has ended, e.g. after a failed device step). An empty plan carries nothing for the device and
+needs no update: slots released and page lists changed go out with the next plan that has work
+(see `SlotTable.flush`). Knows requests, slots and the page allocator; does not know jax, the
+model, text, or threads (the engine serializes all calls).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+from jaxgen.sampling_params import SamplingParams
+from jaxgen.scheduler.config import SchedulerConfig
+from jaxgen.scheduler.events import RequestEvent, request_event
+from jaxgen.scheduler.page_allocator import PageAllocator
+from jaxgen.scheduler.plan import PrefillChunk, SlotAssignment, StepOutput, StepPlan
+from jaxgen.scheduler.request import Request, RequestStatus
+from jaxgen.scheduler.samples import StepSamples, TokenLogprobs
+from jaxgen.scheduler.slots import SlotTable
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting` requests; nothing was enqueued (shed load)."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self.allocator = PageAllocator(config.num_pages, config.page_size)
+        self._requests: dict[str, Request] = {}  # waiting + running
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []  # admission order: preemption takes the newest (last)
+        self._slots = SlotTable(config.num_slots)
+        self._events: list[RequestEvent] = []  # ends found by schedule(), not yet handed out
+        self._in_flight: StepPlan | None = None
+        self._step = 0
+        self.num_preemptions = 0
+
+    # -- requests in ------------------------------------------------------------------------
+    def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
+            deadline: float | None = None) -> None:
+        cfg = self.config
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r}: a request with this id is in flight")
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt_ids=[]: a prompt needs at least one token")
+        if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
+            raise ValueError(f"len(prompt_ids)={len(prompt_ids)} + max_tokens={params.max_tokens}"
+                             f" = {len(prompt_ids) + params.max_tokens}: exceeds max_model_len="
+                             f"{cfg.max_model_len}")
+        if len(self._waiting) >= cfg.max_waiting:
+            raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= cfg.model_stop_ids
+        request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
+                          arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline)
+        self._requests[request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str, detail: str = "aborted") -> bool:
+        """Mark the request: the next `schedule()` ends it (finish_reason "abort"; the event
+        comes from the next `update()` or `take_finished_events()`). Safe at any time, a plan in
+        flight included. False when it is not in flight (finished, or unknown)."""
+        request = self._requests.get(request_id)
+        if request is not None and request.pending_abort is None:
+            request.pending_abort = detail
+        return request is not None
+
+    def finish(self, request_id: str, reason: str, detail: str = "") -> RequestEvent | None:
+        """End a request now, for a reason only the engine sees: "stop" (a stop string matched
+        on text) or "error". Returns its final event (with usage) for the caller to deliver, or
+        None when it is not in flight. Its slot and pages go back at once; if its step is still
+        in flight, that step's tokens for it are dropped."""
+        if reason not in ("stop", "error"):
+            raise ValueError(f"reason={reason!r}: must be 'stop' or 'error'")
+        request = self._requests.get(request_id)
+        return None if request is None else self._end(request, reason, detail)
+
+    def take_finished_events(self) -> list[RequestEvent]:
+        """Final events of requests ended by `schedule()` (aborts, deadlines) not yet handed out
+        by `update()`: call after an empty plan, which needs no update."""
+        events, self._events = self._events, []
+        return events
+
+    # -- planning ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        if self._in_flight is not None and self._live_in(self._in_flight):
+            raise RuntimeError(f"schedule() called while step {self._in_flight.step} is in "
+                               f"flight: call update() with its output first")
+        self._in_flight = None
+        now = self._clock()
+        self._drop_leaving(now)
+        decode_slots, preempted = self._grow_decoders()
+        prefills, assignments = self._schedule_prefills(now, admit=not preempted)
+        if not prefills and not decode_slots:
+            return StepPlan(step=self._step)
+        page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
+        plan = StepPlan(
+            step=self._step,
+            prefills=tuple(prefills),
+            decode_slots=tuple(decode_slots),
+            decode_positions=tuple(self._slots[s].num_computed_tokens for s in decode_slots),
+            num_steps=self.config.decode_steps,
+            page_table_updates=page_table_updates,
+            assignments=tuple(assignments),
+            freed_slots=freed_slots,
+        )
+        self._step += 1
+        self._in_flight = plan
+        return plan
+
+    def _live_in(self, plan: StepPlan) -> bool:
+        slots = {c.slot for c in plan.prefills}.union(plan.decode_slots)
+        return any(self._slots[s] is not None for s in slots)
+
+    def _drop_leaving(self, now: float) -> None:
+        for request in list(self._requests.values()):
+            detail = request.pending_abort
+            if detail is None and request.deadline is not None and now >= request.deadline:
+                detail = f"deadline exceeded ({now - request.deadline:.3f}s past)"
+            if detail is not None:
+                self._events.append(self._end(request, "abort", detail))
+
+    def _grow_decoders(self) -> tuple[list[int], bool]:
+        """Give every decoding request pages for the tokens it keeps this step, oldest first,
+        preempting the newest running requests when the pool runs dry.
+        Returns (decode slots, whether anyone was preempted)."""
+        k, ps = self.config.decode_steps, self.config.page_size
+        slots, preempted = [], False
+        for request in [r for r in self._running if r.decoding]:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted to make room for an older request
+            # Feeding position p writes p .. p+k-1; tokens past max_len are discarded, and
+            # writes past the row land in the null page, so only kept positions need pages.
+            last = min(request.num_computed_tokens + k - 1, request.max_len - 1)
+            pages = self.allocator.allocate(max(0, last // ps + 1 - len(request.pages)))
+            while pages is None:
+                victim = self._running[-1]  # the newest: never an older, already-served one
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                pages = self.allocator.allocate(last // ps + 1 - len(request.pages))
+            if pages is None:
+                continue
+            if pages:
+                request.pages += pages
+                self._slots.pages_changed(request.slot)
+            slots.append(request.slot)
+        return sorted(slots), preempted
+
+    def _schedule_prefills(self, now: float, admit: bool):
+        budget = self.config.max_prefill_tokens
+        chunks, assignments = [], []
+        for request in self._running:  # partly prefilled requests go first
+            if budget == 0:
+                break
+            if not request.decoding:
+                chunks.append(self._chunk(request, budget))
+                budget -= len(chunks[-1].token_ids)
+        # After a preemption the pool is short: admitting now would only feed the next one.
+        while admit and budget > 0 and self._waiting and self._slots.num_free:
+            request = self._waiting[0]
+            if not self._admit(request, now):
+                break  # FIFO: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            assignments.append(SlotAssignment(request.slot, request.request_id, request.params,
+                                              request.seed, request.prompt_ids,
+                                              tuple(request.output_ids)))
+            chunks.append(self._chunk(request, budget))
+            budget -= len(chunks[-1].token_ids)
+        return chunks, assignments
+
+    def _chunk(self, request: Request, budget: int) -> PrefillChunk:
+        # The invariant (see Request): prefill catches num_computed_tokens up with num_tokens.
+        start = request.num_computed_tokens
+        end = min(request.num_tokens, start + budget)
+        return PrefillChunk(request.request_id, request.slot, start,
+                            request.token_ids(start, end), sample=end == request.num_tokens)
+
+    def _admit(self, request: Request, now: float) -> bool:
+        """Place the head of the queue in a slot with pages for all its known tokens (reserved
+        whole, so a chunked prefill never waits on the pool mid-prompt). False if they do not
+        fit."""
+        n, ps = request.num_tokens, self.config.page_size
+        # Never the whole sequence from cache: its last token must be fed to get logits.
+        use_cache = self.config.enable_prefix_cache
+        cacheable = request.token_ids(0, n - 1)
+        hit = self.allocator.lookup_prefix(cacheable) if use_cache else []
+        need = -(-n // ps) - len(hit)
+        if not self.allocator.can_allocate(need, sharing=hit):
+            return False
+        if use_cache:
+            hit = self.allocator.match_prefix(cacheable)
+        request.pages = hit + self.allocator.allocate(need)
+        request.page_hashes = []
+        request.num_computed_tokens = len(hit) * ps
+        request.slot = self._slots.take(request)
+        request.status = RequestStatus.RUNNING
+        self._running.append(request)
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+            request.num_cached_prompt_tokens = min(len(hit) * ps, len(request.prompt_ids))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-style preemption: drop pages and slot, keep the outputs, and requeue at the
+        front; re-admission prefills prompt + outputs (its full pages may still be cached)."""
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.allocator.free(request.pages)
+            self._running.remove(request)
+            self._slots.release(request.slot)
+        elif request.status is RequestStatus.WAITING:
+            self._waiting.remove(request)
+        request.pages, request.page_hashes, request.slot = [], [], None
+        request.num_computed_tokens, request.decoding = 0, False
+
+    def _end(self, request: Request, reason: str, detail: str, token_ids: Sequence[int] = (),
+             logprobs: tuple[TokenLogprobs, ...] | None = None) -> RequestEvent:
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        del self._requests[request.request_id]
+        return request_event(request, token_ids, logprobs, (reason, detail))
+
+    # -- results in -------------------------------------------------------------------------
+    def update(self, plan: StepPlan, output: StepOutput | None) -> list[RequestEvent]:
+        """Fold the executed `plan`'s output into request state. Returns the final events of
+        requests ended by schedule() (see `take_finished_events`), then this step's events.
+        `output` may be None for an empty plan."""
+        events = self.take_finished_events()
+        if plan.empty:
+            return events
+        if plan is not self._in_flight:
+            raise RuntimeError(f"update() got the plan of step {plan.step}, which is not the one "
+                               f"in flight")
+        if output is None:
+            raise ValueError(f"output=None for step {plan.step}, which has work")
+        self._in_flight = None
+        samples, now = StepSamples(plan, output), self._clock()
+        kept = {}  # request -> (token ids, logprobs, finish)
+        for i, chunk in enumerate(plan.prefills):
+            request = self._requests.get(chunk.request_id)
+            if request is None or request.slot != chunk.slot:
+                continue  # finished by the engine while its step was in flight
+            request.num_computed_tokens += len(chunk.token_ids)
+            if chunk.sample:
+                request.decoding = True
+                kept[request] = self._take(request, samples, "prefill", i, now)
+            else:
+                self._register_full_pages(request)
+        for slot in plan.decode_slots:
+            request = self._slots[slot]
+            if request is None:
+                continue
+            kept[request] = self._take(request, samples, "decode", slot, now)
+        for request, (token_ids, logprobs, finish) in kept.items():
+            self._register_full_pages(request)
+            events.append(self._end(request, *finish, token_ids, logprobs) if finish
+                          else request_event(request, token_ids, logprobs))
+        return events
+
+    @staticmethod
+    def _take(request: Request, samples: StepSamples, kind: str, index: int, now: float):
+        tokens = samples.tokens(kind, index)
+        n, finish = request.append_outputs(tokens)
+        if kind == "decode":
+            # The input of each kept token (the one before it) now has K/V in pages.
+            request.num_computed_tokens += n
+        if request.first_token_time is None:
+            request.first_token_time = now
+        return tokens[:n], samples.logprobs(kind, index, n, request.params.logprobs), finish
+
+    def _register_full_pages(self, request: Request) -> None:
+        """Offer the pages whose every token has K/V (computed, not merely known) to the cache."""
+        ps, done = self.config.page_size, len(request.page_hashes)
+        full = request.num_computed_tokens // ps
+        if self.config.enable_prefix_cache and full > done:
+            request.page_hashes = self.allocator.register_full_pages(
+                request.token_ids(done * ps, full * ps), request.pages, request.page_hashes)
+
+    # -- stats ------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_free_slots(self) -> int:
+        return self._slots.num_free
+
+    @property
+    def num_pages_used(self) -> int:
+        return self.allocator.num_used
+
+    @property
+    def num_pages_free(self) -> int:
+        """Pages allocatable now: free ones plus cached ones nobody holds (evictable)."""
+        return self.allocator.num_available
+
+    @property
+    def prefix_cache_query_tokens(self) -> int:
+        return self.allocator.prefix_query_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        return self.allocator.prefix_hit_tokens
+
+    def has_work(self) -> bool:
+        """Requests in flight, or events still to hand out: the engine should keep stepping."""
+        return bool(self._requests or self._events)
+
+    def running_ids(self) -> tuple[str, ...]:
+        return tuple(r.request_id for r in self._running)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless slots, queues, pages and counters agree (for tests)."""
+        self.allocator.check_invariants([r.pages for r in self._running])
+        for r in self._waiting:
+            r.check_invariant(self.config.page_size)
+        for r in self._running:
+            r.check_invariant(self.config.page_size)
+            if self._slots[r.slot] is not r:
+                raise AssertionError(f"running request {r.request_id} is not in its slot")
+        self._slots.check()
+        if len(self._requests) != len(self._running) + len(self._waiting):
+            raise AssertionError("request table disagrees with the queues")

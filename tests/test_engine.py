@@ -1,0 +1,184 @@
+"""The engine end to end on tiny random models: continuous batching equals a naive full-forward
+greedy decode; seeds ignore batch mates; prefix cache, preemption, aborts, deadlines, stop
+strings, logprobs, poisoned freed pages, failure isolation, no compilation after warm-up."""
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.engine import Engine, EngineConfig, QueueFullError
+from jaxgen.models import Model
+from jaxgen.runtime.runner import RunnerConfig
+from jaxgen.sampling_params import SamplingParams
+from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, naive_greedy
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
+def tiny(request):
+    model = Model(request.param)
+    return model, model.init_random(seed=11)
+
+
+def make_engine(tiny, **runner):
+    model, params = tiny
+    defaults = dict(num_slots=4, page_size=16, max_model_len=128, decode_steps=4,
+                    max_prefill_tokens=32, num_pages=64)
+    defaults.update(runner)
+    return Engine(model, params, ByteTokenizer(), EngineConfig(runner=RunnerConfig(**defaults)))
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 256, int(rng.integers(1, 60))).tolist() for _ in range(n)]
+
+
+def expected(tiny, prompt, max_tokens=12):
+    model, params = tiny
+    return naive_greedy(model, params, prompt, max_tokens, {0})
+
+
+def test_continuous_batching_equals_naive_greedy(tiny):
+    engine = make_engine(tiny)
+    ps = prompts(10)  # more requests than slots; prompts longer than the prefill budget
+    got = engine.generate(ps, [SamplingParams(max_tokens=4 + i % 9, temperature=0.0) for i in range(10)])
+    for i, (p, c) in enumerate(zip(ps, got)):
+        assert list(c.token_ids) == expected(tiny, p, 4 + i % 9), i
+    assert engine.runner.compilations_after_warmup == 0
+
+
+def test_staggered_arrivals_in_background_loop(tiny):
+    engine = make_engine(tiny)
+    engine.start()
+    try:
+        ps = prompts(6, seed=1)
+        streams = []
+        for p in ps:
+            streams.append(engine.add_request(p, GREEDY))
+            time.sleep(0.05)
+        results = [s.result() for s in streams]
+    finally:
+        engine.stop()
+    for p, r in zip(ps, results):
+        assert list(r.token_ids) == expected(tiny, p)
+        assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == len(r.token_ids)
+        assert r.usage.time_to_first_token is not None
+
+
+def test_small_pool_preempts_and_still_matches(tiny):
+    model, params = tiny
+    engine = make_engine(tiny, num_pages=10, max_model_len=128)
+    ps = prompts(6, seed=2)
+    got = engine.generate(ps, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    for p, c in zip(ps, got):
+        assert list(c.token_ids) == naive_greedy(model, params, p, 60)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.num_running == 0 and engine.scheduler.num_pages_used == 0
+
+
+def test_seeded_sampling_ignores_batch_mates(tiny):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
+    alone = make_engine(tiny).generate([[5, 6, 7]], params)[0].token_ids
+    crowd = make_engine(tiny).generate(
+        [[9] * 20, [5, 6, 7], [1, 2]],
+        [SamplingParams(max_tokens=10, temperature=1.0, seed=1), params, GREEDY])
+    assert crowd[1].token_ids == alone
+
+
+def test_prefix_cache_prefills_only_the_suffix(tiny):
+    shared = prompts(1, seed=3)[0] * 2  # > 2 full pages
+    a, b = shared + [1, 2, 3], shared + [4, 5]
+    engine = make_engine(tiny)
+    first = engine.generate([a], GREEDY)[0]
+    second = engine.generate([b], GREEDY)[0]
+    assert first.usage.cached_prompt_tokens == 0
+    assert second.usage.cached_prompt_tokens == (len(shared) // 16) * 16
+    no_cache = Engine(*tiny, ByteTokenizer(), EngineConfig(
+        runner=engine.config.runner, enable_prefix_cache=False)).generate([b], GREEDY)[0]
+    assert second.token_ids == no_cache.token_ids == tuple(expected(tiny, b))
+
+
+def test_freed_pages_poisoned_with_nan_change_nothing(tiny):
+    engine = make_engine(tiny, num_pages=20)
+    ps = prompts(6, seed=4)
+    streams = [engine.add_request(p, SamplingParams(max_tokens=20, temperature=0.0)) for p in ps]
+    while engine.has_work():
+        free = list(engine.scheduler.allocator.free_pages())  # not cached ones: those may be shared
+        if free:
+            idx = jnp.asarray(free)
+            engine.runner.kv_pages = [p.at[idx].set(jnp.nan) for p in engine.runner.kv_pages]
+        engine.step()
+    for p, s in zip(ps, streams):
+        assert list(s.result().token_ids) == expected(tiny, p, 20)
+
+
+def test_abort_and_deadline_free_slot_and_pages(tiny):
+    engine = make_engine(tiny)
+    long = SamplingParams(max_tokens=60, temperature=0.0)
+    a = engine.add_request([1, 2, 3], long)
+    b = engine.add_request([4, 5, 6], long, deadline=time.monotonic() + 0.3)
+    engine.step()
+    engine.step()
+    engine.abort(a.request_id)
+    time.sleep(0.35)
+    engine.step()
+    ra, rb = a.result(), b.result()
+    assert ra.finish_reason == "abort" and rb.finish_reason == "abort"
+    assert "deadline" in rb.detail
+    assert engine.scheduler.num_running == 0 and engine.scheduler.num_pages_used == 0
+
+
+def test_stop_strings_and_logprobs():
+    model = Model(TINY_LLAMA)
+    params = model.init_random(seed=11)
+    tiny = (model, params)
+    want = expected(tiny, [7, 8, 9], 12)
+    text = ByteTokenizer().decode(want)
+    assert len(text) >= 4
+    stop = text[2:4]
+    engine = make_engine(tiny)
+    r = engine.generate([[7, 8, 9]], SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,),
+                                                   logprobs=3))[0]
+    assert r.finish_reason == "stop" and stop in r.detail
+    assert r.text == text[:text.find(stop)]
+    assert len(r.logprobs) == len(r.token_ids) and all(len(lp.top) == 3 for lp in r.logprobs)
+    assert r.logprobs[0].token_id == r.token_ids[0] == r.logprobs[0].top[0][0]
+
+
+def test_one_failing_request_does_not_take_down_the_others(tiny, monkeypatch):
+    engine = make_engine(tiny)
+    ps = prompts(3, seed=5)
+    streams = [engine.add_request(p, GREEDY) for p in ps]
+    victim = engine._live[streams[1].request_id].detok
+
+    def boom(ids):
+        raise RuntimeError("detokenizer exploded")
+
+    monkeypatch.setattr(victim, "push", boom)
+    while engine.has_work():
+        engine.step()
+    results = [s.result() for s in streams]
+    assert results[1].finish_reason == "error" and "exploded" in results[1].detail
+    for i in (0, 2):
+        assert list(results[i].token_ids) == expected(tiny, ps[i])
+    assert engine.generate([ps[0]], GREEDY)[0].token_ids == results[0].token_ids
+
+
+def test_queue_bound_and_validation(tiny):
+    model, params = tiny
+    engine = Engine(model, params, ByteTokenizer(), EngineConfig(
+        runner=RunnerConfig(num_slots=2, max_model_len=64, num_pages=16, max_prefill_tokens=32,
+                            decode_steps=2), max_waiting=2, warmup=False))
+    engine.add_request([1], GREEDY)
+    engine.add_request([2], GREEDY)
+    with pytest.raises(QueueFullError):
+        engine.add_request([3], GREEDY)
+    with pytest.raises(ValueError, match="prompt token id 999"):
+        engine.add_request([999], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request([1] * 60, SamplingParams(max_tokens=10))
