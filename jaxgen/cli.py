@@ -26,23 +26,46 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="device mesh as DATA,MODEL (e.g. 1,8); default: all devices on model")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slots", type=int, default=8, help="decode batch rows (concurrent requests)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV page pool size (default: from free device memory; 1024 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion (default: min(model context, 4096))")
+    p.add_argument("--decode-steps", type=int, default=8,
+                   help="tokens generated per device call (on-device loop)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step (longer prompts are chunked)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every shape before serving (always on for `serve`)")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="persistent XLA compilation cache (default: $JAXGEN_COMPILATION_CACHE_DIR "
+                        "or ~/.cache/jaxgen/xla); 'off' disables it")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxgen", description="JAX-native LLM generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="complete prompts with a model")
-    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen = sub.add_parser("generate", help="complete prompts with a model (continuous batching)")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT")
+    gen.add_argument("--prompts-file", default=None,
+                     help="a file with one prompt per line (added after the PROMPT arguments)")
     _add_model_args(gen)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop string (repeatable); never printed")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
     gen.add_argument("--json", action="store_true",
-                     help="print one JSON object per prompt (prompt, text, token_ids, finish_reason)")
-    gen.add_argument("--page-size", type=int, default=16)
-    gen.add_argument("--decode-steps", type=int, default=8,
-                     help="tokens generated per device call (on-device loop)")
+                     help="print one JSON object per prompt (prompt, text, token_ids, finish_reason, usage)")
+    _add_engine_args(gen)
 
     conv = sub.add_parser("convert", help="write a model as a jaxgen (Orbax) checkpoint")
     conv.add_argument("src", help="bundled model name, .gguf file or HF checkpoint dir")
@@ -64,32 +87,71 @@ def _load(args):
     return loaded
 
 
-def cmd_generate(args) -> int:
-    from jaxgen.generate import Generator
+def _engine(args, loaded, longest: int):
+    from jaxgen.engine import Engine, EngineConfig
+    from jaxgen.runtime.compile_cache import enable_compilation_cache
+    from jaxgen.runtime.runner import RunnerConfig
 
+    if args.compilation_cache_dir != "off":
+        enable_compilation_cache(args.compilation_cache_dir)
+    context = loaded.config.max_position_embeddings
+    max_len = args.max_model_len or min(context, max(4096, longest))
+    runner = RunnerConfig(num_slots=args.slots, page_size=args.page_size, max_model_len=max_len,
+                          decode_steps=args.decode_steps, num_pages=args.num_pages,
+                          max_prefill_tokens=args.max_prefill_tokens)
+    return Engine(loaded.model, loaded.params, loaded.tokenizer,
+                  EngineConfig(runner=runner, warmup=args.warmup))
+
+
+def cmd_generate(args) -> int:
+    from jaxgen.sampling_params import SamplingParams
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give PROMPT arguments or --prompts-file")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                            stop=tuple(args.stop))
     loaded = _load(args)
     tok = loaded.tokenizer
     if args.chat:
-        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in args.prompts]
+        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     else:
-        ids = [tok.encode(p) for p in args.prompts]
-    gen = Generator(loaded.model, loaded.params, page_size=args.page_size,
-                    decode_steps=args.decode_steps)
+        ids = [tok.encode(p) for p in prompts]
+    engine = _engine(args, loaded, max(len(i) for i in ids) + args.max_tokens)
     start = time.perf_counter()
-    completions = gen.generate(ids, max_tokens=args.max_tokens, stop_ids=tok.stop_ids,
-                               temperature=args.temperature, seed=args.seed)
+    engine.start()
+    try:
+        streams = [engine.add_request(i, params) for i in ids]
+        total = sum(_print_stream(prompt, stream, args.json) for prompt, stream in zip(prompts, streams))
+    finally:
+        engine.stop()
     elapsed = time.perf_counter() - start
-    for prompt, c in zip(args.prompts, completions):
-        body = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
-        text = tok.decode(body, skip_special_tokens=True)
-        if args.json:
-            print(json.dumps({"prompt": prompt, "text": text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason}, ensure_ascii=False))
-        else:
-            print(f"> {prompt}\n{text}\n[{len(c.token_ids)} tokens, finish: {c.finish_reason}]\n")
-    total = sum(len(c.token_ids) for c in completions)
-    print(f"jaxgen: {total} tokens in {elapsed:.1f}s (compilation included)", file=sys.stderr)
+    print(f"jaxgen: {len(prompts)} prompts, {total} tokens in {elapsed:.1f}s (compilation included)",
+          file=sys.stderr)
     return 0
+
+
+def _print_stream(prompt: str, stream, as_json: bool) -> int:
+    """Prints one request's completion (streamed as it arrives, unless JSON); returns its tokens."""
+    if as_json:
+        c = stream.result()
+        usage = c.usage and {"prompt_tokens": c.usage.prompt_tokens,
+                             "completion_tokens": c.usage.completion_tokens}
+        print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": list(c.token_ids),
+                          "finish_reason": c.finish_reason, "usage": usage}, ensure_ascii=False))
+        return len(c.token_ids)
+    print(f"> {prompt}", flush=True)
+    tokens, reason = 0, None
+    for out in stream:
+        print(out.text, end="", flush=True)
+        tokens += len(out.token_ids)
+        reason = out.finish_reason
+    print(f"\n[{tokens} tokens, finish: {reason}]\n", flush=True)
+    return tokens
 
 
 def cmd_convert(args) -> int:

@@ -82,3 +82,16 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i != 0).decode("utf-8", errors="replace")
+
+
+def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_cache: bool = True,
+               **runner):
+    """An Engine with test-sized defaults (overridable via RunnerConfig fields)."""
+    from jaxgen.engine import Engine, EngineConfig
+    from jaxgen.runtime.runner import RunnerConfig
+
+    defaults = dict(num_slots=4, page_size=16, max_model_len=128, decode_steps=4,
+                    max_prefill_tokens=32, num_pages=64)
+    defaults.update(runner)
+    return Engine(model, params, tokenizer, EngineConfig(
+        runner=RunnerConfig(**defaults), warmup=warmup, enable_prefix_cache=prefix_cache))

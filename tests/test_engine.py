@@ -14,7 +14,7 @@ from jaxgen.engine import Engine, EngineConfig, QueueFullError
 from jaxgen.models import Model
 from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
-from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, naive_greedy
+from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, engine_for, naive_greedy
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -26,11 +26,7 @@ def tiny(request):
 
 
 def make_engine(tiny, **runner):
-    model, params = tiny
-    defaults = dict(num_slots=4, page_size=16, max_model_len=128, decode_steps=4,
-                    max_prefill_tokens=32, num_pages=64)
-    defaults.update(runner)
-    return Engine(model, params, ByteTokenizer(), EngineConfig(runner=RunnerConfig(**defaults)))
+    return engine_for(*tiny, ByteTokenizer(), warmup=True, **runner)
 
 
 def prompts(n, seed=0):
@@ -98,8 +94,7 @@ def test_prefix_cache_prefills_only_the_suffix(tiny):
     second = engine.generate([b], GREEDY)[0]
     assert first.usage.cached_prompt_tokens == 0
     assert second.usage.cached_prompt_tokens == (len(shared) // 16) * 16
-    no_cache = Engine(*tiny, ByteTokenizer(), EngineConfig(
-        runner=engine.config.runner, enable_prefix_cache=False)).generate([b], GREEDY)[0]
+    no_cache = engine_for(*tiny, ByteTokenizer(), prefix_cache=False).generate([b], GREEDY)[0]
     assert second.token_ids == no_cache.token_ids == tuple(expected(tiny, b))
 
 

@@ -13,8 +13,8 @@ import torch
 
 from jaxgen import checkpoints
 from jaxgen.checkpoints.registry import bundled
-from jaxgen.generate import Generator
-from tests.helpers import packed_metadata
+from jaxgen.sampling_params import SamplingParams
+from tests.helpers import engine_for, packed_metadata
 
 PROMPTS = [
     "The capital of France is",
@@ -70,10 +70,13 @@ def test_greedy_continuations_match_hf(pair):
     tok = ours.tokenizer
     ids = [tok.encode(p) for p in PROMPTS]
     stop = sorted(tok.stop_ids)
-    got = Generator(ours.model, ours.params).generate(ids, max_tokens=64, stop_ids=tok.stop_ids)
+    # Continuous batching with the long prompt prefilled in 512-token chunks.
+    engine = engine_for(ours.model, ours.params, tok, num_slots=8, max_model_len=2048,
+                        max_prefill_tokens=512, decode_steps=8, num_pages=1024)
+    got = engine.generate(ids, SamplingParams(max_tokens=64, temperature=0.0))
     for seq, completion in zip(ids, got):
         with torch.no_grad():
             out = hf.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
                               max_new_tokens=64, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
         want = out[0, len(seq):].tolist()
-        assert completion.token_ids == want, tok.decode(want)
+        assert list(completion.token_ids) == want, tok.decode(want)

@@ -8,9 +8,9 @@ import torch
 
 from jaxgen import checkpoints
 from jaxgen.checkpoints.registry import bundled
-from jaxgen.generate import Generator
+from jaxgen.sampling_params import SamplingParams
 from jaxgen.tokenizer import tokenizer_from_gguf
-from tests.helpers import full_forward_logits
+from tests.helpers import engine_for, full_forward_logits
 
 VOCAB = 49152  # SmolLM2's tokenizer is saved next to the weights
 
@@ -77,9 +77,10 @@ def test_greedy_matches(checkpoint):
     path, hf = checkpoint
     loaded = checkpoints.load(path)
     prompts = [loaded.tokenizer.encode("Hello there, how are"), [5, 99, 1234, 8]]
-    got = Generator(loaded.model, loaded.params).generate(prompts, max_tokens=20)
+    engine = engine_for(loaded.model, loaded.params, loaded.tokenizer)
+    got = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
     for prompt, completion in zip(prompts, got):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-        assert completion.token_ids == out[0, len(prompt):].tolist()
+        assert list(completion.token_ids) == out[0, len(prompt):].tolist()

@@ -9,7 +9,13 @@ Positions and pages. A request in slot `s` with `n` tokens whose K/V are in its 
 next token at position `n`. A prefill chunk writes positions `start .. start+len-1`; a decode
 step feeding position `p` writes `p, p+1, .., p+num_steps-1` (one per on-device step). Page-table
 rows are padded with the null page 0, so decode writes past a request's last needed token land
-in the null page and are never read by anyone.
+in the null page. Lookahead steps (of any request) may read the null page back, but only to
+produce tokens past a request's end, which the scheduler discards: nothing read from page 0
+ever reaches a user.
+
+Conventions: a released slot's row is sent as `()`; a slot released and reassigned in the same
+plan appears only in `assignments`; an empty plan (`empty`) carries nothing for the device and
+needs no `update()`.
 """
 
 from __future__ import annotations

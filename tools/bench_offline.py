@@ -1,0 +1,131 @@
+"""Offline decode throughput of the full engine (paged KV cache, scheduler, sampling) on
+random-weight model shapes, with MBU against a copy bandwidth measured in the same run.
+
+    python tools/bench_offline.py --models llama-3.2-1b,llama-3-8b --batches 1,8,32,128
+
+For each (model, batch): B requests of `--prompt` random tokens generate `--new` tokens each
+(greedy, ignore_eos). Decode time = time(prompt + new tokens) - time(prompt + 1 token), so
+prefill is excluded as in the dense baseline (../shared/peers). MBU counts the bytes one decode
+step must read: all weights but the embedding table, plus the live K/V of every sequence.
+Prints one markdown table (and JSON lines with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.engine import Engine, EngineConfig
+from jaxgen.models import Model, ModelConfig
+from jaxgen.runtime.runner import RunnerConfig
+from jaxgen.sampling_params import SamplingParams
+
+PRESETS = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
+
+
+class RandomTokenTokenizer:
+    """Stands in for a tokenizer on random-weight shapes: no stop ids, no text."""
+
+    stop_ids = frozenset()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def copy_bandwidth(reps: int = 5) -> float:
+    """Device-to-device copy GB/s (bytes read + written), as the dense baseline measures it."""
+    n = 1 << 30
+    x = jnp.zeros((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(10):
+            y = f(x)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - start) / 10)
+    return 4 * n / statistics.median(times) / 1e9
+
+
+def step_bytes(cfg: ModelConfig, params, batch: int, context: float) -> float:
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    weights = sum(a.size for a in jax.tree.leaves(params)) * itemsize
+    if not cfg.tie_embeddings:  # a tied table is read in full as the output head
+        weights -= cfg.vocab_size * cfg.hidden_size * itemsize  # the input table is only gathered
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return weights + batch * context * kv_per_token
+
+
+def run(engine: Engine, prompts, new: int) -> float:
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    out = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(c.token_ids) == new for c in out)
+    return elapsed
+
+
+def bench(name: str, batch: int, args, bandwidth: float) -> dict:
+    cfg = ModelConfig.from_json_file(os.path.join(PRESETS, f"{name}.json"))
+    model = Model(cfg)
+    params = model.init_random(seed=0)
+    runner = RunnerConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,
+                          decode_steps=args.decode_steps,
+                          max_prefill_tokens=min(args.max_prefill_tokens, args.prompt * batch),
+                          memory_fraction=0.6)
+    engine = Engine(model, params, RandomTokenTokenizer(), EngineConfig(runner=runner, warmup=True))
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
+    run(engine, prompts, args.decode_steps + 1)  # first use of every shape
+    prefill_only = statistics.median(run(engine, prompts, 1) for _ in range(2))
+    full = statistics.median(run(engine, prompts, args.new + 1) for _ in range(args.reps))
+    decode = full - prefill_only
+    step = decode / args.new
+    context = args.prompt + (args.new + 1) / 2
+    moved = step_bytes(cfg, params, batch, context)
+    return dict(model=name, batch=batch, prompt=args.prompt, new=args.new,
+                decode_steps=args.decode_steps, tok_s=batch * args.new / decode,
+                step_ms=step * 1e3, mbu=moved / step / 1e9 / bandwidth,
+                compilations_after_warmup=engine.runner.compilations_after_warmup,
+                pages=engine.runner.num_pages)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3-8b")
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--max-prefill-tokens", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}, copy {bandwidth:.0f} GB/s", flush=True)
+    print("| model | batch | prompt | new | tok/s | step ms | MBU | recompiles |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            r = bench(name, batch, args, bandwidth)
+            print(f"| {name} | {batch} | {r['prompt']} | {r['new']} | {r['tok_s']:,.0f} | "
+                  f"{r['step_ms']:.2f} | {r['mbu']:.0%} | {r['compilations_after_warmup']} |",
+                  flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(dict(r, device=dev.device_kind, jax=jax.__version__,
+                                            copy_GBps=bandwidth)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
