@@ -13,9 +13,9 @@ V = 12
 
 def rows(n, **kw):
     base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                presence_penalty=0.0, frequency_penalty=0.0, seed=0)
+                presence_penalty=0.0, frequency_penalty=0.0, seed=0, logprobs=True)
     base.update(kw)
-    dtype = {"top_k": jnp.int32, "seed": jnp.uint32}
+    dtype = {"top_k": jnp.int32, "seed": jnp.uint32, "logprobs": bool}
     return SamplingRows(**{k: jnp.broadcast_to(jnp.asarray(v, dtype.get(k, jnp.float32)), (n,))
                            for k, v in base.items()})
 
@@ -97,10 +97,20 @@ def test_seed_and_position_alone_decide_the_draw():
     seeds = jnp.asarray([7, 42, 9], jnp.uint32)
     base = rows(3)
     r = SamplingRows(temperature, base.top_k, base.top_p.at[2].set(0.5), base.min_p,
-                     base.repetition_penalty, base.presence_penalty, base.frequency_penalty, seeds)
+                     base.repetition_penalty, base.presence_penalty, base.frequency_penalty, seeds,
+                     base.logprobs)
     z = (jnp.zeros((3, V), bool), jnp.zeros((3, V), jnp.int32))
     pos = jnp.asarray([4, 11, 2], jnp.int32)
     in_batch = int(sample(jnp.asarray(batch), r, pos, *z).tokens[1])
     alone = sample(jnp.asarray(logits[None]), rows(1, seed=42), pos[1:2],
                    jnp.zeros((1, V), bool), jnp.zeros((1, V), jnp.int32))
     assert in_batch == int(alone.tokens[0])
+
+
+def test_logprobs_are_skipped_when_no_row_asks():
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(2, V)).astype(np.float32))
+    z = (jnp.zeros((2, V), bool), jnp.zeros((2, V), jnp.int32))
+    off = sample(logits, rows(2, temperature=0.0, logprobs=False), jnp.zeros(2, jnp.int32), *z)
+    on = sample(logits, rows(2, temperature=0.0), jnp.zeros(2, jnp.int32), *z)
+    np.testing.assert_array_equal(np.asarray(off.tokens), np.asarray(on.tokens))
+    assert np.all(np.asarray(off.logprobs) == 0) and np.all(np.asarray(on.logprobs) < 0)

@@ -147,6 +147,7 @@ class ModelRunner:
         cols = {f.name: np.zeros(s, np.float32) for f in dataclasses.fields(SamplingRows)}
         cols["top_k"] = np.zeros(s, np.int32)
         cols["seed"] = np.zeros(s, np.uint32)
+        cols["logprobs"] = np.zeros(s, bool)
         prompt_len = np.zeros(s, np.int32)
         for i, a in enumerate(plan.assignments):
             p = a.params
@@ -155,6 +156,7 @@ class ModelRunner:
                          "presence_penalty", "frequency_penalty"):
                 cols[name][i] = getattr(p, name)
             cols["seed"][i] = a.seed
+            cols["logprobs"][i] = p.logprobs is not None
         rows = SamplingRows(**{k: jnp.asarray(v) for k, v in cols.items()})
         self.state = self._insert(self.state, jnp.asarray(slots), rows, jnp.asarray(prompt_len))
 

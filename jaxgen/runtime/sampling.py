@@ -30,12 +30,13 @@ class SamplingRows:
     presence_penalty: jax.Array  # f32
     frequency_penalty: jax.Array  # f32
     seed: jax.Array  # u32
+    logprobs: jax.Array  # bool, the request asked for logprobs
 
     @classmethod
     def zeros(cls, slots: int) -> "SamplingRows":
         f = lambda v: jnp.full((slots,), v, jnp.float32)
         return cls(f(0.0), jnp.zeros((slots,), jnp.int32), f(1.0), f(0.0), f(1.0), f(0.0), f(0.0),
-                   jnp.zeros((slots,), jnp.uint32))
+                   jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots,), bool))
 
 
 @jax.tree_util.register_dataclass
@@ -78,18 +79,44 @@ def _filtered(scaled, rows: SamplingRows):
     return jnp.where(mask, scaled, -jnp.inf)
 
 
-def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) -> Sampled:
-    """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`."""
-    logits = apply_penalties(logits.astype(jnp.float32), rows, prompt_seen, output_counts)
+def _logprobs(logits, tokens):
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
-    needs_filter = jnp.any((rows.temperature > 0) & (
-        (rows.top_k > 0) | (rows.top_p < 1.0) | (rows.min_p > 0.0)))
-    scaled = jax.lax.cond(needs_filter, _filtered, lambda s, _: s, scaled, rows)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    tokens = jnp.where(rows.temperature > 0, drawn, greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
-    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    return chosen, top_ids.astype(jnp.int32), top_logprobs
+
+
+def _no_logprobs(logits, tokens):
+    n = min(MAX_LOGPROBS, logits.shape[-1])
+    b = logits.shape[0]
+    return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, n), jnp.int32),
+            jnp.zeros((b, n), jnp.float32))
+
+
+def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) -> Sampled:
+    """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`.
+
+    Work no row needs is skipped on device (`lax.cond` on the traced parameters, both branches
+    compiled once): penalties, the random draw, the filter sort, and logprobs (zeros unless some
+    row asked for them).
+    """
+    logits = logits.astype(jnp.float32)
+    penalised = jnp.any((rows.repetition_penalty != 1.0) | (rows.presence_penalty != 0.0)
+                        | (rows.frequency_penalty != 0.0))
+    logits = jax.lax.cond(penalised, apply_penalties, lambda l, *_: l, logits, rows, prompt_seen,
+                          output_counts)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits, rows):
+        scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+        needs_filter = jnp.any((rows.temperature > 0) & (
+            (rows.top_k > 0) | (rows.top_p < 1.0) | (rows.min_p > 0.0)))
+        scaled = jax.lax.cond(needs_filter, _filtered, lambda s, _: s, scaled, rows)
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda l, r: greedy, logits, rows)
+    tokens = jnp.where(rows.temperature > 0, drawn, greedy)
+    chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(rows.logprobs), _logprobs, _no_logprobs,
+                                                 logits, tokens)
+    return Sampled(tokens, chosen, top_ids, top_logprobs)
