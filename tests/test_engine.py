@@ -177,3 +177,40 @@ def test_queue_bound_and_validation(tiny):
         engine.add_request([999], GREEDY)
     with pytest.raises(ValueError, match="max_tokens"):
         engine.add_request([1] * 60, SamplingParams(max_tokens=10))
+
+
+MIXED_WORKLOAD = """
+import sys
+import numpy as np
+from jaxgen import checkpoints
+from jaxgen.sampling_params import SamplingParams
+from tests.helpers import engine_for
+m = checkpoints.load("smollm2-135m", cache=sys.argv[1])  # a real load: host-placed params
+engine = engine_for(m.model, m.params, m.tokenizer, warmup=True, num_pages=128)
+mixed = [
+    SamplingParams(max_tokens=9, temperature=0.0),
+    SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, seed=3),
+    SamplingParams(max_tokens=7, temperature=1.0, top_k=5, min_p=0.05, logprobs=2),
+    SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.3,
+                   presence_penalty=0.5, frequency_penalty=0.2, stop=("zz",)),
+]
+rng = np.random.default_rng(6)
+prompts = [rng.integers(1, 49152, int(n)).tolist() for n in (1, 5, 17, 33, 59, 2, 40, 9)]
+engine.generate(prompts, [mixed[i % 4] for i in range(8)])
+print("COMPILES_AFTER_WARMUP", engine.runner.compilations_after_warmup)
+"""
+
+
+def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
+    """In a fresh single-device process (as a server runs), so jit's placement-keyed cache
+    sees exactly what serving does."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", MIXED_WORKLOAD, cache_dir], capture_output=True, text=True,
+                         env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=root), cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "COMPILES_AFTER_WARMUP 0" in run.stdout, run.stderr[-2000:]

@@ -80,16 +80,26 @@ def size_page_pool(model: Model, cfg: RunnerConfig, dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
-        self.model, self.params, self.cfg = model, params, cfg
+        self.model, self.cfg = model, cfg
         self.num_pages = size_page_pool(model, cfg, model.config.dtype)
-        self.kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)
-        self.state = DecodeState.create(cfg.num_slots, cfg.pages_per_seq, model.config.vocab_size)
+        # Every input is placed explicitly (committed), like the jit outputs it mixes with: jit
+        # keys its cache on placement too, so a stray uncommitted array would recompile.
+        self._placement = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                           if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)
+        self.params, self.kv_pages = (params, kv_pages) if mesh is not None else \
+            self._put((params, kv_pages))
+        self.state = self._put(DecodeState.create(cfg.num_slots, cfg.pages_per_seq,
+                                                  model.config.vocab_size))
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._prefill = make_prefill(model)
         self._generate = make_generate(model, cfg.decode_steps)
         self._insert = jax.jit(insert, donate_argnums=(0,))
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
+
+    def _put(self, tree):
+        return jax.device_put(tree, self._placement)
 
     # -- compilation accounting ---------------------------------------------------------------
 
@@ -99,14 +109,14 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compiles every prefill bucket, `generate` and `insert` with no-op inputs."""
         s = self.cfg.num_slots
-        self.state = self._insert(self.state, jnp.full((s,), s, jnp.int32), SamplingRows.zeros(s),
-                                  jnp.zeros((s,), jnp.int32))
+        self.state = self._insert(self.state, *self._put((np.full(s, s, np.int32),
+                                  SamplingRows.zeros(s), np.zeros(s, np.int32))))
         for t in self.cfg.prefill_buckets:
             self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, s, np.int32),
                               np.full(s, s, np.int32), np.zeros(s + 1, np.int32), 0,
                               np.zeros(s, bool))
         out, self.kv_pages, self.state = self._generate(
-            self.params, self.kv_pages, self.state, jnp.zeros((s,), jnp.int32), jnp.zeros((s,), bool))
+            self.params, self.kv_pages, self.state, *self._put((np.zeros(s, np.int32), np.zeros(s, bool))))
         jax.block_until_ready(out.tokens)
         self._baseline_compiles = self._compiled()
 
@@ -139,7 +149,7 @@ class ModelRunner:
                 raise ValueError(f"slot {slot}: {len(pages)} pages > pages_per_seq={self.cfg.pages_per_seq}")
             self._page_table[slot] = 0
             self._page_table[slot, :len(pages)] = pages
-        self.state = dataclasses.replace(self.state, page_table=jnp.asarray(self._page_table))
+        self.state = dataclasses.replace(self.state, page_table=self._put(self._page_table))
 
     def _assign(self, plan: StepPlan) -> None:
         s = self.cfg.num_slots
@@ -157,8 +167,8 @@ class ModelRunner:
                 cols[name][i] = getattr(p, name)
             cols["seed"][i] = a.seed
             cols["logprobs"][i] = p.logprobs is not None
-        rows = SamplingRows(**{k: jnp.asarray(v) for k, v in cols.items()})
-        self.state = self._insert(self.state, jnp.asarray(slots), rows, jnp.asarray(prompt_len))
+        rows = SamplingRows(**cols)
+        self.state = self._insert(self.state, *self._put((slots, rows, prompt_len)))
 
     def _prefill_chunks(self, plan: StepPlan):
         s = self.cfg.num_slots
@@ -186,9 +196,9 @@ class ModelRunner:
 
     def _run_prefill(self, tokens, positions, row_slots, chunk_slots, cu, num_chunks, sample_mask):
         sampled, self.kv_pages, self.state = self._prefill(
-            self.params, self.kv_pages, self.state, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(row_slots), jnp.asarray(chunk_slots), jnp.asarray(cu),
-            jnp.array([num_chunks], jnp.int32), jnp.asarray(sample_mask))
+            self.params, self.kv_pages, self.state, *self._put((
+                tokens, positions, row_slots, chunk_slots, cu,
+                np.array([num_chunks], np.int32), sample_mask)))
         return sampled
 
     def _decode(self, plan: StepPlan):
@@ -200,7 +210,7 @@ class ModelRunner:
         positions[list(plan.decode_slots)] = plan.decode_positions
         active[list(plan.decode_slots)] = True
         out, self.kv_pages, self.state = self._generate(
-            self.params, self.kv_pages, self.state, jnp.asarray(positions), jnp.asarray(active))
+            self.params, self.kv_pages, self.state, *self._put((positions, active)))
         return out
 
     def _to_host(self, plan: StepPlan, prefill, decode) -> StepOutput:
