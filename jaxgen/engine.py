@@ -21,7 +21,7 @@ import uuid
 from jaxgen.request_stream import Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner, RunnerConfig
 from jaxgen.sampling_params import SamplingParams
-from jaxgen.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from jaxgen.scheduler import QueueFullError, RequestEvent, Scheduler, SchedulerConfig
 from jaxgen.tokenizer.detokenizer import IncrementalDetokenizer
 from jaxgen.tokenizer.stop_strings import StopStringMatcher
 
@@ -66,7 +66,9 @@ class Engine:
         self._seeds = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.dead: BaseException | None = None  # set if the loop itself crashed
+        # Set when the engine can no longer serve (loop crashed, device buffers lost): health
+        # reports NOT_SERVING and add_request refuses.
+        self.dead: BaseException | None = None
         if config.warmup:
             start = time.perf_counter()
             self.runner.warmup()
@@ -78,6 +80,8 @@ class Engine:
                     deadline: float | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises ValueError for bad input and
         QueueFullError when the waiting queue is at its bound (nothing is queued then)."""
+        if self.dead is not None:
+            raise RuntimeError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
         request_id = request_id or uuid.uuid4().hex
         vocab = self.runner.model.config.vocab_size
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
@@ -103,29 +107,37 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One engine step; False when there was nothing to do."""
+        """One engine step (plan -> execute -> update); False when there was nothing to do."""
         with self._lock:
             plan = self.scheduler.schedule()
+            # An empty plan needs no update; aborts/expiries it performed are reported here.
             events = self.scheduler.take_finished_events() if plan.empty else []
-        if plan.empty:
-            self._deliver(events)
-            return bool(events)
+        if not plan.empty:
+            events = self._execute(plan)
+        self._deliver(events)
+        return not plan.empty or bool(events)
+
+    def _execute(self, plan):
+        """Runs `plan` on device and updates the scheduler; a device failure fails the plan's
+        requests (with finish_reason "error"), not the engine."""
         try:
             output = self.runner.execute(plan)
-        except Exception as e:  # a device failure fails this plan's requests, not the engine
+        except Exception as e:
             log.exception("step %d failed on device", plan.step)
-            self._fail_plan(plan, f"device step failed: {type(e).__name__}: {e}")
-            return True
+            detail = f"device step failed: {type(e).__name__}: {e}"
+            lost = self.runner.buffers_lost()
+            if lost:  # the donated pool/state are gone: nothing can run any more
+                self.dead = e
+            with self._lock:
+                ids = {c.request_id for c in plan.prefills} | set(self.scheduler.running_ids())
+                if lost:
+                    ids |= set(self._live)
+                events = [self.scheduler.finish(i, "error", detail)
+                          or RequestEvent(i, finish_reason="error", detail=detail)
+                          for i in sorted(ids)]
+            return events
         with self._lock:
-            events = self.scheduler.update(plan, output)
-        self._deliver(events)
-        return True
-
-    def _fail_plan(self, plan, detail: str) -> None:
-        ids = {c.request_id for c in plan.prefills} | set(self.scheduler.running_ids())
-        with self._lock:
-            events = [self.scheduler.finish(i, "error", detail) for i in ids]
-        self._deliver([e for e in events if e is not None])
+            return self.scheduler.update(plan, output)
 
     def _deliver(self, events) -> None:
         for ev in events:
@@ -196,6 +208,8 @@ class Engine:
                     if self._stopping:
                         return
                 self.step()
+                if self.dead is not None:
+                    return
         except BaseException as e:  # the loop must never die silently: health reads `dead`
             log.exception("engine loop crashed")
             self.dead = e

@@ -214,3 +214,38 @@ def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
                          env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=root), cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "COMPILES_AFTER_WARMUP 0" in run.stdout, run.stderr[-2000:]
+
+
+def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch):
+    engine = make_engine(tiny)
+    streams = [engine.add_request(p, GREEDY) for p in prompts(2, seed=7)]
+    real = engine.runner.execute
+
+    def broken(plan):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    engine.step()
+    for s in streams:
+        r = s.result()
+        assert r.finish_reason == "error" and "device lost" in r.detail
+    monkeypatch.setattr(engine.runner, "execute", real)
+    p = prompts(1, seed=8)[0]
+    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+
+
+def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
+    engine = make_engine(tiny)
+    waiting = [engine.add_request(p, GREEDY) for p in prompts(6, seed=9)]  # > slots: some wait
+
+    def consume_and_fail(plan):
+        for pages in engine.runner.kv_pages:
+            pages.delete()  # what a donated call that then fails leaves behind
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "execute", consume_and_fail)
+    engine.step()
+    assert all(s.result().finish_reason == "error" for s in waiting)
+    assert engine.dead is not None
+    with pytest.raises(RuntimeError, match="engine is not serving"):
+        engine.add_request([1, 2], GREEDY)

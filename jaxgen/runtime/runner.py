@@ -130,6 +130,10 @@ class ModelRunner:
                         now - self._baseline_compiles)
             self._baseline_compiles = now
 
+    def buffers_lost(self) -> bool:
+        """True when a failed call consumed the donated page pools or decode state."""
+        return any(a.is_deleted() for a in jax.tree.leaves((self.kv_pages, self.state)))
+
     # -- one step -------------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> StepOutput:
