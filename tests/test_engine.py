@@ -218,20 +218,27 @@ def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
 
 def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch):
     engine = make_engine(tiny)
-    streams = [engine.add_request(p, GREEDY) for p in prompts(2, seed=7)]
+    ps = prompts(3, seed=7)
+    streams = [engine.add_request(p, GREEDY) for p in ps]
     real = engine.runner.execute
 
     def broken(plan):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine.runner, "execute", broken)
-    engine.step()
-    for s in streams:
-        r = s.result()
-        assert r.finish_reason == "error" and "device lost" in r.detail
+    engine.step()  # requests in that plan fail; requests still waiting are untouched
     monkeypatch.setattr(engine.runner, "execute", real)
+    while engine.has_work():
+        engine.step()
+    results = [s.result() for s in streams]
+    failed = [r for r in results if r.finish_reason == "error"]
+    assert failed and all("device lost" in r.detail for r in failed)
+    for p, r in zip(ps, results):
+        if r.finish_reason != "error":
+            assert list(r.token_ids) == expected(tiny, p)
     p = prompts(1, seed=8)[0]
     assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+    assert engine.dead is None
 
 
 def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
