@@ -157,7 +157,7 @@ class Engine:
     def _deliver_one(self, live: _Live, ev) -> None:
         ids = list(ev.token_ids)
         text_ids = ids
-        if ev.finish_reason == "stop" and ids and ids[-1] in self._stop_ids(live.params):
+        if ev.finish_reason == "stop" and ids and ids[-1] in live.params.stop_ids(self.tokenizer.stop_ids):
             text_ids = ids[:-1]  # the stop token itself is not text
         emit, matched = live.stop.feed(live.detok.push(text_ids))
         finish, detail, usage = ev.finish_reason, ev.detail, ev.usage
@@ -173,10 +173,6 @@ class Engine:
             live.stream.put(out)
         else:
             self._close(ev.request_id, out)
-
-    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        model = frozenset() if params.ignore_eos else frozenset(self.tokenizer.stop_ids)
-        return model | frozenset(params.stop_token_ids)
 
     def _close(self, request_id: str, out: RequestOutput) -> None:
         live = self._live.pop(request_id, None)

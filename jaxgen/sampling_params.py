@@ -62,6 +62,11 @@ class SamplingParams:
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
 
+    def stop_ids(self, model_stop_ids) -> frozenset[int]:
+        """Token ids that end this request: its own, plus the model's unless `ignore_eos`."""
+        own = frozenset(self.stop_token_ids)
+        return own if self.ignore_eos else own | frozenset(model_stop_ids)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

@@ -57,3 +57,8 @@ def test_no_prompts_is_a_user_error():
 def test_sampling_params_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_stop_ids_combine_model_and_request_ids():
+    assert SamplingParams(stop_token_ids=(5,)).stop_ids({1}) == {1, 5}
+    assert SamplingParams(stop_token_ids=(5,), ignore_eos=True).stop_ids({1}) == {5}

@@ -58,9 +58,7 @@ class Scheduler:
                              f"{cfg.max_model_len}")
         if len(self._waiting) >= cfg.max_waiting:
             raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
-        stop_ids = frozenset(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= cfg.model_stop_ids
+        stop_ids = params.stop_ids(cfg.model_stop_ids)
         request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
                           arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline)
         self._requests[request_id] = request
