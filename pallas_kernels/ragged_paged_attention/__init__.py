@@ -2,28 +2,37 @@
 
 The step's new K/V are written into their pages (fused write, the pool is donated by callers)
 and every query token attends to its own sequence's pages only. Backends sit behind
-`ragged_paged_attention`; today only the plain-jnp reference exists, the TPU (Mosaic) and GPU
-kernels plug in under the same signature.
+`ragged_paged_attention`: the plain-jnp reference (CPU and the oracle), a TPU Mosaic kernel and a
+GPU kernel, all under the same signature. Kernel modules are imported on first use, so the
+reference path needs nothing beyond jax.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 
 from pallas_kernels.ragged_paged_attention import reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "tpu", "gpu")
+# What "auto" picks per platform; anything else runs the reference.
+_AUTO = {"tpu": "tpu"}
 
 
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
     """The concrete backend for `backend` ("auto" picks by platform) on `platform`."""
     if backend == "auto":
-        # Until the TPU/GPU kernels land every platform runs the reference.
-        del platform
-        return "reference"
+        return _AUTO.get(platform or jax.default_backend(), "reference")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r}: must be 'auto' or one of {BACKENDS}")
     return backend
+
+
+def _backend_module(name: str):
+    if name == "reference":
+        return reference
+    return importlib.import_module(f"pallas_kernels.ragged_paged_attention.{name}")
 
 
 def ragged_paged_attention(
@@ -39,6 +48,8 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    decode_only: bool = False,
+    block_sizes=None,
     backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V into their pages, then attends each query token to its sequence.
@@ -61,6 +72,11 @@ def ragged_paged_attention(
       sm_scale: softmax scale applied to `q·k`.
       sliding_window: if set, a query at position p sees keys at positions `> p - window`.
       soft_cap: if set, scores become `soft_cap * tanh(scores / soft_cap)` before masking.
+      decode_only: static promise that every sequence has exactly one query row and row `s`
+        belongs to sequence `s` (`T == S`, `cu_q_lens == arange(S + 1)`): a decode step. Kernels
+        use a decode-specialised path; the result is the same.
+      block_sizes: backend-specific block-size / memory-budget parameters (a dataclass of the
+        backend module), or None for its defaults. Ignored by the reference.
       backend: "auto" (by platform) or one of `BACKENDS`.
 
     Returns:
@@ -69,9 +85,9 @@ def ragged_paged_attention(
     A sequence only ever reads pages listed in its own `page_indices` row, and within them only
     positions below its `kv_lens` entry, so stale or foreign data (even NaN) never leaks in.
     """
-    resolved = resolve_backend(backend, jax.default_backend())
-    assert resolved == "reference"
-    return reference.ragged_paged_attention(
-        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-    )
+    resolved = resolve_backend(backend)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if resolved != "reference":
+        kwargs.update(decode_only=decode_only, block_sizes=block_sizes)
+    return _backend_module(resolved).ragged_paged_attention(
+        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **kwargs)
