@@ -56,7 +56,12 @@ def check(seqs, hq, hkv, d, page_size, window=None, soft_cap=None, dtype=jnp.flo
     """Runs `ragged_paged_attention` (any backend, extra kwargs passed on) on a random case and
     compares outputs and the fused K/V write with the float64 oracle."""
     rng = np.random.default_rng(seed)
-    args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype)
+    if kwargs.get("decode_only"):
+        # A decode step: one query row per sequence row, the idle row's included (T == S).
+        assert all(q_len == 1 for _, q_len in seqs)
+        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype, pad_rows=1)
+    else:
+        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype)
     q, k, v, pool, kv_lens, page_indices, cu, _ = args
     scale = d ** -0.5
 
@@ -81,5 +86,5 @@ def check(seqs, hq, hkv, d, page_size, window=None, soft_cap=None, dtype=jnp.flo
             np.testing.assert_allclose(
                 new_pool[int(page_indices[s, p // page_size]), p % page_size], new_kv[i],
                 rtol=tol, atol=tol)
-    assert np.all(out[int(cu[-1]):] == 0), "padding rows must output zeros"
+    assert np.all(out[int(cu[len(seqs)]):] == 0), "idle and padding rows must output zeros"
     assert np.isfinite(out).all()

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from device_ceilings import copy_bandwidth
 from jaxgen.engine import Engine, EngineConfig
 from jaxgen.models import Model, ModelConfig
 from jaxgen.runtime.runner import RunnerConfig
@@ -38,22 +39,6 @@ class RandomTokenTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return ""
-
-
-def copy_bandwidth(reps: int = 5) -> float:
-    """Device-to-device copy GB/s (bytes read + written), as the dense baseline measures it."""
-    n = 1 << 30
-    x = jnp.zeros((n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(10):
-            y = f(x)
-        jax.block_until_ready(y)
-        times.append((time.perf_counter() - start) / 10)
-    return 4 * n / statistics.median(times) / 1e9
 
 
 def step_bytes(cfg: ModelConfig, params, batch: int, context: float) -> float:

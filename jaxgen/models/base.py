@@ -28,12 +28,15 @@ class AttentionMetadata:
 
     kv_lens: i32[S] tokens per sequence after this step; page_indices: i32[S, P];
     cu_q_lens: i32[S + 1] packed query offsets; num_seqs: i32[1] live rows of S.
+    decode_only (static): one query token per row, row s is sequence s — a decode step, which
+    kernels run on their decode-specialised path.
     """
 
     kv_lens: jax.Array
     page_indices: jax.Array
     cu_q_lens: jax.Array
     num_seqs: jax.Array
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 class Model:

@@ -122,7 +122,7 @@ class Attention(nnx.Module):
         out, kv_pages = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
             sm_scale=self.sm_scale, sliding_window=self.sliding_window,
-            soft_cap=self.soft_cap, backend=self.attn_backend,
+            soft_cap=self.soft_cap, decode_only=md.decode_only, backend=self.attn_backend,
         )
         return jnp.einsum("thd,hde->te", out, self.o[...]), kv_pages
 

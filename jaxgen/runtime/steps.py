@@ -84,7 +84,8 @@ def make_generate(model: Model, num_steps: int):
         def step(carry, _):
             tokens, positions, kv_pages, counts = carry
             kv_lens = jnp.where(active, positions + 1, 0).astype(jnp.int32)
-            md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens, num_seqs)
+            md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens, num_seqs,
+                                   decode_only=True)
             logits, kv_pages = model.forward(params, tokens, positions, kv_pages, md)
             out = sample(logits, state.rows, positions + 1, state.prompt_seen, counts)
             counts = counts.at[jnp.where(active, slot_ids, num_slots), out.tokens].add(

@@ -17,7 +17,7 @@ from pallas_kernels.ragged_paged_attention import reference
 
 BACKENDS = ("reference", "tpu", "gpu")
 # What "auto" picks per platform; anything else runs the reference.
-_AUTO = {"tpu": "tpu"}
+_AUTO = {"tpu": "tpu", "gpu": "gpu"}
 
 
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:

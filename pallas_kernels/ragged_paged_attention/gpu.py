@@ -1,0 +1,311 @@
+"""GPU (Hopper) ragged paged attention: Pallas kernels on the Triton backend.
+
+Why Triton and not Mosaic GPU: a paged gather needs a data-dependent address per page (the page
+id is read from the page table inside the kernel). Pallas' Triton backend expresses that as a
+gather load `k_ref[page_ids]` that Triton turns into coalesced, software-pipelined `cp.async`
+copies. Pallas Mosaic GPU (JAX 0.10-0.11) moves data with TMA / `emit_pipeline`, whose block
+index maps cannot read a page table, and offers no per-page gather into shared memory; building
+one by hand (a TMA descriptor per page, barriers per copy) is a research project, not a kernel.
+The Triton backend is deprecated from JAX 0.11 but still ships and runs on 0.11.2; when Mosaic
+GPU grows indexed async copies this module is where a port goes, behind the same function.
+
+Two kernels, one per step shape (`decode_only` picks):
+- decode: one query token per sequence. Grid `(S, Hkv, splits)`; a program holds the `G = Hq /
+  Hkv` query heads of one KV head (padded to 16 rows for the tensor-core dot) and streams its
+  split of the sequence's pages, `pages_per_block` pages per iteration, with an online softmax in
+  f32. Split-KV keeps the GPU full at small batch and long context: each split returns its
+  unnormalised output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32).
+- mixed (prefill chunks and decode rows together): the packed query rows are cut into work
+  blocks of `block_q` tokens of one sequence (a work list built in XLA from `cu_q_lens`); grid
+  `(work blocks, Hkv)`; a program's rows are `block_q x G` (GQA packed), its keys run from the
+  sliding-window start to its last query's position (causal), nothing else is read.
+
+Both read K and V through two views of the one pool (`[pages, page_size, D]` at row `2h` and
+`2h + 1`), so the interleaved layout needs no copy. Blocks outside the sliding window and past
+`kv_lens` are never loaded; keys that are loaded but not visible (the tail of a last page, a
+foreign token in a shared block) are masked by selection, and their V rows zeroed, so NaN or
+another tenant's data can never reach an output. The step's new K/V are written first by an
+in-place scatter in the same jitted call (the pool is donated by callers), so the kernels see
+them like any other token.
+
+On a platform other than GPU the kernels run in Pallas interpret mode (the CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.ragged_paged_attention.reference import token_layout, write_kv
+
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_ROWS = 16  # smallest M of a tensor-core dot
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuBlockSizes:
+    """Kernel tiling. `num_splits=None` picks enough splits to give `target_programs` programs."""
+
+    pages_per_block: int = 4  # pages loaded per iteration (keys per block = this x page_size)
+    num_splits: int | None = None  # decode split-KV factor
+    target_programs: int = 528  # ~4 programs per SM on an H100 (132 SMs)
+    block_q: int = 16  # mixed kernel: query tokens per work block
+    num_warps: int = 4
+    num_stages: int = 3
+    smem_bytes: int = 160 * 1024  # shared memory the K/V pipeline may use (H100: 227 KiB max)
+
+    def pages_per_block_for(self, page_size: int, head_dim: int, itemsize: int,
+                            pages_per_seq: int) -> int:
+        """`pages_per_block`, lowered until K + V tiles of every pipeline stage fit in smem."""
+        ppb = max(1, min(self.pages_per_block, _pow2(pages_per_seq)))
+        while ppb > 1 and 2 * ppb * page_size * head_dim * itemsize * self.num_stages > \
+                self.smem_bytes:
+            ppb //= 2
+        return ppb
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap):
+    """One key block: q `[M, D]`, k/v `[N, D]`, visible `bool[M, N]`; carry (o, m, l)."""
+    o, m, l = carry
+    # f32 pools get exact f32 products (not TF32): they are the precision-reference setting.
+    exact = q.dtype == jnp.float32
+    s = pltr.dot(q, k, trans_b=True, allow_tf32=not exact).astype(jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    s = jnp.where(visible, s, _MASK)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    o = alpha[:, None] * o + pltr.dot(p.astype(v.dtype), v, allow_tf32=not exact).astype(
+        jnp.float32)
+    return o, m_new, alpha * l + p.sum(axis=-1)
+
+
+def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+                   sm_scale, soft_cap, window, pages_per_block, pages_per_split):
+    split = pl.program_id(2)
+    page_size = k_ref.shape[1]
+    block_k = pages_per_block * page_size
+    kv_len = kv_len_ref[0]
+    q = q_ref[...]
+    start = split * pages_per_split
+    end = jnp.minimum(start + pages_per_split, pl.cdiv(kv_len, page_size))
+    lo = 0 if window is None else jnp.maximum(kv_len - window, 0)  # first visible key
+    start = jnp.maximum(start, lo // page_size)
+
+    def body(i, carry):
+        first = start + i * pages_per_block
+        pages = pages_ref[pl.ds(first, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, -1)
+        v = v_ref[pages].reshape(block_k, -1)
+        pos = first * page_size + jnp.arange(block_k)
+        # Keys past `end` belong to the next split. Unwritten rows may hold NaN: zero V there
+        # (0 x NaN would poison the product) and mask the scores.
+        ok = (pos < kv_len) & (pos < end * page_size) & (pos >= lo)
+        v = jnp.where(ok[:, None], v, jnp.zeros_like(v))
+        visible = jnp.broadcast_to(ok[None, :], (q.shape[0], block_k))
+        return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
+
+    rows, d = q.shape
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    n = jnp.maximum(pl.cdiv(end - start, pages_per_block), 0)
+    o, m, l = jax.lax.fori_loop(0, n, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _combine(o, m, l):
+    """Split results `o [splits, ..., D]`, `m, l [splits, ...]` -> normalised `[..., D]` f32."""
+    m_max = m.max(axis=0)
+    w = jnp.where(l > 0, jnp.exp(m - m_max), 0.0)
+    den = (w * l).sum(axis=0)
+    num = (w[..., None] * o).sum(axis=0)
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap,
+            blocks: GpuBlockSizes, interpret: bool):
+    s, hq, d = q.shape
+    _, page_size, two_hkv, _ = kv_pages.shape
+    hkv = two_hkv // 2
+    g = hq // hkv
+    rows = max(_MIN_ROWS, _pow2(g))
+    ppb = blocks.pages_per_block_for(page_size, d, kv_pages.dtype.itemsize,
+                                     page_indices.shape[1])
+    max_blocks = pl.cdiv(page_indices.shape[1], ppb)
+    splits = blocks.num_splits or pl.cdiv(blocks.target_programs, s * hkv)
+    splits = max(1, min(splits, max_blocks))
+    pages_per_split = pl.cdiv(max_blocks, splits) * ppb
+    # Pad the page table so every block read stays in bounds (page 0 is never unmasked).
+    pad = splits * pages_per_split + ppb - page_indices.shape[1]
+    page_indices = jnp.pad(page_indices, ((0, 0), (0, pad)))
+    qg = jnp.pad(q.reshape(s, hkv, g, d), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+    num_pages = kv_pages.shape[0]
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
+        pages_per_block=ppb, pages_per_split=pages_per_split)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(s, hkv, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, i: (b,)),
+            pl.BlockSpec((None, page_indices.shape[1]), lambda b, h, i: (b, 0)),
+            pl.BlockSpec((None, None, rows, d), lambda b, h, i: (b, h, 0, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i: (0, 0, 2 * h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i: (0, 0, 2 * h + 1, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, d), lambda b, h, i: (i, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, i: (i, b, h, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, i: (i, b, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, s, hkv, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((splits, s, hkv, rows), jnp.float32),
+            jax.ShapeDtypeStruct((splits, s, hkv, rows), jnp.float32),
+        ],
+        compiler_params=pltr.CompilerParams(num_warps=blocks.num_warps,
+                                            num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="rpa_decode",
+    )(kv_lens, page_indices, qg.astype(kv_pages.dtype), kv_pages, kv_pages)
+    out = _combine(o, m, l)[:, :, :g]
+    return out.reshape(s, hq, d).astype(q.dtype)
+
+
+def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
+                  sm_scale, soft_cap, window, pages_per_block, group, block_q):
+    # work row: (first query row, live rows, position of the first row, sequence)
+    q_start, n_rows, pos0, seq = work_ref[0], work_ref[1], work_ref[2], work_ref[3]
+    page_size = k_ref.shape[1]
+    block_k = pages_per_block * page_size
+    q = q_ref[pl.ds(q_start, block_q)]
+    q = q.reshape(block_q * group, q.shape[-1])
+    row = jnp.arange(block_q * group) // group
+    q_pos = pos0 + row
+    row_ok = row < n_rows
+    hi = pos0 + jnp.maximum(n_rows, 1)  # keys [lo, hi) can be visible
+    lo = 0 if window is None else jnp.maximum(pos0 - window + 1, 0)
+    first_page = lo // page_size
+
+    def body(i, carry):
+        first = first_page + i * pages_per_block
+        pages = pages_ref[seq, pl.ds(first, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, -1)
+        v = v_ref[pages].reshape(block_k, -1)
+        pos = first * page_size + jnp.arange(block_k)
+        v = jnp.where(((pos >= lo) & (pos < hi))[:, None], v, jnp.zeros_like(v))
+        visible = (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        if window is not None:
+            visible &= pos[None, :] > q_pos[:, None] - window
+        return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
+
+    m_rows, d = q.shape
+    init = (jnp.zeros((m_rows, d), jnp.float32), jnp.full((m_rows,), _MASK, jnp.float32),
+            jnp.zeros((m_rows,), jnp.float32))
+    n = jnp.where(n_rows > 0, pl.cdiv(pl.cdiv(hi, page_size) - first_page, pages_per_block), 0)
+    o, _, l = jax.lax.fori_loop(0, n, body, init)
+    o = jnp.where((l > 0)[:, None], o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    o_ref[...] = o.reshape(block_q, group, d).astype(o_ref.dtype)
+
+
+def _work_list(cu_q_lens, kv_lens, num_seqs, num_blocks: int, block_q: int):
+    """Cuts each live sequence's query rows into blocks of `block_q`: `i32[num_blocks, 4]` rows
+    (first query row, live rows, position of the first row, sequence), plus each sequence's first
+    block index."""
+    s = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    live = (jnp.arange(s) < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
+    q_lens = jnp.where(live, q_lens, 0)
+    per_seq = pl.cdiv(q_lens, block_q)
+    ends = jnp.cumsum(per_seq)
+    starts = ends - per_seq
+    b = jnp.arange(num_blocks)
+    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), s - 1)
+    local = (b - starts[seq]) * block_q
+    n_rows = jnp.where(b < ends[-1], jnp.clip(q_lens[seq] - local, 0, block_q), 0)
+    pos0 = kv_lens[seq] - q_lens[seq] + local
+    work = jnp.stack([cu_q_lens[seq] + local, n_rows, pos0, seq], axis=1).astype(jnp.int32)
+    return work, starts
+
+
+def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+           sliding_window, soft_cap, blocks: GpuBlockSizes, interpret: bool):
+    t, hq, d = q.shape
+    _, page_size, two_hkv, _ = kv_pages.shape
+    hkv = two_hkv // 2
+    g = hq // hkv
+    gp = _pow2(g)
+    bq = max(blocks.block_q, pl.cdiv(_MIN_ROWS, gp))
+    s = kv_lens.shape[0]
+    num_blocks = pl.cdiv(t, bq) + s
+    work, starts = _work_list(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
+    ppb = blocks.pages_per_block_for(page_size, d, kv_pages.dtype.itemsize,
+                                     page_indices.shape[1])
+    page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))
+    qh = q.reshape(t, hkv, g, d).transpose(1, 0, 2, 3)
+    qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0))).astype(kv_pages.dtype)
+    num_pages = kv_pages.shape[0]
+    kernel = functools.partial(
+        _mixed_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
+        pages_per_block=ppb, group=gp, block_q=bq)
+    o = pl.pallas_call(
+        kernel,
+        grid=(num_blocks, hkv),
+        in_specs=[
+            pl.BlockSpec((None, 4), lambda b, h: (b, 0)),
+            pl.BlockSpec(page_indices.shape, lambda b, h: (0, 0)),
+            pl.BlockSpec((None, t + bq, gp, d), lambda b, h: (h, 0, 0, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h: (0, 0, 2 * h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h: (0, 0, 2 * h + 1, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, bq, gp, d), lambda b, h: (h, b, 0, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((hkv, num_blocks, bq, gp, d), q.dtype),
+        compiler_params=pltr.CompilerParams(num_warps=blocks.num_warps,
+                                            num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="rpa_mixed",
+    )(work, page_indices, qh, kv_pages, kv_pages)
+    # Back to packed rows: token t of sequence s sits in block starts[s] + local // bq.
+    seq, _, live = token_layout(cu_q_lens, kv_lens, num_seqs, t)
+    local = jnp.arange(t) - cu_q_lens[seq]
+    blk = jnp.where(live, starts[seq] + local // bq, 0)
+    out = o[:, blk, local % bq, :g]  # [Hkv, T, G, D]
+    out = jnp.where(live[None, :, None, None], out, 0)
+    return out.transpose(1, 0, 2, 3).reshape(t, hq, d)
+
+
+def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None, decode_only: bool = False,
+                           block_sizes: GpuBlockSizes | None = None):
+    """GPU backend; see `pallas_kernels.ragged_paged_attention` for the contract."""
+    blocks = block_sizes or GpuBlockSizes()
+    interpret = jax.default_backend() != "gpu"
+    if decode_only:  # row s is sequence s: no search over cu_q_lens needed
+        seq = jnp.arange(q.shape[0], dtype=jnp.int32)
+        live = (seq < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
+        pos = jnp.where(live, kv_lens - 1, 0)
+    else:
+        seq, pos, live = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
+    kv_pages = write_kv(kv_pages, k, v, seq, pos, live, page_indices)
+    common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  blocks=blocks, interpret=interpret)
+    if decode_only:
+        # Idle slots (kv_len 0) and rows past num_seqs get kv_len 0: nothing read, output 0.
+        lens = jnp.where(live, kv_lens, 0)
+        out = _decode(q, kv_pages, lens, page_indices, **common)
+    else:
+        out = _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **common)
+    return out, kv_pages
