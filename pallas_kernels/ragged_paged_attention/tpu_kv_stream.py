@@ -1,0 +1,245 @@
+"""Pieces shared by the TPU decode and mixed kernels: the fused new-K/V write, the double-buffered
+stream of a sequence's KV blocks from the HBM page pool into VMEM, and the online-softmax update.
+
+A *work item* is one sequence seen by one query block (the decode kernel: one sequence per grid
+step). Its KV range is the pages `[lo, hi)` its query rows can see (window start to last query
+position); a KV block is `pages_per_block` consecutive entries of that range, fetched page by
+page and head by head, so K and V of kv head `h` land de-interleaved in `k_buf[slot, h]` and
+`v_buf[slot, h]` as plain `[tokens, D]` tiles: no ref is reshaped, sliced with a stride or
+bitcast (the TPU interpreter and Mosaic both run that). Pages of a block past `hi` are not
+fetched; their VMEM rows hold stale data and are masked by select.
+
+Double buffering runs across work items: while the last block of an item is computed, the first
+block of the next item is already in flight. `state_ref` (SMEM, kept across grid steps) says
+whether that happened and which slot it used: `[pending, pending_slot, next_slot]`. The kernels
+therefore use sequential ("arbitrary") grid semantics.
+
+This module knows nothing about query layouts or grids; the kernels pass it scalars and refs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+PENDING, PENDING_SLOT, NEXT_SLOT = 0, 1, 2
+STATE_SIZE = 3
+LANES = 128  # m / l scratch rows are lane-replicated, as Mosaic wants whole vregs
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static shapes of one call: page size, pages per KV block, kv heads, pages per sequence."""
+    page_size: int
+    pages_per_block: int
+    num_kv_heads: int
+    pages_per_seq: int
+
+    @property
+    def block_tokens(self) -> int:
+        return self.page_size * self.pages_per_block
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """A sequence's KV page range `[lo, hi)` (page-table positions) and its block count."""
+    seq: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    num_blocks: jax.Array
+
+    def where(self, pred, other: "Item") -> "Item":
+        """This item where `pred`, else `other` (traced choice of a successor)."""
+        mine = (self.seq, self.lo, self.hi, self.num_blocks)
+        theirs = (other.seq, other.lo, other.hi, other.num_blocks)
+        return Item(*(jnp.where(pred, a, b) for a, b in zip(mine, theirs)))
+
+
+def make_item(geo: Geometry, seq, live, first_pos, last_pos, window: int | None) -> Item:
+    """The pages seen by query positions `first_pos..last_pos` (keys `> pos - window`)."""
+    first_key = 0 if window is None else first_pos - window + 1
+    lo = jnp.maximum(first_key, 0) // geo.page_size
+    hi = jnp.minimum(last_pos // geo.page_size + 1, geo.pages_per_seq)
+    num_blocks = jnp.where(live & (hi > lo), pl.cdiv(hi - lo, geo.pages_per_block), 0)
+    return Item(seq, lo, hi, num_blocks)
+
+
+def _page_copies(geo, refs, item: Item, block, slot):
+    """[(fetch this page?, [DMA descriptors])] for KV block `block` of `item` into `slot`."""
+    pages_ref, pool_hbm, k_buf, v_buf, sems = refs
+    out = []
+    for i in range(geo.pages_per_block):
+        page = item.lo + block * geo.pages_per_block + i
+        fetch = page < item.hi
+        page_id = pages_ref[item.seq * geo.pages_per_seq + jnp.minimum(page, geo.pages_per_seq - 1)]
+        rows = pl.ds(i * geo.page_size, geo.page_size)
+        copies = []
+        for h in range(geo.num_kv_heads):
+            copies.append(pltpu.make_async_copy(
+                pool_hbm.at[page_id, :, 2 * h, :], k_buf.at[slot, h, rows, :], sems.at[slot]))
+            copies.append(pltpu.make_async_copy(
+                pool_hbm.at[page_id, :, 2 * h + 1, :], v_buf.at[slot, h, rows, :], sems.at[slot]))
+        out.append((fetch, copies))
+    return out
+
+
+def _start_block(geo, refs, item, block, slot):
+    for fetch, copies in _page_copies(geo, refs, item, block, slot):
+        @pl.when(fetch)
+        def _():
+            for c in copies:
+                c.start()
+
+
+def _wait_block(geo, refs, item, block, slot):
+    for fetch, copies in _page_copies(geo, refs, item, block, slot):
+        @pl.when(fetch)
+        def _():
+            for c in copies:
+                c.wait()
+
+
+def _start_into_next_slot(geo, refs, state_ref, item, block):
+    slot = state_ref[NEXT_SLOT]
+    _start_block(geo, refs, item, block, slot)
+    state_ref[NEXT_SLOT] = 1 - slot
+    return slot
+
+
+def init_stream_state(state_ref):
+    state_ref[PENDING] = 0
+    state_ref[PENDING_SLOT] = 0
+    state_ref[NEXT_SLOT] = 0
+
+
+def run_item(geo: Geometry, refs, state_ref, item: Item, successor: Item,
+             compute: Callable[[jax.Array, jax.Array], None]):
+    """Streams `item`'s KV blocks, calling `compute(block, slot)` on each once it is in VMEM.
+
+    `successor` is the item the kernel runs next (num_blocks 0 when none): its first block is
+    started while this item's last block is computed, and it must really run next.
+    """
+    @pl.when((item.num_blocks > 0) & (state_ref[PENDING] == 0))
+    def _():
+        state_ref[PENDING_SLOT] = _start_into_next_slot(geo, refs, state_ref, item, 0)
+
+    first_slot = state_ref[PENDING_SLOT]
+    state_ref[PENDING] = 0
+
+    def body(block, carry):
+        slot = (first_slot + block) % 2
+        _wait_block(geo, refs, item, block, slot)
+
+        @pl.when(block + 1 < item.num_blocks)
+        def _():
+            _start_into_next_slot(geo, refs, state_ref, item, block + 1)
+
+        @pl.when((block + 1 == item.num_blocks) & (successor.num_blocks > 0))
+        def _():
+            state_ref[PENDING_SLOT] = _start_into_next_slot(geo, refs, state_ref, successor, 0)
+            state_ref[PENDING] = 1
+
+        compute(block, slot)
+        return carry
+
+    lax.fori_loop(0, item.num_blocks, body, 0)
+
+
+def key_positions(geo: Geometry, item: Item, block, axis: int = 1):
+    """Sequence position of every row of KV block `block`: `i32[1, L]` (axis 1) or `[L, 1]`."""
+    first = (item.lo + block * geo.pages_per_block) * geo.page_size
+    shape = (1, geo.block_tokens) if axis == 1 else (geo.block_tokens, 1)
+    return first + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def written_rows(geo: Geometry, item: Item, block, kv_len):
+    """`bool[L, 1]`: rows of KV block `block` that were fetched and hold written tokens."""
+    end = jnp.minimum(kv_len, item.hi * geo.page_size)
+    return key_positions(geo, item, block, axis=0) < end
+
+
+def row_tokens(first_token, num_rows: int, group: int):
+    """`i32[num_rows, 1]`: token of each query row when rows are `token * group + head`."""
+    rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
+    if group & (group - 1) == 0:  # a shift where it can, as vector division may not lower
+        return first_token + (rows >> (group.bit_length() - 1))
+    return first_token + rows // group
+
+
+def init_softmax(m_ref, l_ref, acc_ref):
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def update_softmax(q, k, v, visible, key_valid, m_ref, l_ref, acc_ref, *, sm_scale, soft_cap):
+    """One online-softmax step for the q heads of one kv head.
+
+    q `[R, D]`, k / v `[L, D]` straight from VMEM (rows past kv_len or outside the fetched pages
+    may hold anything, NaN included), visible `bool[R, L]`, key_valid (written,
+    fetched rows) as a column `bool[L, 1]`, m / l refs `[R, LANES]`, acc ref `[R, D]`, all f32.
+    """
+    if q.dtype != k.dtype:  # e.g. f32 queries on a bf16 pool: one matmul dtype for both
+        dtype = jnp.promote_types(q.dtype, k.dtype)
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    # Select, never multiply: 0 * NaN is NaN. Scores are selected below, so only V needs it.
+    v = jnp.where(key_valid, v, jnp.zeros_like(v))
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    s = jnp.where(visible, s, -jnp.inf)
+    m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # row saw nothing yet: avoid inf - inf
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m_prev - m_safe)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+    m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
+    l_ref[...] = jnp.broadcast_to(alpha * l_prev + jnp.sum(p, axis=1, keepdims=True), l_ref.shape)
+    acc_ref[...] = alpha * acc_ref[...] + pv
+
+
+def finish_softmax(l_ref, acc_ref):
+    """`acc / l`, and 0 for rows that saw no key."""
+    l = l_ref[:, :1]
+    return jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+def write_run(geo: Geometry, new_kv_hbm, pool_hbm, sem, pages_ref, seq, src_row, first_pos,
+              count, *, wait: bool):
+    """Starts (or waits for) the DMAs that put `count` new tokens, rows `src_row...` of
+    `new_kv_hbm [T, 2*Hkv, D]`, at positions `first_pos...` of sequence `seq`.
+
+    Each page touched gets at most log2(page_size) + 1 copies of static power-of-two lengths.
+    """
+    ps = geo.page_size
+    first_page = first_pos // ps
+    num_pages = jnp.where(count > 0, (first_pos + count - 1) // ps - first_page + 1, 0)
+
+    def page_body(i, carry):
+        page = first_page + i
+        start = jnp.maximum(first_pos, page * ps)
+        n = jnp.minimum(first_pos + count, (page + 1) * ps) - start
+        page_id = pages_ref[seq * geo.pages_per_seq + jnp.minimum(page, geo.pages_per_seq - 1)]
+        for bit in reversed(range(ps.bit_length())):
+            chunk = 1 << bit
+            done = n & ~(2 * chunk - 1)  # tokens already covered by the larger chunks
+
+            @pl.when((n & chunk) != 0)
+            def _():
+                copy = pltpu.make_async_copy(
+                    new_kv_hbm.at[pl.ds(src_row + start - first_pos + done, chunk)],
+                    pool_hbm.at[page_id, pl.ds(start - page * ps + done, chunk)], sem)
+                (copy.wait if wait else copy.start)()
+        return carry
+
+    lax.fori_loop(0, num_pages, page_body, 0)

@@ -1,0 +1,163 @@
+"""TPU prefill / mixed kernel: ragged query blocks over any mix of prefill chunks and decode rows.
+
+Queries are laid out `[Hkv, T_pad * G, D]` (row `t * G + g` is query head `h * G + g` of token
+`t`), so one query block of `bq` tokens is a `[bq * G, D]` tile per kv head: all query heads of
+a kv head share one matmul against each KV block. Grid `(cdiv(T, bq),)`, sequential. Step `b`
+walks the sequences whose rows meet block `b` (from `first_seq[b]`, computed outside); each
+(block, sequence) pair is a work item of `tpu_kv_stream` whose KV range runs from the window
+start of its first row to its last row's position, so KV blocks wholly before the window or
+wholly after the block's last query (causal) are never fetched. Rows of other sequences, padding
+rows and rows of idle (`kv_len == 0`) sequences keep the zeros the step starts with.
+
+Step 0 first writes every sequence's new K/V into its pages (`tpu_kv_stream.write_run`: runs of
+power-of-two lengths per page), all started, then all waited, before any KV is fetched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ragged_paged_attention import tpu_kv_stream as kvs
+
+
+def _write_new_tokens(geo, kv_lens_ref, pages_ref, cu_ref, new_kv_hbm, pool_hbm, sem, num_seqs):
+    for wait in (False, True):
+        def body(s, carry):
+            kv_len, q_end = kv_lens_ref[s], cu_ref[s + 1]
+            # Rows before position 0 (q_len > kv_len) and idle sequences write nothing.
+            count = jnp.where(kv_len > 0, jnp.minimum(q_end - cu_ref[s], kv_len), 0)
+            kvs.write_run(geo, new_kv_hbm, pool_hbm, sem, pages_ref, s, q_end - count,
+                          kv_len - count, count, wait=wait)
+            return carry
+
+        lax.fori_loop(0, num_seqs, body, 0)
+
+
+def _mixed_kernel(
+    kv_lens_ref, pages_ref, cu_ref, num_seqs_ref, first_seq_ref,  # scalar prefetch (SMEM)
+    q_ref, new_kv_hbm, _pool_in,  # q [Hkv, bq * G, D]; new K/V [T, 2*Hkv, D]; the aliased pool
+    o_ref, pool_hbm,  # out [Hkv, bq * G, D]; pool [num_pages, page_size, 2*Hkv, D]
+    k_buf, v_buf, sems, write_sem, state_ref, m_ref, l_ref, acc_ref,  # scratch
+    *, geo: kvs.Geometry, block_q: int, group: int, sm_scale, sliding_window, soft_cap,
+):
+    blk, num_blks = pl.program_id(0), pl.num_programs(0)
+    max_seqs = kv_lens_ref.shape[0]
+    num_seqs = jnp.minimum(num_seqs_ref[0], max_seqs)
+
+    def rows_of(b, seq):
+        """Live query rows `[r_lo, r_hi)` of `seq` in block `b`, and position = offset + row."""
+        seq = jnp.minimum(seq, max_seqs - 1)
+        kv_len, q_end = kv_lens_ref[seq], cu_ref[seq + 1]
+        r_lo = jnp.maximum(jnp.maximum(cu_ref[seq], b * block_q), q_end - kv_len)
+        r_hi = jnp.minimum(q_end, (b + 1) * block_q)
+        return r_lo, r_hi, kv_len - q_end, kv_len
+
+    def item_of(b, seq):
+        r_lo, r_hi, offset, kv_len = rows_of(b, seq)
+        live = (seq < num_seqs) & (b < num_blks) & (kv_len > 0) & (r_lo < r_hi)
+        return kvs.make_item(geo, jnp.minimum(seq, max_seqs - 1), live, offset + r_lo,
+                             offset + r_hi - 1, sliding_window)
+
+    def in_block(b, seq):
+        return (seq < num_seqs) & (cu_ref[jnp.minimum(seq, max_seqs)] < (b + 1) * block_q)
+
+    @pl.when(blk == 0)
+    def _():
+        kvs.init_stream_state(state_ref)
+        _write_new_tokens(geo, kv_lens_ref, pages_ref, cu_ref, new_kv_hbm, pool_hbm, write_sem,
+                          num_seqs)
+
+    o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+    refs = (pages_ref, pool_hbm, k_buf, v_buf, sems)
+    num_rows = block_q * group
+    row_token = kvs.row_tokens(blk * block_q, num_rows, group)
+
+    def run_seq(seq):
+        item = item_of(blk, seq)
+        r_lo, r_hi, offset, kv_len = rows_of(blk, seq)
+        next_blk_first = first_seq_ref[jnp.minimum(blk + 1, num_blks - 1)]
+        successor = item_of(blk, seq + 1).where(
+            in_block(blk, seq + 1), item_of(blk + 1, next_blk_first))
+        in_seq = (row_token >= r_lo) & (row_token < r_hi)
+        q_pos = offset + row_token
+
+        @pl.when(item.num_blocks > 0)
+        def _():
+            kvs.init_softmax(m_ref, l_ref, acc_ref)
+
+        def compute(block, slot):
+            key_pos = kvs.key_positions(geo, item, block)
+            visible = in_seq & (key_pos <= q_pos)  # causal; rows past kv_len are never visible
+            if sliding_window is not None:
+                visible &= key_pos > q_pos - sliding_window
+            key_valid = kvs.written_rows(geo, item, block, kv_len)
+            for h in range(geo.num_kv_heads):
+                kvs.update_softmax(q_ref[h], k_buf[slot, h], v_buf[slot, h], visible, key_valid,
+                                   m_ref.at[h], l_ref.at[h], acc_ref.at[h],
+                                   sm_scale=sm_scale, soft_cap=soft_cap)
+
+        kvs.run_item(geo, refs, state_ref, item, successor, compute)
+
+        @pl.when(item.num_blocks > 0)
+        def _():
+            for h in range(geo.num_kv_heads):
+                out = kvs.finish_softmax(l_ref.at[h], acc_ref.at[h]).astype(o_ref.dtype)
+                o_ref[h] = jnp.where(in_seq, out, o_ref[h])
+        return seq + 1
+
+    lax.while_loop(lambda seq: in_block(blk, seq), run_seq, first_seq_ref[blk])
+
+
+def mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat, cu_q_lens, num_seqs, *, geo,
+                    block_q, sm_scale, sliding_window, soft_cap, vmem_limit_bytes):
+    """q `[T, Hq, D]`, new_kv `[T, 2*Hkv, D]` (pool dtype) -> (out `[T, Hq, D]`, kv_pages)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    hkv = geo.num_kv_heads
+    group = num_q_heads // hkv
+    block_q = min(block_q, num_tokens)
+    num_blks = pl.cdiv(num_tokens, block_q)
+    padded = num_blks * block_q
+    qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
+    qt = qt.reshape(padded, hkv, group, head_dim).transpose(1, 0, 2, 3)
+    qt = qt.reshape(hkv, padded * group, head_dim)
+    # First sequence whose rows reach each block (num_seqs or past when none).
+    starts = jnp.arange(num_blks, dtype=jnp.int32) * block_q
+    first_seq = jnp.searchsorted(cu_q_lens[1:], starts, side="right").astype(jnp.int32)
+
+    rows = block_q * group
+    q_spec = pl.BlockSpec((hkv, rows, head_dim), lambda b, *_: (0, b, 0))
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    buf = pltpu.VMEM((2, hkv, geo.block_tokens, head_dim), kv_pages.dtype)
+    scratch = [
+        buf, buf,
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA(()),
+        pltpu.SMEM((kvs.STATE_SIZE,), jnp.int32),
+        pltpu.VMEM((hkv, rows, kvs.LANES), jnp.float32),
+        pltpu.VMEM((hkv, rows, kvs.LANES), jnp.float32),
+        pltpu.VMEM((hkv, rows, head_dim), jnp.float32),
+    ]
+    kernel = functools.partial(_mixed_kernel, geo=geo, block_q=block_q, group=group,
+                               sm_scale=sm_scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    out, kv_pages = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5, grid=(num_blks,),
+            in_specs=[q_spec, any_spec, any_spec], out_specs=[q_spec, any_spec],
+            scratch_shapes=scratch),
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
+                   jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
+        input_output_aliases={7: 1},  # operand 7 = the pool (after 5 scalar-prefetch operands)
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes),
+        name="rpa_mixed",
+    )(kv_lens, pages_flat, cu_q_lens, num_seqs, first_seq, qt, new_kv, kv_pages)
+    out = out.reshape(hkv, padded, group, head_dim).transpose(1, 0, 2, 3)
+    return out.reshape(padded, num_q_heads, head_dim)[:num_tokens], kv_pages

@@ -1,0 +1,215 @@
+"""TPU ragged paged attention kernels (decode and mixed) against the reference, run by the TPU
+interpreter on CPU with race detection, out-of-bounds reads raising and NaN-filled fresh memory.
+
+Axes are combined rather than crossed: each case below covers several (GQA ratio 1 / 4 / 8 /
+MQA, head dim 64 / 128 / 256, page 16 / 32, window, soft-cap, bf16, block sizes). Every case
+checks the output against the reference, the whole pool bit for bit against the reference's
+pool (written rows equal, every other row, NaN poison included, untouched), zeros on padding
+and idle rows, and that the interpreter saw no race. Pages a kernel must not read are made
+out-of-range page ids, so a fetch of one raises.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.tpu import TpuBlockSizes
+from tests.attention_cases import check, dense_oracle, make_case
+
+try:  # where the interpreter records races (private; absent in some versions)
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpreter
+except ImportError:  # pragma: no cover
+    _interpreter = None
+
+INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",
+                                  uninitialized_memory="nan")
+F32, BF16 = jnp.float32, jnp.bfloat16
+TOL = {F32: 1e-5, BF16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def tpu_interpreter(capsys):
+    with pltpu.force_tpu_interpret_mode(INTERPRET):
+        try:
+            yield
+        finally:
+            pltpu.reset_tpu_interpret_mode_state()
+    assert "RACE DETECTED" not in capsys.readouterr().out
+
+
+def _assert_no_race():
+    races = getattr(_interpreter, "races", None)
+    assert races is None or not races.races_found, "the interpreter detected a race"
+
+
+def _decode_case(rng, contexts, hq, hkv, d, page_size, dtype):
+    """A decode step (T == S, row s is sequence s) over `contexts`, plus one idle slot row."""
+    args, _ = make_case(rng, [(c, 1) for c in contexts], hq, hkv, d, page_size, dtype,
+                        pad_rows=1)
+    args[6] = jnp.arange(len(contexts) + 2, dtype=jnp.int32)  # the idle slot has a row too
+    return args
+
+
+def _run(args, *, dtype, window=None, soft_cap=None, block_sizes=None, decode_only=False,
+         reference_args=None):
+    """Kernel vs reference on `args` (the reference may get page ids the kernel must not use)."""
+    kw = dict(sm_scale=args[0].shape[-1] ** -0.5, sliding_window=window, soft_cap=soft_cap)
+    kernel = functools.partial(ragged_paged_attention, backend="tpu", decode_only=decode_only,
+                               block_sizes=block_sizes, **kw)
+    out, pool = jax.jit(kernel)(*args)
+    out, pool = np.asarray(out, np.float32), np.asarray(pool, np.float32)  # block now
+    _assert_no_race()
+    reference = functools.partial(ragged_paged_attention, backend="reference", **kw)
+    want, want_pool = jax.jit(reference)(*(reference_args or args))
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+    np.testing.assert_array_equal(pool, np.asarray(want_pool, np.float32))
+    cu, num_seqs = np.asarray(args[6]), int(np.asarray(args[7]).reshape(()))
+    assert np.all(out[cu[num_seqs]:] == 0), "padding rows must output zeros"
+    assert np.isfinite(out).all()
+    return out
+
+
+MIXED = {  # seqs [(context before, q_len)], hq, hkv, d, page, window, soft_cap, dtype, blocks
+    "gqa1-d64-p16-multi-qblock": ([(37, 1), (0, 21), (16, 16), (0, 1), (5, 1), (31, 9)],
+                                  4, 4, 64, 16, None, None, F32, TpuBlockSizes(2, 8)),
+    "gqa4-d128-p32-window-cap": ([(70, 1), (0, 40), (50, 13), (3, 1)],
+                                 8, 2, 128, 32, 20, 30.0, F32, TpuBlockSizes(1, 16)),
+    "gqa8-d64-p16-cap-defaults": ([(37, 1), (0, 21), (16, 16), (31, 9)],
+                                  16, 2, 64, 16, None, 20.0, F32, None),
+    "mqa-d256-p16-window-bf16": ([(40, 1), (0, 18), (17, 3), (60, 5)],
+                                 4, 1, 256, 16, 24, None, BF16, TpuBlockSizes(2, 8)),
+    "mqa-d128-p32-small-window": ([(5, 1), (0, 33), (64, 1), (31, 2)],
+                                  8, 1, 128, 32, 7, 50.0, F32, TpuBlockSizes(3, 4)),
+    "gqa3-d64-p16-smollm2-heads": ([(50, 1), (0, 12), (9, 7)],
+                                   9, 3, 64, 16, None, None, BF16, TpuBlockSizes(2, 8)),
+    "tiny-contexts-page-edges": ([(0, 1), (15, 1), (16, 1), (31, 1), (0, 2), (14, 2)],
+                                 8, 2, 64, 16, None, None, F32, TpuBlockSizes(1, 1)),
+}
+
+DECODE = {  # contexts before the new token, hq, hkv, d, page, window, soft_cap, dtype, blocks
+    "gqa1-d64-p16": ([37, 0, 15, 16, 5, 80], 2, 2, 64, 16, None, None, F32,
+                     TpuBlockSizes(2, 8)),
+    "gqa4-d128-p32-window": ([70, 0, 31, 32, 100], 8, 2, 128, 32, 40, None, F32,
+                             TpuBlockSizes(1, 8)),
+    "gqa8-d128-p16-cap-bf16": ([3, 47, 64, 0], 16, 2, 128, 16, None, 30.0, BF16, None),
+    "mqa-d256-p16-window-cap": ([40, 1, 90, 17], 4, 1, 256, 16, 24, 50.0, F32,
+                                TpuBlockSizes(3, 8)),
+}
+
+
+@pytest.mark.parametrize("case", MIXED.values(), ids=MIXED.keys())
+def test_mixed_matches_reference(case):
+    seqs, hq, hkv, d, page_size, window, soft_cap, dtype, blocks = case
+    args, _ = make_case(np.random.default_rng(d + hq), seqs, hq, hkv, d, page_size, dtype)
+    _run(args, dtype=dtype, window=window, soft_cap=soft_cap, block_sizes=blocks)
+
+
+@pytest.mark.parametrize("case", DECODE.values(), ids=DECODE.keys())
+def test_decode_only_matches_reference(case):
+    contexts, hq, hkv, d, page_size, window, soft_cap, dtype, blocks = case
+    args = _decode_case(np.random.default_rng(d + hq), contexts, hq, hkv, d, page_size, dtype)
+    _run(args, dtype=dtype, window=window, soft_cap=soft_cap, block_sizes=blocks,
+         decode_only=True)
+
+
+def test_mixed_against_float64_oracle():
+    """The shared float64 oracle, independent of the reference."""
+    check([(37, 1), (0, 21), (20, 6)], 8, 2, 64, 16, window=30, soft_cap=25.0, backend="tpu",
+          block_sizes=TpuBlockSizes(2, 4))
+    _assert_no_race()
+
+
+def test_decode_against_float64_oracle():
+    rng = np.random.default_rng(3)
+    contexts = [37, 0, 20]
+    args, kv = make_case(rng, [(c, 1) for c in contexts], 8, 2, 64, 16, F32, pad_rows=1)
+    args[6] = jnp.arange(len(contexts) + 2, dtype=jnp.int32)
+    q, k, v = (np.asarray(a) for a in args[:3])
+    out, _ = ragged_paged_attention(*args, sm_scale=0.125, sliding_window=30, soft_cap=25.0,
+                                    backend="tpu", decode_only=True,
+                                    block_sizes=TpuBlockSizes(2, 4))
+    out = np.asarray(out)
+    _assert_no_race()
+    for s, c in enumerate(contexts):
+        full = np.concatenate([kv[s], np.stack([k[s], v[s]], 1).reshape(1, -1, 64)])
+        full = full.reshape(c + 1, 2, 2, 64)
+        want = dense_oracle(q[s:s + 1], full[:, :, 0], full[:, :, 1], np.array([c]), 0.125,
+                            30, 25.0)
+        np.testing.assert_allclose(out[s:s + 1], want, rtol=1e-5, atol=1e-5)
+    assert np.all(out[len(contexts):] == 0)
+
+
+def _poison_page_ids(args, seq, pages):
+    """`args` with sequence `seq`'s page-table entries `pages` pointing past the pool."""
+    bad = args[3].shape[0] + 1000
+    kernel_args = list(args)
+    kernel_args[5] = args[5].at[seq, pages].set(bad)
+    return kernel_args
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_window_skips_blocks_before_it(decode_only):
+    """Pages wholly before the window are never fetched: their ids point outside the pool."""
+    rng = np.random.default_rng(7)
+    if decode_only:  # position 70, window 20: keys 51..70, pages 3 and 4 of 16 tokens
+        args = _decode_case(rng, [70, 12], 8, 2, 64, 16, F32)
+    else:  # rows at positions 70..75: keys from 51, pages 3 and 4
+        args, _ = make_case(rng, [(70, 6), (12, 1)], 8, 2, 64, 16, F32)
+    kernel_args = _poison_page_ids(args, 0, jnp.arange(3))
+    _run(kernel_args, dtype=F32, window=20, block_sizes=TpuBlockSizes(1, 4),
+         decode_only=decode_only, reference_args=args)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_idle_slot_with_query_rows_reads_and_writes_nothing(decode_only):
+    """A kv_len 0 slot below num_seqs, with a query row and a page table pointing outside the
+    pool: no read, no write (either would raise), output 0."""
+    rng = np.random.default_rng(11)
+    if decode_only:
+        args = _decode_case(rng, [20, 9, 33], 4, 2, 64, 16, F32)
+    else:
+        args, _ = make_case(rng, [(20, 1), (9, 1), (0, 5), (33, 2)], 4, 2, 64, 16, F32)
+    args[4] = args[4].at[1].set(0)
+    args = _poison_page_ids(args, 1, jnp.arange(args[5].shape[1]))
+    out = _run(args, dtype=F32, block_sizes=TpuBlockSizes(2, 4), decode_only=decode_only)
+    assert np.all(out[1] == 0)
+
+
+def test_block_sizes_and_promises_are_validated():
+    with pytest.raises(ValueError, match="num_kv_pages_per_block=0"):
+        TpuBlockSizes(num_kv_pages_per_block=0)
+    with pytest.raises(ValueError, match="vmem_limit_bytes=-1"):
+        TpuBlockSizes(vmem_limit_bytes=-1)
+    args, _ = make_case(np.random.default_rng(0), [(3, 2)], 4, 2, 64, 16, F32)
+    with pytest.raises(ValueError, match="decode_only=True with 5 query rows"):
+        ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", decode_only=True)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_kernels_lower_to_mosaic(decode_only):
+    """The Pallas -> Mosaic lowering for a TPU target (a v5e named by an abstract mesh) accepts
+    both kernels at serving shapes (Llama 32/8 x 128, Gemma 3 MQA x 256, SmolLM2 9/3 x 64; bf16
+    and f32): the interpreter runs things Mosaic rejects. Only the first compile stage:
+    libtpu's passes need a TPU."""
+    chip = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=chip)
+    sds = jax.ShapeDtypeStruct
+    for (hq, hkv, d), dtype in [((32, 8, 128), BF16), ((4, 1, 256), F32), ((9, 3, 64), BF16)]:
+        t, s, page_size, pages_per_seq = (16 if decode_only else 128), 16, 16, 64
+        args = (sds((t, hq, d), dtype), sds((t, hkv, d), dtype), sds((t, hkv, d), dtype),
+                sds((2048, page_size, 2 * hkv, d), dtype), sds((s,), jnp.int32),
+                sds((s, pages_per_seq), jnp.int32), sds((s + 1,), jnp.int32),
+                sds((1,), jnp.int32))
+        kernel = functools.partial(
+            ragged_paged_attention, sm_scale=d ** -0.5, sliding_window=512, soft_cap=30.0,
+            backend="tpu", decode_only=decode_only, block_sizes=TpuBlockSizes(8, 32))
+        # Lower for the chip, not for the interpreter the fixture forces.
+        with pltpu.force_tpu_interpret_mode(None), jax.sharding.use_abstract_mesh(mesh):
+            exported = jax.export.export(jax.jit(kernel), platforms=["tpu"])(*args)
+        assert "tpu_custom_call" in exported.mlir_module()
