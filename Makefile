@@ -1,4 +1,4 @@
-# Set-up on a fresh machine: `make run` (generate on the bundled Gemma 3 270M) or `make test`.
+# Set-up on a fresh machine: `make run` (serve the bundled Gemma 3 270M over gRPC) or `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/jaxgen generate "The capital of France is" "Write a haiku about the sea." --max-tokens 48
+	$(VENV)/bin/jaxgen serve
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q tests

@@ -1,4 +1,5 @@
-"""`jaxgen` command line: `generate` and `convert`.
+"""`jaxgen` command line: `generate` and `convert` here; `serve` and `client` (the gRPC front
+end) in jaxgen/server/cli.py, sharing the model and engine flags defined here.
 
 User mistakes (bad flags, missing or broken checkpoints, unknown models) print one line naming
 the problem and exit with status 2; no traceback.
@@ -13,7 +14,7 @@ import sys
 import time
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="bundled model name (gemma3-270m, smollm2-135m) or a path to a .gguf file, "
                         "HF checkpoint dir or jaxgen checkpoint dir (default: gemma3-270m)")
@@ -23,10 +24,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameter and activation dtype")
     p.add_argument("--mesh", default=None,
-                   help="device mesh as DATA,MODEL (e.g. 1,8); default: all devices on model")
+                   help="device mesh as DATA,MODEL (e.g. 1,8); default: one device")
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=8, help="decode batch rows (concurrent requests)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None,
@@ -44,7 +45,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "or ~/.cache/jaxgen/xla); 'off' disables it")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser, and its `serve` subparser (whose defaults a --config preset replaces)."""
+    from jaxgen.server import cli as server_cli
+
     parser = argparse.ArgumentParser(prog="jaxgen", description="JAX-native LLM generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT")
     gen.add_argument("--prompts-file", default=None,
                      help="a file with one prompt per line (added after the PROMPT arguments)")
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -65,16 +69,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="wrap each prompt as a user message in the model's chat template")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt (prompt, text, token_ids, finish_reason, usage)")
-    _add_engine_args(gen)
+    add_engine_args(gen)
 
     conv = sub.add_parser("convert", help="write a model as a jaxgen (Orbax) checkpoint")
     conv.add_argument("src", help="bundled model name, .gguf file or HF checkpoint dir")
     conv.add_argument("dst", help="output directory")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    return parser
+
+    serve = server_cli.add_serve_parser(sub)
+    server_cli.add_client_parser(sub)
+    return parser, serve
 
 
-def _load(args):
+def load_model(args):
+    """The checkpoint named by the model flags, on the --mesh; returns (LoadedModel, mesh or None)."""
     from jaxgen import checkpoints
     from jaxgen.models.sharding import make_mesh
 
@@ -84,10 +92,11 @@ def _load(args):
     how = "converted on first use, then loaded" if loaded.converted else "loaded"
     print(f"jaxgen: {loaded.config.name or loaded.source} {how} from {loaded.source} "
           f"in {loaded.load_seconds:.1f}s", file=sys.stderr)
-    return loaded
+    return loaded, mesh
 
 
-def _engine(args, loaded, longest: int):
+def build_engine(args, loaded, longest: int, mesh=None, **engine_config):
+    """An Engine from the engine flags; `engine_config` overrides EngineConfig fields."""
     from jaxgen.engine import Engine, EngineConfig
     from jaxgen.runtime.compile_cache import enable_compilation_cache
     from jaxgen.runtime.runner import RunnerConfig
@@ -99,8 +108,10 @@ def _engine(args, loaded, longest: int):
     runner = RunnerConfig(num_slots=args.slots, page_size=args.page_size, max_model_len=max_len,
                           decode_steps=args.decode_steps, num_pages=args.num_pages,
                           max_prefill_tokens=args.max_prefill_tokens)
+    config = dict(warmup=args.warmup)
+    config.update(engine_config)
     return Engine(loaded.model, loaded.params, loaded.tokenizer,
-                  EngineConfig(runner=runner, warmup=args.warmup))
+                  EngineConfig(runner=runner, **config), mesh=mesh)
 
 
 def cmd_generate(args) -> int:
@@ -115,13 +126,13 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                             stop=tuple(args.stop))
-    loaded = _load(args)
+    loaded, mesh = load_model(args)
     tok = loaded.tokenizer
     if args.chat:
         ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     else:
         ids = [tok.encode(p) for p in prompts]
-    engine = _engine(args, loaded, max(len(i) for i in ids) + args.max_tokens)
+    engine = build_engine(args, loaded, max(len(i) for i in ids) + args.max_tokens, mesh=mesh)
     start = time.perf_counter()
     engine.start()
     try:
@@ -165,11 +176,18 @@ def cmd_convert(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
     from jaxgen.checkpoints import CheckpointError
+    from jaxgen.server import cli as server_cli
 
+    parser, serve = _parser()
+    args = parser.parse_args(argv)
+    commands = {"generate": cmd_generate, "convert": cmd_convert, "serve": server_cli.cmd_serve,
+                "client": server_cli.cmd_client}
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        if getattr(args, "config", None):  # a preset's values replace the flags' defaults
+            serve.set_defaults(**server_cli.read_serve_preset(args.config, serve))
+            args = parser.parse_args(argv)
+        return commands[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"jaxgen: error: {e}", file=sys.stderr)
         return 2

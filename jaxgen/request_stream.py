@@ -1,11 +1,13 @@
 """What a caller gets back from the engine: a stream of `RequestOutput`s ending in one final
 output with a finish reason and usage (the scheduler's `Usage`). Thread-safe: the engine loop
-writes, any thread reads."""
+writes, any thread reads. A reader that must not block a thread (an asyncio server) registers a
+wake-up callback with `notify` and drains with `get_nowait`."""
 
 from __future__ import annotations
 
 import dataclasses
 import queue
+from collections.abc import Callable
 
 from jaxgen.scheduler.events import Usage
 from jaxgen.scheduler.samples import TokenLogprobs
@@ -32,13 +34,30 @@ class RequestStream:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self._queue: queue.Queue[RequestOutput] = queue.Queue()
+        self._notify: Callable[[], None] | None = None
         self.finished = False
 
     def put(self, output: RequestOutput) -> None:
         self._queue.put(output)
+        # Read after the put: either this sees the callback, or `notify` sees the output.
+        callback = self._notify
+        if callback is not None:
+            callback()
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Calls `callback()` after every later `put`, on the putting thread (the engine loop:
+        it must be quick and must not block), and once now if outputs are already waiting.
+        A wake-up may come with nothing new to read: drain with `get_nowait` until Empty."""
+        self._notify = callback
+        if not self._queue.empty():
+            callback()
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         return self._queue.get(timeout=timeout)
+
+    def get_nowait(self) -> RequestOutput:
+        """The next output; raises queue.Empty when none is waiting."""
+        return self._queue.get_nowait()
 
     def __iter__(self):
         while not self.finished:

@@ -1,7 +1,7 @@
 """Per-request generation parameters: one frozen dataclass, validated on construction.
 
-Plain data (no jax): the scheduler reads the stop conditions and limits, the runtime turns the
-sampling fields into per-slot traced arrays, the server maps its proto message onto it.
+Plain data (no jax): the scheduler reads the stop conditions, limits and priority, the runtime turns
+the sampling fields into per-slot traced arrays, the server maps its proto message onto it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on text, never streamed past
     ignore_eos: bool = False  # keep going past the model's stop ids (until max_tokens)
     logprobs: int | None = None  # None: off; n >= 0: chosen token's logprob + top-n alternatives
+    priority: int = 0  # admission order among waiting requests: lower first, ties first come
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -61,6 +62,8 @@ class SamplingParams:
                 bad("stop", s, f"each stop string must have 1..{MAX_STOP_STRING_LEN} characters")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.priority, int) or not (-2**31 <= self.priority < 2**31):
+            bad("priority", self.priority, "must be an integer in [-2**31, 2**31)")
 
     def stop_ids(self, model_stop_ids) -> frozenset[int]:
         """Token ids that end this request: its own, plus the model's unless `ignore_eos`."""

@@ -17,3 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def cache_dir(tmp_path_factory):
     """A private jaxgen cache: bundled models are converted here once per test session."""
     return str(tmp_path_factory.mktemp("jaxgen-cache"))
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory):
+    """A private persistent compilation cache shared by the session's server processes, so
+    only the first one compiles."""
+    return str(tmp_path_factory.mktemp("xla-cache"))

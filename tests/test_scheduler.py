@@ -370,6 +370,33 @@ def test_queue_bound_rejects_and_enqueues_nothing():
     assert sched.num_waiting == 2 and not sched.abort("c")
 
 
+def test_priority_orders_admission_and_ties_keep_arrival_order():
+    sched, ex = make(num_slots=1)
+    long = SamplingParams(max_tokens=6, ignore_eos=True)
+    arrivals = {0: [("first", prompt(5, 0), long)],
+                1: [(rid, prompt(5, i + 1), dataclasses.replace(long, priority=p))
+                    for i, (rid, p) in enumerate([("late", 5), ("b1", 0), ("urgent", -3),
+                                                  ("b2", 0)])]}
+    streams, _ = serve(sched, ex, arrivals)
+    admitted = [a.request_id for plan in ex.plans for a in plan.assignments]
+    assert admitted == ["first", "urgent", "b1", "b2", "late"]
+    assert streams == expected(arrivals)
+
+
+def test_preempted_request_goes_ahead_of_its_priority_but_behind_more_urgent_ones():
+    # 12 usable pages, 2 slots: two growing requests cannot both finish without a preemption.
+    sched, ex = make(num_slots=2, num_pages=13, decode_steps=4, max_prefill_tokens=64)
+    grow = SamplingParams(max_tokens=90, ignore_eos=True)
+    sched.add("old", prompt(30, 1), grow, seed=0)
+    sched.add("new", prompt(30, 2), grow, seed=0)
+    step(sched, ex)
+    sched.add("same", prompt(3, 3), SamplingParams(max_tokens=2), seed=0)
+    sched.add("urgent", prompt(3, 4), SamplingParams(max_tokens=2, priority=-1), seed=0)
+    while sched.num_preemptions == 0:
+        step(sched, ex)
+    assert sched.waiting_ids() == ("urgent", "new", "same")
+
+
 def test_add_validation_names_field_value_and_limit():
     sched, _ = make(max_model_len=32, num_pages=3)
     with pytest.raises(ValueError, match=r"prompt_ids=\[\]"):
@@ -554,7 +581,8 @@ def test_random_add_abort_step_keeps_page_invariants(data):
             p = (stem[:draw(st.sampled_from([0, 5, 16, 20, 32, 40]))]
                  + draw(st.lists(st.integers(1, V - 1), max_size=8))) or [1]
             params = SamplingParams(max_tokens=draw(st.integers(1, 64 - len(p))),
-                                    ignore_eos=draw(st.booleans()))
+                                    ignore_eos=draw(st.booleans()),
+                                    priority=draw(st.sampled_from([0, 0, -1, 2])))
             deadline = draw(st.none() | st.integers(1, 30).map(lambda d: clock.now + d))
             rid = f"r{len(added)}"
             try:

@@ -12,6 +12,7 @@ model, text, or threads (the engine serializes all calls).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ class Scheduler:
         self._clock = clock
         self.allocator = PageAllocator(config.num_pages, config.page_size)
         self._requests: dict[str, Request] = {}  # waiting + running
+        # Sorted by params.priority (lower first); first come, first served within a priority.
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []  # admission order: preemption takes the newest (last)
         self._slots = SlotTable(config.num_slots)
@@ -62,7 +64,7 @@ class Scheduler:
         request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
                           arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline)
         self._requests[request_id] = request
-        self._waiting.append(request)
+        self._enqueue(request, preempted=False)
 
     def abort(self, request_id: str, detail: str = "aborted") -> bool:
         """Mark the request: the next `schedule()` ends it (finish_reason "abort"; the event
@@ -169,7 +171,7 @@ class Scheduler:
         while admit and budget > 0 and self._waiting and self._slots.num_free:
             request = self._waiting[0]
             if not self._admit(request, now):
-                break  # FIFO: nobody overtakes the head of the queue
+                break  # nobody overtakes the head of the queue (priority, then arrival order)
             self._waiting.popleft()
             assignments.append(SlotAssignment(request.slot, request.request_id, request.params,
                                               request.seed, request.prompt_ids,
@@ -217,7 +219,14 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self._waiting.appendleft(request)
+        self._enqueue(request, preempted=True)
+
+    def _enqueue(self, request: Request, preempted: bool) -> None:
+        """Insert by priority: a new request goes behind every waiting one of its priority; a
+        preempted one goes ahead of them (it arrived before any of them was admitted)."""
+        insert = bisect.bisect_left if preempted else bisect.bisect_right
+        at = insert(self._waiting, request.params.priority, key=lambda r: r.params.priority)
+        self._waiting.insert(at, request)
 
     def _release(self, request: Request) -> None:
         if request.status is RequestStatus.RUNNING:
@@ -329,11 +338,18 @@ class Scheduler:
     def running_ids(self) -> tuple[str, ...]:
         return tuple(r.request_id for r in self._running)
 
+    def waiting_ids(self) -> tuple[str, ...]:
+        """In admission order."""
+        return tuple(r.request_id for r in self._waiting)
+
     def check_invariants(self) -> None:
         """Raise AssertionError unless slots, queues, pages and counters agree (for tests)."""
         self.allocator.check_invariants([r.pages for r in self._running])
         for r in self._waiting:
             r.check_invariant(self.config.page_size)
+        priorities = [r.params.priority for r in self._waiting]
+        if priorities != sorted(priorities):
+            raise AssertionError(f"waiting queue is not in priority order: {priorities}")
         for r in self._running:
             r.check_invariant(self.config.page_size)
             if self._slots[r.slot] is not r:

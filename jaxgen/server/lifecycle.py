@@ -1,0 +1,185 @@
+"""Running the gRPC server: listen, warm up, serve, drain.
+
+`serve(config, load, stop)`:
+  1. binds the port (TLS when configured) and starts answering at once, with health NOT_SERVING
+     and every Generation RPC UNAVAILABLE;
+  2. runs `load()` (checkpoint load, engine construction with warm-up, `engine.start()`) on a
+     daemon thread, so a SIGTERM during warm-up still stops the process promptly;
+  3. sets health SERVING; a watcher turns it NOT_SERVING if the engine loop dies;
+  4. when `stop` is set (SIGTERM/SIGINT in `jaxgen serve`): health NOT_SERVING, new Generate
+     calls UNAVAILABLE, in-flight calls get `drain_timeout_s` to finish, then the server stops
+     (cancelling what is left) and the engine loop ends.
+Health answers for "" (the whole server) and for "jaxgen.v1.Generation". Reflection lists the
+Generation, health and reflection services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxgen.server.auth import ApiKeyInterceptor
+from jaxgen.server.config import ServerConfig
+from jaxgen.server.servicer import GenerationServicer
+from jaxgen.server.serving_model import ServingModel
+from jaxgen.v1 import generation_pb2 as pb
+from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_NAMES = ("", SERVICE)
+ENGINE_WATCH_INTERVAL_S = 0.25
+LOAD_THREAD = "jaxgen-load"  # the thread that loads the model and warms up
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _say(message: str) -> None:
+    print(f"jaxgen: {message}", file=sys.stderr, flush=True)
+
+
+def _in_daemon_thread(fn: Callable):
+    """Runs `fn()` on a daemon thread; an awaitable of its result. (A pool thread would keep
+    the process alive at exit until `fn` returns.)"""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(setter, value):
+        if not future.done():
+            setter(value)
+
+    def run():
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the awaiting coroutine
+            call, value = future.set_exception, e
+        else:
+            call, value = future.set_result, result
+        try:
+            loop.call_soon_threadsafe(settle, call, value)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
+    return future
+
+
+def build_server(config: ServerConfig, servicer: GenerationServicer,
+                 health_servicer: health.aio.HealthServicer) -> tuple[aio.Server, int]:
+    """The grpc.aio server with every service added and its port bound; returns it and the port."""
+    limit = config.max_message_bytes
+    server = aio.server(
+        interceptors=[ApiKeyInterceptor(config.api_keys)] if config.api_keys else [],
+        options=[("grpc.max_receive_message_length", limit),
+                 ("grpc.max_send_message_length", limit),
+                 # Otherwise a second server on a busy port binds it too and shares the traffic.
+                 ("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    _check_free(config)
+    try:
+        if config.tls_cert:
+            with open(config.tls_key, "rb") as k, open(config.tls_cert, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            port = server.add_secure_port(config.address, credentials)
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError as e:  # grpc's "Failed to bind": a busy port or a bad host
+        raise ValueError(f"cannot listen on {config.address}: {e}") from None
+    return server, port
+
+
+def _check_free(config: ServerConfig) -> None:
+    """A clear error for a busy port or an unusable host, before grpc (which would log its own
+    lines) tries to bind."""
+    if config.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {config.address}: {e.strerror or e}") from None
+
+
+async def _set_health(health_servicer, status) -> None:
+    for name in HEALTH_NAMES:
+        await health_servicer.set(name, status)
+
+
+async def _watch_engine(model: ServingModel, health_servicer) -> None:
+    """Health NOT_SERVING once the engine can no longer serve (its loop died, buffers lost)."""
+    while model.engine.dead is None:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    log.error("engine failed, health is now NOT_SERVING: %r", model.engine.dead)
+    _say(f"error: the engine has failed ({model.engine.dead}); health is NOT_SERVING")
+    await _set_health(health_servicer, NOT_SERVING)
+
+
+async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: asyncio.Event,
+                on_listening: Callable[[int], None] | None = None) -> None:
+    """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
+    propagate after the server has stopped."""
+    servicer = GenerationServicer()
+    health_servicer = health.aio.HealthServicer()
+    await _set_health(health_servicer, NOT_SERVING)
+    server, port = build_server(config, servicer, health_servicer)
+    await server.start()
+    scheme = "TLS" if config.tls_cert else "plaintext"
+    _say(f"listening on {config.host}:{port} ({scheme}{', API keys required' if config.api_keys else ''}); "
+         "warming up")
+    if on_listening is not None:
+        on_listening(port)
+    model, watcher = None, None
+    try:
+        loading = _in_daemon_thread(load)
+        loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen either way
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            model = loading.result()
+            servicer.model = model
+            await _set_health(health_servicer, SERVING)
+            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer))
+            _say(f"serving {model.name} on {config.host}:{port}")
+            await stopping
+        stopping.cancel()
+        await _drain(config, server, servicer, health_servicer)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await server.stop(0)
+        servicer.close()
+        if model is not None:
+            model.engine.stop()
+
+
+async def _drain(config, server, servicer: GenerationServicer, health_servicer) -> None:
+    servicer.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    start = time.monotonic()
+    if servicer.active_streams:
+        _say(f"draining {servicer.active_streams} in-flight request(s) "
+             f"(up to {config.drain_timeout_s:g}s)")
+    try:
+        await asyncio.wait_for(servicer.wait_idle(), config.drain_timeout_s)
+    except TimeoutError:
+        _say(f"drain timeout: cancelling {servicer.active_streams} request(s)")
+    # New RPCs are refused from here; unary calls still running get what is left of the grace.
+    await server.stop(max(0.0, config.drain_timeout_s - (time.monotonic() - start)))
+    _say("stopped")

@@ -1,0 +1,169 @@
+"""`GenerationServicer`: the jaxgen.v1.Generation RPCs over one `Engine`.
+
+`Generate` validates and tokenizes the request (tokenization on a small thread pool, off the
+event loop), queues it on the engine with the call's deadline, and streams the engine's outputs
+(see `stream_bridge`). A call that ends before its request does — cancelled by the client, its
+deadline passed, the connection gone — aborts the request, so its slot and pages are freed at the
+next engine step. The servicer keeps the ids of requests the engine still holds (for `Abort` and
+for refusing a duplicate id) and counts calls in progress (for the drain).
+
+Status codes: INVALID_ARGUMENT (bad request; the message names the field), RESOURCE_EXHAUSTED
+(waiting queue full), ALREADY_EXISTS (duplicate request id in flight), DEADLINE_EXCEEDED,
+UNAVAILABLE (warming up, draining, engine dead), INTERNAL (the engine failed the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+import uuid
+
+import grpc
+
+from jaxgen.scheduler import QueueFullError
+from jaxgen.server import request_mapping as rm
+from jaxgen.server.serving_model import ServingModel, model_info, server_stats
+from jaxgen.server.stream_bridge import drain, outputs, wake_on
+from jaxgen.v1 import generation_pb2 as pb
+from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self):
+        self.model: ServingModel | None = None  # set once warm-up is done
+        self.draining = False
+        self._in_engine: dict[str, object] = {}  # request id -> its RequestStream
+        self._calls = 0  # Generate calls in progress
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(2, "jaxgen-tokenize")
+
+    @property
+    def active_streams(self) -> int:
+        return self._calls
+
+    async def wait_idle(self) -> None:
+        """Returns once no Generate call is in progress."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
+
+    async def _ready(self, context, generating: bool = False) -> ServingModel:
+        m = self.model
+        if m is None:
+            await context.abort(Code.UNAVAILABLE, "the model is warming up; retry shortly")
+        if m.engine.dead is not None:
+            await context.abort(Code.UNAVAILABLE, f"the engine has failed: {m.engine.dead}")
+        if generating and self.draining:
+            await context.abort(Code.UNAVAILABLE, "the server is draining (shutting down)")
+        return m
+
+    async def _off_loop(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn)
+
+    # -- Generate ---------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        m = await self._ready(context, generating=True)
+        try:
+            request_id = rm.request_id(request.request_id) or uuid.uuid4().hex
+            prompt_ids = await self._off_loop(rm.prompt_source(request, m.tokenizer))
+            params = rm.sampling_params(request.sampling, request.priority, len(prompt_ids),
+                                        m.max_context, m.vocab_size)
+        except ValueError as e:  # InvalidRequest, or the tokenizer / chat template refusing
+            await context.abort(Code.INVALID_ARGUMENT, str(e))
+        if request_id in self._in_engine:
+            await context.abort(Code.ALREADY_EXISTS,
+                                f"request_id={request_id!r}: a request with this id is in flight")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            stream = m.engine.add_request(prompt_ids, params, request_id, deadline)
+        except QueueFullError as e:
+            await context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; retry later")
+        except ValueError as e:
+            await context.abort(Code.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            if m.engine.dead is None:
+                raise
+            await context.abort(Code.UNAVAILABLE, str(e))
+        self._in_engine[request_id] = stream
+        # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
+        async with contextlib.aclosing(self._stream(m, request_id, stream, deadline, context)) as s:
+            async for msg in s:
+                yield msg
+
+    async def _stream(self, m: ServingModel, request_id: str, stream, deadline, context):
+        self._calls += 1
+        self._idle.clear()
+        done = False
+        try:
+            async for out in outputs(stream):
+                done = out.finished
+                if out.finish_reason == "error":
+                    await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
+                if (out.finish_reason == "abort" and deadline is not None
+                        and time.monotonic() >= deadline):
+                    await context.abort(Code.DEADLINE_EXCEEDED, out.detail)
+                yield rm.response(out)
+        finally:
+            self._calls -= 1
+            if self._calls == 0:
+                self._idle.set()
+            if done:
+                self._in_engine.pop(request_id, None)
+            else:  # the call ended first: free the slot and pages at the next step
+                m.engine.abort(request_id)
+                self._forget_when_done(request_id, stream)
+
+    def _forget_when_done(self, request_id: str, stream) -> None:
+        """Keeps the id reserved until the engine's final output for it arrives."""
+        def check():
+            if any(out.finished for out in drain(stream)):
+                self._in_engine.pop(request_id, None)
+        stream.notify(wake_on(asyncio.get_running_loop(), check))
+
+    # -- the other RPCs ---------------------------------------------------------------------
+
+    async def Abort(self, request: pb.AbortRequest, context):
+        m = await self._ready(context)
+        found = request.request_id in self._in_engine
+        if found:
+            m.engine.abort(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
+        m = await self._ready(context)
+        kind = request.WhichOneof("input")
+        try:
+            if kind is None:
+                raise rm.InvalidRequest("input: one of text, messages is required")
+            if kind == "text":
+                add_bos = request.add_bos if request.HasField("add_bos") else None
+                ids = await self._off_loop(lambda: m.tokenizer.encode(request.text, add_bos))
+            else:
+                messages = rm.chat_messages(request.messages.messages, "messages.messages")
+                ids = await self._off_loop(lambda: m.tokenizer.encode_chat(messages))
+        except ValueError as e:
+            await context.abort(Code.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        m = await self._ready(context)
+        ids = list(request.token_ids)
+        try:
+            text = await self._off_loop(lambda: m.tokenizer.decode(ids, request.skip_special_tokens))
+        except ValueError as e:
+            await context.abort(Code.INVALID_ARGUMENT, f"token_ids: {e}")
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, request, context):
+        return model_info(await self._ready(context))
+
+    async def GetServerStats(self, request, context):
+        return server_stats(await self._ready(context), self.active_streams)

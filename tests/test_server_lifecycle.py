@@ -1,0 +1,205 @@
+"""A `jaxgen serve` process over TLS, from a serving preset with a waiting-queue bound of 2:
+health through warm-up, the TLS round trip, `jaxgen client`, RESOURCE_EXHAUSTED past the queue
+bound, and (last of the tests using it: it ends the process) the SIGTERM drain. Then SIGTERM
+during warm-up, on a process of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxgen.v1 import generation_pb2 as pb
+from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+from tests.server_process import ROOT, ServerProcess, child_env, ensure_model, self_signed_certificate
+
+# The preset gives slots 8, decode steps 4, prefill 64 and the model; the flags override the
+# rest (same shapes as tests/test_server.py's server, so its compilations are reused).
+FLAGS = ("--config", str(ROOT / "configs" / "serving" / "cpu-small.json"), "--max-model-len", "512",
+         "--num-pages", "256", "--max-waiting", "2")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class TlsServer:
+    def __init__(self, server, cert_path):
+        self.server, self.cert_path = server, cert_path
+        self.target = f"127.0.0.1:{server.port}"
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert_path.read_bytes())
+        self.channel = grpc.secure_channel(self.target, credentials)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.warmup_statuses: list[str] = []
+        self.warmup_generate: tuple | None = None  # (code, details) of a Generate during warm-up
+
+    def probe_while_warming(self, status: str) -> None:
+        if status == "NOT_SERVING" and self.warmup_generate is None:
+            try:
+                list(self.stub.Generate(pb.GenerateRequest(text="too early"), timeout=10))
+                self.warmup_generate = (grpc.StatusCode.OK, "")
+            except grpc.RpcError as e:
+                self.warmup_generate = (e.code(), e.details())
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory, cache_dir, xla_cache_dir):
+    ensure_model(cache_dir)
+    work = tmp_path_factory.mktemp("tls-server")
+    cert, key = self_signed_certificate(work)
+    server = ServerProcess([*FLAGS, "--tls-cert", str(cert), "--tls-key", str(key)],
+                           work / "server.log", cache_dir, xla_cache_dir)
+    try:
+        server.wait_listening()
+        tls = TlsServer(server, cert)
+        tls.warmup_statuses = server.wait_serving(tls.channel, on_poll=tls.probe_while_warming)
+        yield tls
+        tls.channel.close()
+    finally:
+        server.stop()
+
+
+def test_health_is_not_serving_until_warm_up_is_done(tls):
+    assert tls.warmup_statuses == ["NOT_SERVING", "SERVING"]
+    code, details = tls.warmup_generate
+    assert code == grpc.StatusCode.UNAVAILABLE and "warming up" in details
+    for service in ("", "jaxgen.v1.Generation"):
+        assert tls.health.Check(health_pb2.HealthCheckRequest(service=service)).status == SERVING
+
+
+def test_tls_round_trip_and_plaintext_refused(tls):
+    chunks = list(tls.stub.Generate(pb.GenerateRequest(
+        text="The capital of France is", sampling=pb.SamplingParams(max_tokens=4, temperature=0))))
+    assert "Paris" in "".join(c.text for c in chunks)
+    with grpc.insecure_channel(tls.target) as plain:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GenerationStub(plain).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_preset_values_apply_and_flags_win(tls):
+    info = tls.stub.GetModelInfo(pb.GetModelInfoRequest())
+    preset = json.loads((ROOT / "configs" / "serving" / "cpu-small.json").read_text())
+    assert info.decode_steps == preset["decode-steps"] == 4  # from the preset (default: 8)
+    assert info.num_slots == preset["slots"]
+    assert (info.max_context_length, info.num_pages, info.max_waiting) == (512, 256, 2)  # flags
+
+
+def run_client(tls, *args):
+    return subprocess.run([sys.executable, "-m", "jaxgen.cli", "client", *args, "--port",
+                           str(tls.server.port)], capture_output=True, text=True, env=child_env(),
+                          cwd=ROOT, timeout=120)
+
+
+def test_jaxgen_client_streams_to_the_terminal(tls):
+    expected = "".join(c.text for c in tls.stub.Generate(pb.GenerateRequest(
+        text="The capital of France is", sampling=pb.SamplingParams(max_tokens=8, temperature=0))))
+    run = run_client(tls, "The capital of France is", "--max-tokens", "8", "--tls-ca",
+                     str(tls.cert_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected + "\n"
+    assert "[8 tokens, finish: length]" in run.stderr
+    run = run_client(tls, "Hi", "--chat", "--max-tokens", "5", "--json", "--tls-ca", str(tls.cert_path))
+    result = json.loads(run.stdout)
+    assert result["finish_reason"] in ("stop", "length") and len(result["token_ids"]) <= 5
+    assert result["usage"]["completion_tokens"] == len(result["token_ids"])
+    refused = run_client(tls, "Hi")  # plaintext to a TLS port
+    assert refused.returncode == 1 and refused.stderr.strip().startswith("jaxgen: error: UNAVAILABLE")
+    assert "Traceback" not in refused.stderr
+
+
+def test_queue_bound_answers_resource_exhausted_and_queued_requests_complete(tls):
+    """24 requests arriving together: the engine admits waiting requests into slots only between
+    steps, so while a step runs the burst fills the 2-request waiting queue and the rest are
+    refused at once; every accepted request runs to completion."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls.cert_path.read_bytes())
+
+    async def one(stub, i):
+        request = pb.GenerateRequest(text=f"Tell me about number {i}.", sampling=pb.SamplingParams(
+            max_tokens=24, temperature=0, ignore_eos=True))
+        try:
+            return [c async for c in stub.Generate(request)]
+        except grpc.aio.AioRpcError as e:
+            return e
+
+    async def burst():
+        async with grpc.aio.secure_channel(tls.target, credentials) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            await stub.GetModelInfo(pb.GetModelInfoRequest())  # connected before the burst
+            return await asyncio.gather(*(one(stub, i) for i in range(24)))
+
+    results = asyncio.run(burst())
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    served = [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
+    assert refused and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+    assert all("max_waiting=2" in e.details() for e in refused)
+    assert len(served) >= 3  # at least the first (admitted) and a full queue behind it
+    for chunks in served:
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens == 24
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tls):
+    """The last test of the shared server: it is gone afterwards."""
+    results, first_chunk = [None] * 3, [threading.Event() for _ in range(3)]
+
+    def stream(i):
+        chunks = []
+        call = tls.stub.Generate(pb.GenerateRequest(text=f"Story {i}:", sampling=pb.SamplingParams(
+            max_tokens=96, temperature=0, ignore_eos=True)))
+        try:
+            for c in call:
+                chunks.append(c)
+                first_chunk[i].set()
+            results[i] = chunks
+        except grpc.RpcError as e:
+            results[i] = e
+            first_chunk[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(60) for e in first_chunk)
+    os.kill(tls.server.proc.pid, signal.SIGTERM)
+    start = time.monotonic()
+    while tls.health.Check(health_pb2.HealthCheckRequest()).status != NOT_SERVING:
+        assert time.monotonic() - start < 5, "health still SERVING after SIGTERM"
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as err:
+        list(tls.stub.Generate(pb.GenerateRequest(text="late")))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join(120)
+    for chunks in results:  # in flight at SIGTERM: finished in full
+        assert not isinstance(chunks, Exception), chunks
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.completion_tokens == 96
+    assert tls.server.proc.wait(60) == 0
+    log = tls.server.log
+    assert "draining 3 in-flight request(s)" in log and log.rstrip().endswith("jaxgen: stopped")
+
+
+def test_sigterm_during_warm_up_exits_0_promptly(tmp_path, cache_dir):
+    ensure_model(cache_dir)
+    # A fresh compilation cache: warm-up really compiles, so the signal lands inside XLA.
+    server = ServerProcess(FLAGS, tmp_path / "server.log", cache_dir, str(tmp_path / "xla"))
+    try:
+        server.wait_listening()
+        deadline = time.monotonic() + 60
+        while "loaded from" not in server.log:  # loaded: warm-up has begun
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log
+            time.sleep(0.05)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.log
+        assert server.log.rstrip().endswith("jaxgen: stopped") and "serving" not in server.log
+    finally:
+        server.stop()

@@ -1,0 +1,255 @@
+"""The server's parts without a real model: generated stubs are fresh, the engine never imports
+grpc, config and presets, proto <-> engine mapping, the asyncio bridge, `jaxgen serve` /
+`jaxgen client` user errors, and an in-process server over a tiny random engine whose device
+fails (health NOT_SERVING)."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxgen.request_stream import RequestOutput, RequestStream
+from jaxgen.scheduler import TokenLogprobs, Usage
+from jaxgen.server import request_mapping as rm
+from jaxgen.server.config import ServerConfig, read_api_keys, read_preset
+from jaxgen.server.stream_bridge import outputs
+from jaxgen.v1 import generation_pb2 as pb
+from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+from tests.server_process import ROOT, child_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import gen_protos  # noqa: E402
+
+
+def test_committed_stubs_equal_freshly_generated_ones(tmp_path):
+    written = gen_protos.generate(tmp_path)
+    committed = ROOT / "jaxgen" / "v1"
+    assert sorted(p.name for p in written) == sorted(
+        p.name for p in committed.iterdir() if p.is_file()), "stubs added or removed"
+    stale = [p.name for p in written if not filecmp.cmp(p, committed / p.name, shallow=False)]
+    assert not stale, f"stale stubs {stale}: run `python tools/gen_protos.py` and commit"
+
+
+def test_the_engine_path_never_imports_grpc():
+    code = ("import sys, jaxgen.engine, jaxgen.runtime, jaxgen.models, jaxgen.cli; "
+            "jaxgen.cli._parser(); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' "
+            "or m.startswith(('jaxgen.v1', 'jaxgen.server.servicer', 'jaxgen.server.lifecycle'))); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
+
+
+# -- config -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(port=70000), "port=70000: must be in [0, 65535]"),
+    (dict(tls_cert="server.crt"), "tls_key=None: TLS needs both a certificate and a key"),
+    (dict(api_keys=("ok", "has space")), "api_keys='<hidden>': each key must be non-empty"),
+    (dict(max_message_bytes=10), "max_message_bytes=10: must be an integer >= 1024"),
+    (dict(drain_timeout_s=-1.0), "drain_timeout_s=-1.0: must be >= 0"),
+])
+def test_server_config_validation_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerConfig(**fields)
+
+
+def test_api_keys_from_flags_file_and_environment(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# production keys\n\n  b  \nc\n")
+    assert read_api_keys(["a"], str(keys), environ={"JAXGEN_API_KEYS": "d, a,"}) == ("a", "b", "c", "d")
+    assert read_api_keys([], None, environ={}) == ()
+
+
+def test_preset_reading_checks_names_and_types(tmp_path):
+    flags = {"slots": int, "drain_timeout": float, "model": str, "api_key": list, "warmup": bool}
+    preset = tmp_path / "p.json"
+    preset.write_text('{"slots": 4, "--drain-timeout": 2, "model": "m", "api-key": ["k"], "warmup": true}')
+    assert read_preset(str(preset), flags) == dict(slots=4, drain_timeout=2, model="m",
+                                                   api_key=["k"], warmup=True)
+    for text, message in [('{"slotz": 4}', "unknown setting 'slotz'"),
+                          ('{"slots": "4"}', "slots='4': expected int"),
+                          ('{"slots": true}', "slots=True: expected int"),
+                          ('[1]', "expected a JSON object"), ('{', "not valid JSON")]:
+        preset.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_preset(str(preset), flags)
+
+
+def test_every_bundled_preset_is_valid():
+    from jaxgen.cli import _parser
+    from jaxgen.server.cli import read_serve_preset
+
+    _, serve = _parser()
+    presets = sorted((ROOT / "configs" / "serving").glob("*.json"))
+    assert presets
+    for path in presets:
+        assert read_serve_preset(str(path), serve)["model"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxgen.cli", *args], capture_output=True,
+                          text=True, env=child_env(), cwd=ROOT, timeout=120)
+
+
+def test_serve_and_client_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"slotz": 8}')
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    for run, status, message in [
+        (run_cli("serve", "--port", str(busy.getsockname()[1])), 2, "cannot listen on 127.0.0.1:"),
+        (run_cli("serve", "--config", str(bad)), 2, "unknown setting 'slotz'"),
+        (run_cli("serve", "--tls-cert", "cert.pem"), 2, "TLS needs both a certificate and a key"),
+        (run_cli("serve", "--tls-cert", "no.pem", "--tls-key", "no.key"), 2, "no.pem: no such file"),
+        (run_cli("client", "Hi", "--port", str(_closed_port()), "--timeout", "5"), 1, "UNAVAILABLE"),
+    ]:
+        assert run.returncode == status, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("jaxgen: error:") and message in lines[0], run.stderr
+    busy.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- proto <-> engine ---------------------------------------------------------------------------
+
+def test_sampling_params_defaults_and_priority():
+    params = rm.sampling_params(pb.SamplingParams(), priority=-5, prompt_len=10, max_context=64,
+                                vocab_size=100)
+    assert params.max_tokens == 54 and params.priority == -5  # the rest of the context
+    assert params.temperature == 1.0 and params.top_p == 1.0 and params.logprobs is None
+    params = rm.sampling_params(pb.SamplingParams(max_tokens=3, temperature=0, logprobs=0,
+                                                  stop=["x"], stop_token_ids=[7]), 0, 10, 64, 100)
+    assert (params.max_tokens, params.greedy, params.logprobs, params.stop, params.stop_token_ids) == \
+        (3, True, 0, ("x",), (7,))
+
+
+def test_response_carries_tokens_logprobs_finish_and_usage():
+    lp = TokenLogprobs(5, -0.25, ((5, -0.25), (9, -2.0)))
+    out = RequestOutput("r", (5,), "hi", (lp,), "length", "max_tokens=1 reached",
+                        Usage(3, 1, 0, 0, 0.01, None))
+    msg = rm.response(out)
+    assert (msg.request_id, msg.text, list(msg.token_ids)) == ("r", "hi", [5])
+    assert msg.logprobs[0].token_id == 5 and [t.token_id for t in msg.logprobs[0].top] == [5, 9]
+    assert msg.finish_reason == pb.FINISH_REASON_LENGTH and msg.finish_detail == "max_tokens=1 reached"
+    assert msg.usage.prompt_tokens == 3 and msg.usage.HasField("queue_time_s")
+    assert not msg.usage.HasField("time_to_first_token_s")
+    assert rm.response(RequestOutput("r", (1, 2), "ab")).finish_reason == pb.FINISH_REASON_UNSPECIFIED
+
+
+# -- the asyncio bridge -------------------------------------------------------------------------
+
+def test_many_streams_are_bridged_without_a_thread_each():
+    streams = [RequestStream(f"r{i}") for i in range(64)]
+    streams[0].put(RequestOutput("r0", (0,), "early"))  # before anyone listens
+
+    def produce():
+        for k in range(1, 4):
+            for s in streams:
+                s.put(RequestOutput(s.request_id, (k,), str(k)))
+            time.sleep(0.01)
+        for s in streams:
+            s.put(RequestOutput(s.request_id, (), "", finish_reason="stop"))
+
+    async def main():
+        tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
+        await asyncio.sleep(0.05)
+        threads = threading.active_count()
+        producer = threading.Thread(target=produce)
+        producer.start()
+        results = await asyncio.gather(*tasks)
+        producer.join()
+        return threads, results
+
+    threads_while_waiting, results = asyncio.run(main())
+    assert threads_while_waiting == threading.active_count()  # no thread per stream
+    assert results[0] == [(0,), (1,), (2,), (3,), ()]
+    assert all(r == [(1,), (2,), (3,), ()] for r in results[1:])
+
+
+async def _collect(stream):
+    return [out.token_ids async for out in outputs(stream)]
+
+
+# -- an in-process server whose engine dies ------------------------------------------------------
+
+class InProcessServer:
+    def __init__(self, config, load):
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(config, load)))
+        self._thread.start()
+        assert self._ready.wait(30)
+
+    async def _main(self, config, load):
+        from jaxgen.server.lifecycle import serve
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+
+        def listening(port):
+            self.port = port
+            self._ready.set()
+        await serve(config, load, self._stop, on_listening=listening)
+
+    def close(self):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+def test_engine_failure_turns_health_not_serving(monkeypatch):
+    from jaxgen.models import Model
+    from jaxgen.server.serving_model import ServingModel
+    from tests.helpers import TINY_LLAMA, ByteTokenizer, engine_for
+
+    model = Model(TINY_LLAMA)
+    engine = engine_for(model, model.init_random(seed=3), ByteTokenizer(), warmup=True)
+    engine.start()
+    server = InProcessServer(ServerConfig(port=0, drain_timeout_s=5),
+                             lambda: ServingModel(engine, "tiny", (("data", 1), ("model", 1)), "cpu x1"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health, stub = health_pb2_grpc.HealthStub(channel), pb_grpc.GenerationStub(channel)
+            status = lambda: health.Check(health_pb2.HealthCheckRequest()).status  # noqa: E731
+            deadline = time.monotonic() + 30
+            while status() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                         sampling=pb.SamplingParams(max_tokens=3, temperature=0))
+            assert sum(len(c.token_ids) for c in stub.Generate(request)) >= 1
+
+            def consume_and_fail(plan):
+                for pages in engine.runner.kv_pages:
+                    pages.delete()  # what a donated call that then fails leaves behind
+                raise RuntimeError("out of device memory")
+
+            monkeypatch.setattr(engine.runner, "execute", consume_and_fail)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request))
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "out of device memory" in err.value.details()
+            deadline = time.monotonic() + 5
+            while status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health still SERVING with a dead engine"
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "engine has failed" in err.value.details()
+    finally:
+        server.close()
