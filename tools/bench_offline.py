@@ -25,6 +25,7 @@ import numpy as np
 
 from device_ceilings import copy_bandwidth
 from jaxgen.engine import Engine, EngineConfig
+from pallas_kernels import resolve_backend
 from jaxgen.models import Model, ModelConfig
 from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
@@ -39,6 +40,21 @@ class RandomTokenTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return ""
+
+
+def random_params(model: Model, seed: int = 0):
+    """Random weights leaf by leaf (one small jit per distinct shape, not one program for the
+    whole model, whose compile takes minutes at 8B): normal(0, 0.02) matrices; norm scales at
+    their identity (1, or 0 where the norm is zero-centred)."""
+    zero_centred = model.config.architecture == "gemma3"
+    dtype = jnp.dtype(model.config.dtype)
+    normal = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype),
+                     static_argnums=1)
+    leaves, tree = jax.tree.flatten(model.abstract_params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [jnp.full(a.shape, 0.0 if zero_centred else 1.0, a.dtype) if len(a.shape) == 1
+           else normal(key, a.shape).astype(a.dtype) for a, key in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, out)
 
 
 def step_bytes(cfg: ModelConfig, params, batch: int, context: float) -> float:
@@ -61,8 +77,8 @@ def run(engine: Engine, prompts, new: int) -> float:
 
 def bench(name: str, batch: int, args, bandwidth: float) -> dict:
     cfg = ModelConfig.from_json_file(os.path.join(PRESETS, f"{name}.json"))
-    model = Model(cfg)
-    params = model.init_random(seed=0)
+    model = Model(cfg, attn_backend=args.attn_backend)
+    params = random_params(model, seed=0)
     runner = RunnerConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,
                           decode_steps=args.decode_steps,
                           max_prefill_tokens=min(args.max_prefill_tokens, args.prompt * batch),
@@ -93,11 +109,13 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--max-prefill-tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--attn-backend", default="auto", help="auto | reference | gpu | tpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind}, jax {jax.__version__}, copy {bandwidth:.0f} GB/s", flush=True)
+    print(f"device: {dev.device_kind}, jax {jax.__version__}, copy {bandwidth:.0f} GB/s, "
+          f"attention {resolve_backend(args.attn_backend)}", flush=True)
     print("| model | batch | prompt | new | tok/s | step ms | MBU | recompiles |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.models.split(","):
