@@ -1,0 +1,102 @@
+"""CPU decode speed: the jaxgen engine next to HF transformers on the same GGUF weights.
+
+    .venv/bin/python tools/bench_cpu.py                    # gemma3-270m, batch 1, greedy
+    .venv/bin/python tools/bench_cpu.py --model smollm2-135m --new 128 --reps 3
+
+Both sides decode the same prompt greedily (no EOS stop) in float32 on this machine's CPUs.
+Decode tok/s = new tokens / (time for prompt + new tokens - time for prompt + 1 token), so the
+prompt's prefill is excluded on both sides; the median of `--reps` runs after one warm-up.
+jaxgen runs its whole engine (scheduler, paged KV cache, sampling, detokenizer); HF runs
+`model.generate` with its default dynamic cache. Also checks that the two produce the same
+tokens (the figure is meaningless otherwise). Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from jaxgen import checkpoints
+from jaxgen.checkpoints.registry import bundled
+from jaxgen.engine import Engine, EngineConfig
+from jaxgen.runtime.runner import RunnerConfig
+from jaxgen.sampling_params import SamplingParams
+
+PROMPT = "The history of the printing press begins in"
+
+
+def time_jaxgen(engine: Engine, prompt_ids, new: int, reps: int):
+    def run(n):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        out = engine.generate([prompt_ids], params)[0]
+        return time.perf_counter() - start, list(out.token_ids)
+
+    run(new + 1)  # warm-up: every shape compiled
+    first = statistics.median(run(1)[0] for _ in range(reps))
+    runs = [run(new + 1) for _ in range(reps)]
+    full = statistics.median(t for t, _ in runs)
+    return new / (full - first), runs[0][1]
+
+
+def time_hf(model, prompt_ids, new: int, reps: int):
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+
+    def run(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, num_beams=1)
+        return time.perf_counter() - start, out[0, len(prompt_ids):].tolist()
+
+    run(new + 1)
+    first = statistics.median(run(1)[0] for _ in range(reps))
+    runs = [run(new + 1) for _ in range(reps)]
+    full = statistics.median(t for t, _ in runs)
+    return new / (full - first), runs[0][1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--new", type=int, default=64, help="decode tokens timed")
+    ap.add_argument("--decode-steps", type=int, default=8, help="jaxgen tokens per device call")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+
+    loaded = checkpoints.load(args.model)
+    prompt_ids = loaded.tokenizer.encode(PROMPT)
+    runner = RunnerConfig(num_slots=1, page_size=16, max_model_len=len(prompt_ids) + args.new + 32,
+                          decode_steps=args.decode_steps, max_prefill_tokens=64)
+    engine = Engine(loaded.model, loaded.params, loaded.tokenizer, EngineConfig(runner=runner))
+    ours, our_ids = time_jaxgen(engine, prompt_ids, args.new, args.reps)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = bundled(args.model).locate_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                              gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    theirs, hf_ids = time_hf(hf, prompt_ids, args.new, args.reps)
+    same = int(np.argmin(np.array(our_ids) == np.array(hf_ids))) if our_ids != hf_ids else None
+
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"JAX {jax.__version__}, torch {torch.__version__}, float32, batch 1, greedy, "
+          f"prompt {len(prompt_ids)} tokens, {args.new} decode tokens timed\n")
+    print("| model | jaxgen tok/s | HF transformers tok/s | speed-up | same tokens |")
+    print("|---|---|---|---|---|")
+    agree = "yes" if same is None else f"first {same} of {args.new + 1}"
+    print(f"| {args.model} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {agree} |")
+
+
+if __name__ == "__main__":
+    main()
