@@ -22,6 +22,7 @@ import uuid
 
 import grpc
 
+from jaxgen.request_stream import RequestStream
 from jaxgen.scheduler import QueueFullError
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
@@ -36,7 +37,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self):
         self.model: ServingModel | None = None  # set once warm-up is done
         self.draining = False
-        self._in_engine: dict[str, object] = {}  # request id -> its RequestStream
+        self._in_engine: dict[str, RequestStream] = {}  # ids the engine still holds
         self._calls = 0  # Generate calls in progress
         self._idle = asyncio.Event()
         self._idle.set()
