@@ -620,3 +620,86 @@ def test_importing_the_scheduler_does_not_import_jax():
     code = ("import sys, jaxgen.scheduler, jaxgen.scheduler.scheduler; "
             "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def serve_ahead(sched, ex, arrivals, abort_at=None, max_steps=3000):
+    """Like `serve`, but pipelined as the engine runs it: while one plan is in flight the next
+    decode step is planned (`schedule_ahead`) and launched before the older one is updated.
+    The executor runs each plan when it is launched, as the device would, in launch order."""
+    arrivals = {k: list(v) for k, v in arrivals.items()}
+    streams, finals, pending, ahead, n = collections.defaultdict(list), {}, [], 0, 0
+
+    def launch(plan):
+        ex.poison(sched.allocator.free_pages())
+        pending.append((plan, ex.run(plan)))
+
+    while arrivals or sched.has_work():
+        for rid, p, params in arrivals.pop(n, ()):
+            sched.add(rid, p, params, seed=0)
+        if abort_at and n in abort_at:
+            sched.abort(abort_at[n])
+        events = []
+        if not pending:
+            plan = sched.schedule()
+            if plan.empty:
+                events = sched.take_finished_events()
+            else:
+                launch(plan)
+        if pending:
+            plan = sched.schedule_ahead()
+            if plan is not None:
+                ahead += 1
+                launch(plan)
+            events = sched.update(*pending.pop(0))
+        sched.check_invariants()
+        for event in events:
+            assert event.request_id not in finals, "event after the final one"
+            streams[event.request_id] += event.token_ids
+            if event.finished:
+                finals[event.request_id] = event
+        n += 1
+        assert n < max_steps, "no progress"
+    assert not pending and sched.allocator.num_used == 0
+    sched.allocator.check_invariants([])
+    return dict(streams), finals, ahead
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_decode_ahead_pipeline_equals_each_request_alone(decode_steps):
+    """Planning each decode step before the previous one's tokens are known changes no token:
+    requests that stop inside the in-flight step lose only the look-ahead tokens, their pages
+    are poisoned once freed and never read, and arrivals still get admitted."""
+    arrivals = mixed_load(14)
+    sched, ex = make(decode_steps=decode_steps, max_prefill_tokens=24)
+    streams, finals, ahead = serve_ahead(sched, ex, arrivals)
+    assert streams == expected(arrivals)
+    assert ahead > 3, "the pipeline never looked ahead"
+    assert all(len(f.token_ids) <= 40 for f in finals.values())
+
+
+def test_decode_ahead_with_a_short_pool_and_an_abort():
+    arrivals = {0: [(f"r{i}", prompt(20 + 3 * i, i), SamplingParams(max_tokens=60, ignore_eos=True))
+                    for i in range(6)]}
+    sched, ex = make(num_slots=4, num_pages=13, decode_steps=4, max_prefill_tokens=48)
+    streams, finals, ahead = serve_ahead(sched, ex, arrivals, abort_at={9: "r1"})
+    want = expected(arrivals)
+    assert finals["r1"].finish_reason == "abort"
+    assert streams["r1"] == want["r1"][:len(streams["r1"])]
+    assert all(streams[r] == want[r] for r in want if r != "r1")
+    assert sched.num_preemptions > 0 and ahead > 0
+
+
+def test_schedule_ahead_only_in_steady_decoding():
+    sched, ex = make(num_slots=2, decode_steps=2)
+    sched.add("a", prompt(5, 1), SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
+    plan = sched.schedule()  # a prefill: nothing to look ahead from
+    assert sched.schedule_ahead() is None
+    sched.update(plan, ex.run(plan))
+    plan = sched.schedule()
+    ahead = sched.schedule_ahead()
+    assert ahead.decode_positions == (plan.decode_positions[0] + 2,)
+    assert sched.schedule_ahead() is None  # one look-ahead at a time
+    sched.update(plan, ex.run(plan))
+    sched.add("b", prompt(5, 2), SamplingParams(max_tokens=3), seed=0)
+    assert sched.schedule_ahead() is None  # "b" waits for the free slot: admit it first
+    sched.update(ahead, ex.run(ahead))

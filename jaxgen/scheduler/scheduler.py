@@ -2,9 +2,11 @@
 preemption by recompute, prefix sharing.
 
 `schedule()` turns request state into a plain-data `StepPlan`; `update()` folds the device's
-`StepOutput` back into request state and returns `RequestEvent`s. They alternate: while a plan
-with work is in flight, the next `schedule()` waits for its `update()` (unless every request of
-it has ended, e.g. after a failed device step). An empty plan carries nothing for the device and
+`StepOutput` back into request state and returns `RequestEvent`s. While a plan with work is in
+flight, the next `schedule()` waits for its `update()` (unless every request of it has ended,
+e.g. after a failed device step); `schedule_ahead()` is the exception that keeps the device
+busy: in steady decoding it plans the step after the in-flight one, assuming the in-flight one
+keeps all its tokens, so the engine can launch it before reading the in-flight one's tokens. An empty plan carries nothing for the device and
 needs no update: slots released and page lists changed go out with the next plan that has work
 (see `SlotTable.flush`). Knows requests, slots and the page allocator; does not know jax, the
 model, text, or threads (the engine serializes all calls).
@@ -42,7 +44,7 @@ class Scheduler:
         self._running: list[Request] = []  # admission order: preemption takes the newest (last)
         self._slots = SlotTable(config.num_slots)
         self._events: list[RequestEvent] = []  # ends found by schedule(), not yet handed out
-        self._in_flight: StepPlan | None = None
+        self._in_flight: list[StepPlan] = []  # oldest first: update() takes them in order
         self._step = 0
         self.num_preemptions = 0
 
@@ -93,10 +95,10 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        if self._in_flight is not None and self._live_in(self._in_flight):
-            raise RuntimeError(f"schedule() called while step {self._in_flight.step} is in "
+        if any(self._live_in(p) for p in self._in_flight):
+            raise RuntimeError(f"schedule() called while step {self._in_flight[0].step} is in "
                                f"flight: call update() with its output first")
-        self._in_flight = None
+        self._in_flight = []
         now = self._clock()
         self._drop_leaving(now)
         decode_slots, preempted = self._grow_decoders()
@@ -115,8 +117,67 @@ class Scheduler:
             freed_slots=freed_slots,
         )
         self._step += 1
-        self._in_flight = plan
+        self._in_flight = [plan]
         return plan
+
+    def schedule_ahead(self) -> StepPlan | None:
+        """The decode step after the one in flight, planned before that one's tokens are known.
+
+        Only in steady decoding: one decode-only plan in flight, nobody to admit into a free
+        slot, no partly prefilled prompt, no abort or deadline due. Every request of the
+        in-flight plan that can outlive it (more than `decode_steps` tokens to go) decodes on
+        from where that plan leaves it; if a stop token ends it meanwhile, `update()` drops its
+        tokens of this plan and its slot is reused only after this plan's `update()` (no
+        `schedule()` runs while a plan is in flight). Pages are reserved for the tokens this
+        step keeps, never by preemption. None when any condition fails: call `schedule()` once
+        the in-flight plan is updated.
+        """
+        if len(self._in_flight) != 1:
+            return None
+        last = self._in_flight[0]
+        now = self._clock()
+        if (last.prefills or last.assignments or (self._waiting and self._slots.num_free)
+                or any(not r.decoding or r.pending_abort is not None
+                       or (r.deadline is not None and now >= r.deadline)
+                       for r in self._running)):
+            return None
+        k, ps = self.config.decode_steps, self.config.page_size
+        in_last = set(last.decode_slots)
+        grow, slots, positions = [], [], []
+        for request in self._running:
+            if request.slot not in in_last:
+                continue
+            room = request.params.max_tokens - len(request.output_ids)
+            if room <= k:
+                continue  # ends with the in-flight step (length)
+            start = request.num_computed_tokens + k
+            need = min(start + k - 1, request.max_len - 1) // ps + 1 - len(request.pages)
+            grow.append((request, max(0, need)))
+            slots.append(request.slot)
+            positions.append(start)
+        if not slots or not self.allocator.can_allocate(sum(n for _, n in grow)):
+            return None
+        for request, n in grow:
+            if n:
+                request.pages += self.allocator.allocate(n)
+                self._slots.pages_changed(request.slot)
+        page_table_updates, freed_slots = self._slots.flush(set())
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        plan = StepPlan(
+            step=self._step,
+            decode_slots=tuple(slots[i] for i in order),
+            decode_positions=tuple(positions[i] for i in order),
+            num_steps=k,
+            page_table_updates=page_table_updates,
+            freed_slots=freed_slots,
+        )
+        self._step += 1
+        self._in_flight.append(plan)
+        return plan
+
+    def abandon_in_flight(self) -> None:
+        """Forget plans that will never be updated (their device step failed)."""
+        self._in_flight = []
 
     def _live_in(self, plan: StepPlan) -> bool:
         slots = {c.slot for c in plan.prefills}.union(plan.decode_slots)
@@ -253,12 +314,12 @@ class Scheduler:
         events = self.take_finished_events()
         if plan.empty:
             return events
-        if plan is not self._in_flight:
-            raise RuntimeError(f"update() got the plan of step {plan.step}, which is not the one "
-                               f"in flight")
+        if not self._in_flight or plan is not self._in_flight[0]:
+            raise RuntimeError(f"update() got the plan of step {plan.step}, which is not the "
+                               f"one in flight (the oldest, when several are)")
         if output is None:
             raise ValueError(f"output=None for step {plan.step}, which has work")
-        self._in_flight = None
+        self._in_flight.pop(0)
         samples, now = StepSamples(plan, output), self._clock()
         kept = {}  # request -> (token ids, logprobs, finish)
         for i, chunk in enumerate(plan.prefills):
