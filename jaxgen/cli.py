@@ -78,6 +78,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     serve = server_cli.add_serve_parser(sub)
     server_cli.add_client_parser(sub)
+    server_cli.add_profile_parser(sub)
     return parser, serve
 
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, serve = _parser()
     args = parser.parse_args(argv)
     commands = {"generate": cmd_generate, "convert": cmd_convert, "serve": server_cli.cmd_serve,
-                "client": server_cli.cmd_client}
+                "client": server_cli.cmd_client, "profile": server_cli.cmd_profile}
     try:
         if getattr(args, "config", None):  # a preset's values replace the flags' defaults
             serve.set_defaults(**server_cli.read_serve_preset(args.config, serve))

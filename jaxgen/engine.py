@@ -7,6 +7,10 @@ loop thread calls `step()` while there is work. The scheduler is the only state 
 caller threads, behind one lock held only for host bookkeeping, never across a device call.
 An exception in one request's handling ends that request with finish_reason "error"; a failed
 device step fails the requests in that plan; the loop keeps serving either way.
+
+Observers (`engine.observers`, e.g. jaxgen.metrics and jaxgen.request_log) are told each step's
+device time and the host gap before it, and each request's final output; the engine imports
+neither prometheus nor any logging policy of theirs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import threading
 import time
 import uuid
 
+import jax
+
 from jaxgen.request_stream import Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner, RunnerConfig
 from jaxgen.sampling_params import SamplingParams
@@ -27,7 +33,7 @@ from jaxgen.tokenizer.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "QueueFullError"]
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "FinishedRequest", "QueueFullError"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,29 @@ class _Live:
     params: SamplingParams
     detok: IncrementalDetokenizer
     stop: StopStringMatcher
+    prompt_ids: tuple[int, ...]
+    arrival: float  # time.monotonic() at add_request
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRequest:
+    """A request's final output, as observers see it."""
+
+    output: RequestOutput  # finish_reason, detail and usage set
+    prompt_ids: tuple[int, ...]
+    e2e_seconds: float  # add_request -> final output
+
+
+class EngineObserver:
+    """Told what the engine does; methods run on the engine thread and must be quick. An
+    exception in one is logged and ignored."""
+
+    def on_step(self, step_seconds: float, host_gap_seconds: float | None) -> None:
+        """`step_seconds`: one `runner.execute` (dispatch to tokens on host); `host_gap_seconds`:
+        from the previous execute's return to this one's start, None after an idle wait."""
+
+    def on_finish(self, finished: FinishedRequest) -> None:
+        """A request ended (any finish reason)."""
 
 
 class Engine:
@@ -69,10 +98,14 @@ class Engine:
         # Set when the engine can no longer serve (loop crashed, device buffers lost): health
         # reports NOT_SERVING and add_request refuses.
         self.dead: BaseException | None = None
+        self.observers: list[EngineObserver] = []
+        self._last_execute_end: float | None = None  # for the host gap; None after idling
+        self.warmup_seconds: float | None = None
         if config.warmup:
             start = time.perf_counter()
             self.runner.warmup()
-            log.info("warm-up compiled in %.1fs", time.perf_counter() - start)
+            self.warmup_seconds = time.perf_counter() - start
+            log.info("warm-up compiled in %.1fs", self.warmup_seconds)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -93,7 +126,7 @@ class Engine:
             self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline)
             self._live[request_id] = _Live(
                 stream, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                StopStringMatcher(params.stop))
+                StopStringMatcher(params.stop), tuple(prompt_ids), time.monotonic())
             self._work.notify()
         return stream
 
@@ -108,7 +141,7 @@ class Engine:
 
     def step(self) -> bool:
         """One engine step (plan -> execute -> update); False when there was nothing to do."""
-        with self._lock:
+        with self._lock, jax.profiler.TraceAnnotation("jaxgen.schedule"):
             plan = self.scheduler.schedule()
             # An empty plan needs no update; aborts/expiries it performed are reported here.
             events = self.scheduler.take_finished_events() if plan.empty else []
@@ -120,6 +153,7 @@ class Engine:
     def _execute(self, plan):
         """Runs `plan` on device and updates the scheduler; a device failure fails the plan's
         requests (with finish_reason "error"), not the engine."""
+        start = time.perf_counter()
         try:
             output = self.runner.execute(plan)
         except Exception as e:
@@ -136,8 +170,21 @@ class Engine:
                           or RequestEvent(i, finish_reason="error", detail=detail)
                           for i in sorted(ids)]
             return events
-        with self._lock:
+        self._observe_step(start, time.perf_counter())
+        with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
             return self.scheduler.update(plan, output)
+
+    def _observe_step(self, start: float, end: float) -> None:
+        gap = None if self._last_execute_end is None else start - self._last_execute_end
+        self._last_execute_end = end
+        self._notify("on_step", end - start, gap)
+
+    def _notify(self, method: str, *args) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:  # an observer must never take the engine down
+                log.exception("engine observer %r failed in %s", observer, method)
 
     def _deliver(self, events) -> None:
         for ev in events:
@@ -178,6 +225,8 @@ class Engine:
         live = self._live.pop(request_id, None)
         if live is not None:
             live.stream.put(out)
+            self._notify("on_finish", FinishedRequest(out, live.prompt_ids,
+                                                      time.monotonic() - live.arrival))
 
     def has_work(self) -> bool:
         with self._lock:
@@ -200,6 +249,7 @@ class Engine:
             while True:
                 with self._work:
                     while not self._stopping and not self.scheduler.has_work():
+                        self._last_execute_end = None  # an idle wait is not a host gap
                         self._work.wait()
                     if self._stopping:
                         return

@@ -78,6 +78,15 @@ def size_page_pool(model: Model, cfg: RunnerConfig, dtype) -> int:
     return max(2, int(free * cfg.memory_fraction) // per_page)
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchedStep:
+    """A plan whose device work is dispatched; its sampled tokens are still on device."""
+
+    plan: StepPlan
+    prefill: object  # Sampled pytree of the prefill call, or None
+    decode: object  # Sampled pytree of the generate call, or None
+
+
 class ModelRunner:
     def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
         self.model, self.cfg = model, cfg
@@ -94,7 +103,7 @@ class ModelRunner:
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._prefill = make_prefill(model)
         self._generate = make_generate(model, cfg.decode_steps)
-        self._insert = jax.jit(insert, donate_argnums=(0,))
+        self._insert = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
 
@@ -137,17 +146,27 @@ class ModelRunner:
     # -- one step -------------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        """Runs `plan` and returns its tokens on host (launch + collect)."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> "LaunchedStep":
+        """Dispatches `plan`'s device work and returns at once. Plans run on device in launch
+        order, so a later plan may be launched before an earlier one is collected."""
         self._update_page_table(plan.page_table_updates)
         if plan.assignments:
             self._assign(plan)
         prefill = self._prefill_chunks(plan) if plan.prefills else None
         decode = self._decode(plan) if plan.decode_slots else None
         # Start the device-to-host copy now: it runs as soon as the step's results exist,
-        # while the host does its own work below, instead of when the host asks.
+        # while the host does other work, instead of when the host asks.
         for leaf in jax.tree.leaves((prefill, decode)):
             leaf.copy_to_host_async()
         self._check_compiles()
-        return self._to_host(plan, prefill, decode)
+        return LaunchedStep(plan, prefill, decode)
+
+    def collect(self, launched: "LaunchedStep") -> StepOutput:
+        """Waits for a launched step's tokens (one transfer) and returns them on host."""
+        return self._to_host(launched.plan, launched.prefill, launched.decode)
 
     def _update_page_table(self, updates) -> None:
         if not updates:

@@ -93,6 +93,7 @@ def _no_logprobs(logits, tokens):
             jnp.zeros((b, n), jnp.float32))
 
 
+@jax.named_scope("sampling")
 def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) -> Sampled:
     """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`.
 

@@ -34,6 +34,7 @@ def make_prefill(model: Model):
     """
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
+    @jax.named_scope("prefill")  # names the ops in profiles (jaxgen profile)
     def prefill(params, kv_pages, state: DecodeState, tokens, positions, row_slots, chunk_slots,
                 cu_q_lens, num_chunks, sample_mask):
         num_slots = state.tokens.shape[0]
@@ -75,6 +76,7 @@ def make_generate(model: Model, num_steps: int):
     """
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
+    @jax.named_scope("generate")
     def generate(params, kv_pages, state: DecodeState, positions, active):
         num_slots = state.tokens.shape[0]
         cu_q_lens = jnp.arange(num_slots + 1, dtype=jnp.int32)

@@ -1,5 +1,5 @@
-"""`jaxgen serve` (the gRPC server on one model) and `jaxgen client` (stream one completion from
-a server to the terminal).
+"""`jaxgen serve` (the gRPC server on one model), `jaxgen client` (stream one completion from
+a server to the terminal) and `jaxgen profile` (capture a profiler trace from a running server).
 
 Parsing only imports the standard library; grpc is imported when one of these commands runs, so
 `jaxgen generate` never loads it. Errors follow jaxgen/cli.py: a user mistake is one
@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 
 from jaxgen.server.config import (CLIENT_API_KEY_ENV, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES,
-                                  DEFAULT_PORT, ServerConfig, read_api_keys, read_preset)
+                                  DEFAULT_PORT, DEFAULT_PROFILE_DIR, ServerConfig, read_api_keys,
+                                  read_preset)
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -44,6 +46,16 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="largest request or response message")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics over HTTP on --host:PORT (0: any free port, printed)")
+    p.add_argument("--profiler-port", type=int, default=None, metavar="PORT",
+                   help="start JAX's profiler server here (TensorBoard / XProf capture)")
+    p.add_argument("--profile-dir", default=DEFAULT_PROFILE_DIR, metavar="DIR",
+                   help="where traces captured by `jaxgen profile` are written on the server")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="jaxgen log level (INFO: a startup summary and one line per finished request)")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="include prompt text in the per-request log lines (off: prompts stay private)")
     return p
 
 
@@ -63,12 +75,14 @@ def cmd_serve(args) -> int:
                           api_keys=read_api_keys(args.api_key, args.api_keys_file),
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
                           max_message_bytes=args.max_message_bytes,
-                          drain_timeout_s=args.drain_timeout)
+                          drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
+                          profiler_port=args.profiler_port, profile_dir=args.profile_dir)
     for path in (config.tls_cert, config.tls_key):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
     if args.max_waiting < 1:
         raise ValueError(f"max_waiting={args.max_waiting}: must be >= 1")
+    logging.getLogger("jaxgen").setLevel(args.log_level)
     asyncio.run(_serve_until_signalled(serve, config, lambda: _load_serving_model(args)))
     if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
         # Stopped during warm-up. The loading thread is inside XLA, which cannot be interrupted
@@ -95,12 +109,23 @@ def _load_serving_model(args):
     from jaxgen.server.serving_model import ServingModel
 
     loaded, mesh = load_model(args)
+    from jaxgen.request_log import RequestLog
+
     engine = build_engine(args, loaded, 0, mesh=mesh, warmup=True, max_waiting=args.max_waiting)
+    engine.observers.append(RequestLog(loaded.tokenizer, log_prompts=args.log_prompts))
     engine.start()
     axes = tuple(mesh.shape.items()) if mesh is not None else (("data", 1), ("model", 1))
     devices = mesh.devices.size if mesh is not None else 1
     name = loaded.config.name or os.path.basename(loaded.source.rstrip("/"))
-    return ServingModel(engine, name, axes, f"{jax.devices()[0].platform} x{devices}")
+    model = ServingModel(engine, name, axes, f"{jax.devices()[0].platform} x{devices}")
+    sched = engine.scheduler.config
+    logging.getLogger("jaxgen.server").info(
+        "startup model=%s device=%r mesh=%s dtype=%s slots=%d pages=%d page_size=%d "
+        "max_model_len=%d decode_steps=%d max_prefill_tokens=%d compile_s=%.2f jax=%s",
+        name, model.device, ",".join(f"{a}:{n}" for a, n in axes), model.model_config.dtype,
+        sched.num_slots, engine.runner.num_pages, sched.page_size, sched.max_model_len,
+        sched.decode_steps, sched.max_prefill_tokens, engine.warmup_seconds or 0.0, jax.__version__)
+    return model
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -166,4 +191,65 @@ def cmd_client(args) -> int:
         print(file=sys.stdout, flush=True)
         print(f"[{result['usage'].get('completion_tokens', 0)} tokens, finish: "
               f"{result['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+# -- profile -----------------------------------------------------------------------------------
+
+def add_profile_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("profile", help="capture a profiler trace from a running `jaxgen serve`")
+    p.add_argument("--server", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", metavar="HOST:PORT")
+    p.add_argument("--duration", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to trace (the server traces everything it does meanwhile)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="local directory for the trace files (open with TensorBoard / XProf, or "
+                        "the perfetto_trace.json.gz in https://ui.perfetto.dev)")
+    p.add_argument("--api-key", default=None,
+                   help=f"sent as `authorization: Bearer KEY` (default: ${CLIENT_API_KEY_ENV})")
+    p.add_argument("--tls-ca", default=None, metavar="PEM")
+    return p
+
+
+def cmd_profile(args) -> int:
+    import grpc
+
+    from jaxgen.server import client
+    from jaxgen.v1 import generation_pb2 as pb
+    from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"server={args.server!r}: expected HOST:PORT")
+    if not args.duration > 0:
+        raise ValueError(f"duration={args.duration}: must be > 0")
+    tls_ca = None
+    if args.tls_ca is not None:
+        with open(args.tls_ca, "rb") as f:
+            tls_ca = f.read()
+    metadata = client.auth_metadata(args.api_key or os.environ.get(CLIENT_API_KEY_ENV))
+    written, server_dir = [], None
+    try:
+        with client.connect(host.strip("[]"), int(port), tls_ca) as channel:
+            chunks = pb_grpc.GenerationStub(channel).CaptureProfile(
+                pb.CaptureProfileRequest(duration_s=args.duration), metadata=metadata,
+                timeout=args.duration + 120)
+            for chunk in chunks:
+                server_dir = chunk.server_dir
+                rel = os.path.normpath(chunk.path)
+                if rel.startswith("..") or os.path.isabs(rel):
+                    raise ValueError(f"server sent an unsafe path {chunk.path!r}")
+                path = os.path.join(args.out, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "r+b" if chunk.offset else "wb") as f:
+                    f.seek(chunk.offset)
+                    f.write(chunk.data)
+                if chunk.last:
+                    written.append(path)
+    except grpc.RpcError as e:
+        print(f"jaxgen: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(f"jaxgen: {len(written)} trace file(s) in {args.out} (server copy: {server_dir})",
+          file=sys.stderr)
+    for path in written:
+        print(path)
     return 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 API_KEYS_ENV = "JAXGEN_API_KEYS"  # comma-separated keys the server accepts
 CLIENT_API_KEY_ENV = "JAXGEN_API_KEY"  # the key `jaxgen client` sends
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_PROFILE_DIR = os.path.join(tempfile.gettempdir(), "jaxgen-profiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,9 @@ class ServerConfig:
     tls_key: str | None = None  # PEM private key file
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # per message, each direction
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:port; 0: any port
+    profiler_port: int | None = None  # JAX's profiler server (TensorBoard / XProf capture)
+    profile_dir: str = DEFAULT_PROFILE_DIR  # where CaptureProfile writes its traces
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -46,6 +51,12 @@ class ServerConfig:
             bad("max_message_bytes", self.max_message_bytes, "must be an integer >= 1024")
         if not self.drain_timeout_s >= 0:
             bad("drain_timeout_s", self.drain_timeout_s, "must be >= 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            bad("metrics_port", self.metrics_port, "must be in [0, 65535]")
+        if self.profiler_port is not None and not 1 <= self.profiler_port <= 65535:
+            bad("profiler_port", self.profiler_port, "must be in [1, 65535]")
+        if self.metrics_port is not None and self.metrics_port == self.port != 0:
+            bad("metrics_port", self.metrics_port, "must differ from port")
 
     @property
     def address(self) -> str:

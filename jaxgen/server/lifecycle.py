@@ -5,10 +5,11 @@
      and every Generation RPC UNAVAILABLE;
   2. runs `load()` (checkpoint load, engine construction with warm-up, `engine.start()`) on a
      daemon thread, so a SIGTERM during warm-up still stops the process promptly;
-  3. sets health SERVING; a watcher turns it NOT_SERVING if the engine loop dies;
+  3. starts `/metrics` (with `metrics_port`), sets health SERVING; a watcher turns it NOT_SERVING if the engine loop dies;
   4. when `stop` is set (SIGTERM/SIGINT in `jaxgen serve`): health NOT_SERVING, new Generate
      calls UNAVAILABLE, in-flight calls get `drain_timeout_s` to finish, then the server stops
      (cancelling what is left) and the engine loop ends.
+JAX's profiler server starts with the gRPC port when `profiler_port` is set.
 Health answers for "" (the whole server) and for "jaxgen.v1.Generation". Reflection lists the
 Generation, health and reflection services.
 """
@@ -28,6 +29,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jaxgen.profiling import ProfileCapture, start_profiler_server
 from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.server.config import ServerConfig
 from jaxgen.server.servicer import GenerationServicer
@@ -135,7 +137,10 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 on_listening: Callable[[int], None] | None = None) -> None:
     """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
     propagate after the server has stopped."""
-    servicer = GenerationServicer()
+    servicer = GenerationServicer(ProfileCapture(config.profile_dir))
+    if config.profiler_port is not None:
+        start_profiler_server(config.profiler_port)
+        _say(f"profiler server on port {config.profiler_port}")
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, NOT_SERVING)
     server, port = build_server(config, servicer, health_servicer)
@@ -154,6 +159,8 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         if not stop.is_set():
             model = loading.result()
             servicer.model = model
+            if config.metrics_port is not None:
+                _serve_metrics(config, model)
             await _set_health(health_servicer, SERVING)
             watcher = asyncio.ensure_future(_watch_engine(model, health_servicer))
             _say(f"serving {model.name} on {config.host}:{port}")
@@ -167,6 +174,13 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         servicer.close()
         if model is not None:
             model.engine.stop()
+
+
+def _serve_metrics(config: ServerConfig, model: ServingModel) -> None:
+    from jaxgen.metrics import ServingMetrics  # prometheus only when asked for
+
+    port = ServingMetrics(model.engine).serve(config.host, config.metrics_port)
+    _say(f"metrics on http://{config.host}:{port}/metrics")
 
 
 async def _drain(config, server, servicer: GenerationServicer, health_servicer) -> None:

@@ -10,6 +10,8 @@ for refusing a duplicate id) and counts calls in progress (for the drain).
 Status codes: INVALID_ARGUMENT (bad request; the message names the field), RESOURCE_EXHAUSTED
 (waiting queue full), ALREADY_EXISTS (duplicate request id in flight), DEADLINE_EXCEEDED,
 UNAVAILABLE (warming up, draining, engine dead), INTERNAL (the engine failed the request).
+`CaptureProfile` (admin) records a profiler trace and streams its files back; FAILED_PRECONDITION
+while another capture runs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import time
 import uuid
 
 import grpc
 
 from jaxgen.request_stream import RequestStream
+from jaxgen.profiling import ProfileBusyError, ProfileCapture, trace_files
 from jaxgen.scheduler import QueueFullError
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
@@ -31,11 +35,13 @@ from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
 Code = grpc.StatusCode
+PROFILE_CHUNK_BYTES = 1 << 20
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self):
+    def __init__(self, profiles: ProfileCapture | None = None):
         self.model: ServingModel | None = None  # set once warm-up is done
+        self.profiles = profiles
         self.draining = False
         self._in_engine: dict[str, RequestStream] = {}  # ids the engine still holds
         self._calls = 0  # Generate calls in progress
@@ -168,3 +174,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def GetServerStats(self, request, context):
         return server_stats(await self._ready(context), self.active_streams)
+
+    async def CaptureProfile(self, request: pb.CaptureProfileRequest, context):
+        await self._ready(context)
+        if self.profiles is None:
+            await context.abort(Code.FAILED_PRECONDITION, "profiling is not enabled on this server")
+        try:
+            # Off the event loop: the trace must see the server serving meanwhile.
+            directory = await asyncio.to_thread(self.profiles.capture, request.duration_s)
+        except ValueError as e:
+            await context.abort(Code.INVALID_ARGUMENT, str(e))
+        except ProfileBusyError as e:
+            await context.abort(Code.FAILED_PRECONDITION, str(e))
+        for rel in trace_files(directory):
+            with open(os.path.join(directory, rel), "rb") as f:
+                data, offset = f.read(PROFILE_CHUNK_BYTES), 0
+                while True:
+                    following = f.read(PROFILE_CHUNK_BYTES)
+                    yield pb.ProfileChunk(server_dir=directory, path=rel.replace(os.sep, "/"),
+                                          offset=offset, data=data, last=not following)
+                    if not following:
+                        break
+                    offset += len(data)
+                    data = following

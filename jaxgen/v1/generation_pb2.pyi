@@ -257,3 +257,23 @@ class ServerStats(_message.Message):
     active_streams: int
     compilations_after_warmup: int
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_slots: _Optional[int] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., active_streams: _Optional[int] = ..., compilations_after_warmup: _Optional[int] = ...) -> None: ...
+
+class CaptureProfileRequest(_message.Message):
+    __slots__ = ("duration_s",)
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    duration_s: float
+    def __init__(self, duration_s: _Optional[float] = ...) -> None: ...
+
+class ProfileChunk(_message.Message):
+    __slots__ = ("server_dir", "path", "offset", "data", "last")
+    SERVER_DIR_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    server_dir: str
+    path: str
+    offset: int
+    data: bytes
+    last: bool
+    def __init__(self, server_dir: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...

@@ -64,6 +64,11 @@ class GenerationStub:
                 request_serializer=jaxgen_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
                 response_deserializer=jaxgen_dot_v1_dot_generation__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.CaptureProfile = channel.unary_stream(
+                '/jaxgen.v1.Generation/CaptureProfile',
+                request_serializer=jaxgen_dot_v1_dot_generation__pb2.CaptureProfileRequest.SerializeToString,
+                response_deserializer=jaxgen_dot_v1_dot_generation__pb2.ProfileChunk.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -111,6 +116,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CaptureProfile(self, request, context):
+        """Admin: records an XLA profiler trace of the whole server for `duration_s` into a new
+        directory under the server's --profile-dir, then streams the trace files back in chunks.
+        FAILED_PRECONDITION while another capture runs; INVALID_ARGUMENT for a bad duration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetServerStats,
                     request_deserializer=jaxgen_dot_v1_dot_generation__pb2.GetServerStatsRequest.FromString,
                     response_serializer=jaxgen_dot_v1_dot_generation__pb2.ServerStats.SerializeToString,
+            ),
+            'CaptureProfile': grpc.unary_stream_rpc_method_handler(
+                    servicer.CaptureProfile,
+                    request_deserializer=jaxgen_dot_v1_dot_generation__pb2.CaptureProfileRequest.FromString,
+                    response_serializer=jaxgen_dot_v1_dot_generation__pb2.ProfileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +326,33 @@ class Generation:
             '/jaxgen.v1.Generation/GetServerStats',
             jaxgen_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
             jaxgen_dot_v1_dot_generation__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptureProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jaxgen.v1.Generation/CaptureProfile',
+            jaxgen_dot_v1_dot_generation__pb2.CaptureProfileRequest.SerializeToString,
+            jaxgen_dot_v1_dot_generation__pb2.ProfileChunk.FromString,
             options,
             channel_credentials,
             insecure,

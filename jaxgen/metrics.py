@@ -1,0 +1,136 @@
+"""Prometheus metrics of a serving engine, and the HTTP endpoint (`/metrics`) that exposes them.
+
+`ServingMetrics(engine)` registers itself as an engine observer: per finished request it counts
+outcomes and tokens and observes the latency histograms (from the request's `Usage` and its
+end-to-end time); per step it observes the step time and the host gap between device steps.
+Occupancy (running, waiting, slots, pages, prefix cache, preemptions, compilations after warm-up)
+is read from the scheduler's and runner's plain counters at scrape time. Each instance has its own
+registry: no module-level state. The engine never imports this module.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from jaxgen.engine import Engine, EngineObserver, FinishedRequest
+
+LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60, 120)
+TOKEN_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
+STEP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1,
+                .25, .5, 1, 2.5)
+
+
+def outcome(finish_reason: str, detail: str) -> str:
+    """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or Abort), error."""
+    if finish_reason in ("stop", "length"):
+        return "ok"
+    if finish_reason == "abort":
+        return "deadline_exceeded" if detail.startswith("deadline exceeded") else "aborted"
+    return "error"
+
+
+class ServingMetrics(EngineObserver):
+    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None):
+        self.engine = engine
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("jaxgen_requests", "Finished requests by outcome and finish reason",
+                                ("outcome", "finish_reason"), registry=r)
+        self.prompt_tokens = Counter("jaxgen_prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=r)
+        self.cached_prompt_tokens = Counter(
+            "jaxgen_cached_prompt_tokens", "Prompt tokens served by the prefix cache", registry=r)
+        self.generation_tokens = Counter("jaxgen_generation_tokens",
+                                         "Tokens generated for finished requests", registry=r)
+        self.ttft = Histogram("jaxgen_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("jaxgen_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request",
+                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("jaxgen_e2e_request_latency_seconds", "Arrival to final output",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("jaxgen_queue_time_seconds", "Arrival to first scheduled",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram("jaxgen_prefill_time_seconds",
+                                 "First scheduled to first token (prompt prefill)",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("jaxgen_engine_step_seconds",
+                              "One engine step on the runner: dispatch to tokens on host",
+                              buckets=STEP_BUCKETS, registry=r)
+        self.host_gap = Histogram("jaxgen_host_gap_seconds",
+                                  "Host time between one device step's return and the next's start",
+                                  buckets=STEP_BUCKETS, registry=r)
+        r.register(_OccupancyCollector(engine))
+        engine.observers.append(self)
+
+    def on_step(self, step_seconds: float, host_gap_seconds: float | None) -> None:
+        self.step.observe(step_seconds)
+        if host_gap_seconds is not None:
+            self.host_gap.observe(host_gap_seconds)
+
+    def on_finish(self, finished: FinishedRequest) -> None:
+        out, usage = finished.output, finished.output.usage
+        self.requests.labels(outcome(out.finish_reason, out.detail), out.finish_reason).inc()
+        self.e2e.observe(finished.e2e_seconds)
+        if usage is None:
+            return
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.cached_prompt_tokens.inc(usage.cached_prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        if usage.queue_time is not None:
+            self.queue.observe(usage.queue_time)
+        if usage.time_to_first_token is not None:
+            self.ttft.observe(usage.time_to_first_token)
+            if usage.queue_time is not None:
+                self.prefill.observe(usage.time_to_first_token - usage.queue_time)
+            if usage.completion_tokens > 1:
+                self.tpot.observe((finished.e2e_seconds - usage.time_to_first_token)
+                                  / (usage.completion_tokens - 1))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves `/metrics` over HTTP on a daemon thread; returns the bound port (port 0: any)."""
+        try:
+            server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise ValueError(f"metrics_port={port}: cannot listen on {host}:{port}: "
+                             f"{e.strerror or e}") from None
+        return server.server_port
+
+
+class _OccupancyCollector:
+    """Reads the engine's counters at scrape time (plain ints, safe to read from another thread)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        s, runner = self.engine.scheduler, self.engine.runner
+        total = runner.num_pages
+
+        def gauge(name, doc, value):
+            return GaugeMetricFamily(name, doc, value=value)
+
+        def counter(name, doc, value):
+            return CounterMetricFamily(name, doc, value=value)
+
+        yield gauge("jaxgen_requests_running", "Requests holding a decode slot", s.num_running)
+        yield gauge("jaxgen_requests_waiting", "Requests in the waiting queue", s.num_waiting)
+        yield gauge("jaxgen_slots_used", "Decode slots in use", s.config.num_slots - s.num_free_slots)
+        yield gauge("jaxgen_slots", "Decode slots in all", s.config.num_slots)
+        yield gauge("jaxgen_kv_pages_used", "KV pages held by running requests", s.num_pages_used)
+        yield gauge("jaxgen_kv_pages_free", "KV pages allocatable now (free + evictable cached)",
+                    s.num_pages_free)
+        yield gauge("jaxgen_kv_pages", "KV pages in the pool", total)
+        yield gauge("jaxgen_kv_pages_used_ratio", "Share of the KV pool held by running requests",
+                    s.num_pages_used / total if total else 0.0)
+        yield counter("jaxgen_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                      s.prefix_cache_query_tokens)
+        yield counter("jaxgen_prefix_cache_hit_tokens", "Looked-up tokens found in the prefix cache",
+                      s.prefix_cache_hit_tokens)
+        yield counter("jaxgen_preemptions", "Requests preempted (recomputed later) for KV pages",
+                      s.num_preemptions)
+        yield counter("jaxgen_compilations_after_warmup",
+                      "XLA compilations while serving (should stay 0)",
+                      runner.compilations_after_warmup)
+        yield gauge("jaxgen_engine_up", "1 while the engine loop can serve", int(self.engine.dead is None))

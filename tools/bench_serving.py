@@ -1,0 +1,219 @@
+"""Serving load test over gRPC against a running `jaxgen serve` on this machine.
+
+    python tools/bench_serving.py --port 50051 --rates 1,2,4 [--concurrency 8] \\
+        [--num-requests 100] [--max-seconds 60] [--out-json r.json] [--out-png r.png]
+
+Each `--rates` value is one run with Poisson arrivals at that many requests/s; each
+`--concurrency` value is one closed-loop run (that many clients, each sending its next request
+when the last one ends). Prompts (token ids) and output lengths come from a seeded, long-tailed
+chat-like distribution (log-normal, prompts tens to ~2k tokens, outputs tens to ~1k, capped by
+--max-prompt-tokens / --max-output-tokens and the server's context); outputs run to their length
+(ignore_eos). A run ends after --num-requests requests or --max-seconds (stragglers cancelled).
+Reports per run: requests/s, output tok/s, TTFT / TPOT / end-to-end p50/p90/p99, errors by status;
+prints a table, writes JSON and a PNG of throughput against latency (matplotlib). Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from jaxgen.v1 import generation_pb2 as pb
+from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_REQUESTS = 10_000
+MAX_SECONDS = 3600
+
+
+def workload(n: int, seed: int, vocab: int, context: int, max_prompt: int, max_output: int):
+    """`n` (prompt token ids, output length) pairs: log-normal lengths (median ~220 prompt and
+    ~120 output tokens; p99 near 2k and 1k), clipped to the caps and the context."""
+    rng = np.random.default_rng(seed)
+    prompt_lens = np.clip(rng.lognormal(np.log(220), 0.95, n), 16, max_prompt).astype(int)
+    output_lens = np.clip(rng.lognormal(np.log(120), 0.95, n), 16, max_output).astype(int)
+    out = []
+    for p, o in zip(prompt_lens, output_lens):
+        p = int(min(p, context - 16))
+        o = int(max(1, min(o, context - p)))
+        out.append((rng.integers(100, vocab, p).tolist(), o))
+    return out
+
+
+async def one_request(stub, prompt, max_tokens, metadata, timeout):
+    """(status name, ttft s, e2e s, output tokens)."""
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    start, ttft, tokens = time.perf_counter(), None, 0
+    try:
+        async for r in stub.Generate(request, metadata=metadata, timeout=timeout):
+            if r.token_ids and ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += len(r.token_ids)
+        return "OK", ttft, time.perf_counter() - start, tokens
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, ttft, time.perf_counter() - start, tokens
+    except asyncio.CancelledError:
+        return "CANCELLED", ttft, time.perf_counter() - start, tokens
+
+
+async def run_load(stub, items, metadata, max_seconds, rate=None, concurrency=None, seed=0):
+    rng = np.random.default_rng(seed + 1)
+    start = time.perf_counter()
+    results = []
+    deadline = start + max_seconds
+
+    async def send(item):
+        results.append(await one_request(stub, item[0], item[1], metadata, max(1.0, deadline - time.perf_counter())))
+
+    if rate is not None:
+        tasks = []
+        for item in items:
+            tasks.append(asyncio.ensure_future(send(item)))
+            await asyncio.sleep(rng.exponential(1.0 / rate))
+            if time.perf_counter() >= deadline:
+                break
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    else:
+        queue = list(reversed(items))
+
+        async def client():
+            while queue and time.perf_counter() < deadline:
+                await send(queue.pop())
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+def summarize(results, elapsed, **label) -> dict:
+    ok = [r for r in results if r[0] == "OK"]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r[0] != "OK":
+            errors[r[0]] = errors.get(r[0], 0) + 1
+
+    def pct(values):
+        v = [x for x in values if x is not None]
+        return {f"p{q}": (float(np.percentile(v, q)) if v else None) for q in (50, 90, 99)}
+
+    tpot = [(r[2] - r[1]) / (r[3] - 1) for r in ok if r[1] is not None and r[3] > 1]
+    return dict(label, requests=len(results), completed=len(ok), elapsed_s=elapsed,
+                request_throughput=len(ok) / elapsed,
+                output_token_throughput=sum(r[3] for r in results) / elapsed,
+                ttft_s=pct([r[1] for r in ok]), tpot_s=pct(tpot), e2e_s=pct([r[2] for r in ok]),
+                errors=errors)
+
+
+def plot(runs: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["output_token_throughput"] for r in runs]
+    for key, style in (("ttft_s", "o-"), ("e2e_s", "s-")):
+        for q in ("p50", "p99"):
+            ax.plot(x, [r[key][q] for r in runs], style, label=f"{key[:-2].upper()} {q}")
+    for r, xi in zip(runs, x):
+        ax.annotate(r.get("rate") and f"{r['rate']:g}/s" or f"c={r['concurrency']}",
+                    (xi, r["e2e_s"]["p50"] or 0), fontsize=7)
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("latency (s)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("jaxgen serving: throughput vs latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _rates(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()] if text else []
+
+
+async def amain(args) -> dict:
+    target = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    async with aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
+        runs = []
+        plans = [dict(rate=r) for r in _rates(args.rates)] + \
+                [dict(concurrency=c) for c in (int(v) for v in _rates(args.concurrency))]
+        for i, plan in enumerate(plans):
+            items = workload(args.num_requests, args.seed + i, info.vocab_size,
+                             info.max_context_length, args.max_prompt_tokens, args.max_output_tokens)
+            results, elapsed = await run_load(stub, items, metadata, args.max_seconds, seed=args.seed,
+                                              **plan)
+            runs.append(summarize(results, elapsed, **plan))
+    return dict(model=info.name, device=info.device, num_slots=info.num_slots,
+                num_requests=args.num_requests, max_prompt_tokens=args.max_prompt_tokens,
+                max_output_tokens=args.max_output_tokens, seed=args.seed, runs=runs)
+
+
+def check_args(args) -> None:
+    if args.host not in LOOPBACK:
+        raise ValueError(f"host={args.host!r}: loopback only ({', '.join(LOOPBACK)})")
+    if not 1 <= args.num_requests <= MAX_REQUESTS:
+        raise ValueError(f"num_requests={args.num_requests}: must be in [1, {MAX_REQUESTS}]")
+    if not 0 < args.max_seconds <= MAX_SECONDS:
+        raise ValueError(f"max_seconds={args.max_seconds}: must be in (0, {MAX_SECONDS}]")
+    if any(r <= 0 for r in _rates(args.rates)) or any(c < 1 for c in _rates(args.concurrency)):
+        raise ValueError("rates must be > 0 and concurrency >= 1")
+    if not _rates(args.rates) and not _rates(args.concurrency):
+        raise ValueError("give --rates and/or --concurrency")
+    for name in ("max_prompt_tokens", "max_output_tokens"):
+        if getattr(args, name) < 16:
+            raise ValueError(f"{name}={getattr(args, name)}: must be >= 16")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--rates", default="", help="comma-separated request rates (req/s), Poisson")
+    p.add_argument("--concurrency", default="", help="comma-separated closed-loop client counts")
+    p.add_argument("--num-requests", type=int, default=100, help="per run")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="per run")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-output-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-png", default=None)
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"bench_serving: error: {e}", file=sys.stderr)
+        return 2
+    report = asyncio.run(amain(args))
+    print(f"{'run':>10} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 (s)':>18} {'TPOT p50 (ms)':>13} "
+          f"{'E2E p50/p99 (s)':>17} errors")
+    for r in report["runs"]:
+        name = f"{r['rate']:g}/s" if "rate" in r else f"c={r['concurrency']}"
+        f = lambda v, s=1: "-" if v is None else f"{v * s:.3f}"  # noqa: E731
+        print(f"{name:>10} {r['request_throughput']:7.2f} {r['output_token_throughput']:8.1f} "
+              f"{f(r['ttft_s']['p50']) + '/' + f(r['ttft_s']['p99']):>18} "
+              f"{f(r['tpot_s']['p50'], 1000):>13} "
+              f"{f(r['e2e_s']['p50']) + '/' + f(r['e2e_s']['p99']):>17} {r['errors'] or ''}")
+    if args.out_json:
+        with open(args.out_json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    if args.out_png:
+        plot(report["runs"], args.out_png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
