@@ -70,8 +70,9 @@ class EngineObserver:
     exception in one is logged and ignored."""
 
     def on_step(self, step_seconds: float, host_gap_seconds: float | None) -> None:
-        """`step_seconds`: one `runner.execute` (dispatch to tokens on host); `host_gap_seconds`:
-        from the previous execute's return to this one's start, None after an idle wait."""
+        """`step_seconds`: one step, from its launch to its tokens on host; `host_gap_seconds`:
+        from the previous step's tokens on host to this step's launch (0 when it was launched
+        ahead, before them), None after an idle wait."""
 
     def on_finish(self, finished: FinishedRequest) -> None:
         """A request ended (any finish reason)."""
@@ -99,6 +100,8 @@ class Engine:
         # reports NOT_SERVING and add_request refuses.
         self.dead: BaseException | None = None
         self.observers: list[EngineObserver] = []
+        self._launched: list = []  # (LaunchedStep, launch time), oldest first
+        self._failed: list[RequestEvent] = []  # final events of requests a failed step ended
         self._last_execute_end: float | None = None  # for the host gap; None after idling
         self.warmup_seconds: float | None = None
         if config.warmup:
@@ -140,42 +143,80 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One engine step (plan -> execute -> update); False when there was nothing to do."""
+        """One engine step: plan -> execute -> update. In steady decoding the next decode step
+        is launched before this one's tokens are read (`Scheduler.schedule_ahead`), so the
+        device never waits on the host. False when there was nothing to do."""
+        if not self._launched:
+            plan, events = self._plan()
+            if plan.empty:
+                self._deliver(events)
+                return bool(events)
+            self._launch(plan)
+        self._launch(self._plan_ahead())
+        self._deliver(self._update_oldest())
+        return True
+
+    def _plan(self):
         with self._lock, jax.profiler.TraceAnnotation("jaxgen.schedule"):
             plan = self.scheduler.schedule()
             # An empty plan needs no update; aborts/expiries it performed are reported here.
-            events = self.scheduler.take_finished_events() if plan.empty else []
-        if not plan.empty:
-            events = self._execute(plan)
-        self._deliver(events)
-        return not plan.empty or bool(events)
+            return plan, self.scheduler.take_finished_events() if plan.empty else []
 
-    def _execute(self, plan):
-        """Runs `plan` on device and updates the scheduler; a device failure fails the plan's
-        requests (with finish_reason "error"), not the engine."""
+    def _plan_ahead(self):
+        if not self._launched:
+            return None
+        with self._lock, jax.profiler.TraceAnnotation("jaxgen.schedule"):
+            return self.scheduler.schedule_ahead()
+
+    def _launch(self, plan) -> None:
+        """Dispatches `plan` (None: nothing) without waiting for it."""
+        if plan is None:
+            return
         start = time.perf_counter()
         try:
-            output = self.runner.execute(plan)
+            self._launched.append((self.runner.launch(plan), start))
         except Exception as e:
-            log.exception("step %d failed on device", plan.step)
-            detail = f"device step failed: {type(e).__name__}: {e}"
-            lost = self.runner.buffers_lost()
-            if lost:  # the donated pool/state are gone: nothing can run any more
-                self.dead = e
-            with self._lock:
-                ids = {c.request_id for c in plan.prefills} | set(self.scheduler.running_ids())
-                if lost:
-                    ids |= set(self._live)
-                events = [self.scheduler.finish(i, "error", detail)
-                          or RequestEvent(i, finish_reason="error", detail=detail)
-                          for i in sorted(ids)]
-            return events
+            self._fail(plan, e)
+
+    def _update_oldest(self):
+        """Waits for the oldest launched step's tokens and folds them into the scheduler."""
+        if not self._launched:
+            failed, self._failed = self._failed, []
+            return failed
+        launched, start = self._launched.pop(0)
+        try:
+            output = self.runner.collect(launched)
+        except Exception as e:
+            self._fail(launched.plan, e)
+            return self._update_oldest()
         self._observe_step(start, time.perf_counter())
         with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
-            return self.scheduler.update(plan, output)
+            return self.scheduler.update(launched.plan, output)
+
+    def _fail(self, plan, e: Exception) -> None:
+        """A device step failed: its requests (and those of every step launched with it) end
+        with "error", not the engine; lost donated buffers end everything (engine dead)."""
+        log.exception("step %d failed on device", plan.step)
+        detail = f"device step failed: {type(e).__name__}: {e}"
+        lost = self.runner.buffers_lost()
+        if lost:  # the donated pool/state are gone: nothing can run any more
+            self.dead = e
+        plans = [plan] + [launched.plan for launched, _ in self._launched]
+        self._launched.clear()
+        with self._lock:
+            self.scheduler.abandon_in_flight()
+            ids = {c.request_id for p in plans for c in p.prefills}
+            ids |= set(self.scheduler.running_ids())
+            if lost:
+                ids |= set(self._live)
+            self._failed += [self.scheduler.finish(i, "error", detail)
+                             or RequestEvent(i, finish_reason="error", detail=detail)
+                             for i in sorted(ids)]
 
     def _observe_step(self, start: float, end: float) -> None:
         gap = None if self._last_execute_end is None else start - self._last_execute_end
+        if gap is not None:
+            gap = max(gap, 0.0)  # launched ahead, before the previous step was read: no gap
         self._last_execute_end = end
         self._notify("on_step", end - start, gap)
 

@@ -220,14 +220,14 @@ def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch):
     engine = make_engine(tiny)
     ps = prompts(3, seed=7)
     streams = [engine.add_request(p, GREEDY) for p in ps]
-    real = engine.runner.execute
+    real = engine.runner.launch
 
     def broken(plan):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.runner, "launch", broken)
     engine.step()  # requests in that plan fail; requests still waiting are untouched
-    monkeypatch.setattr(engine.runner, "execute", real)
+    monkeypatch.setattr(engine.runner, "launch", real)
     while engine.has_work():
         engine.step()
     results = [s.result() for s in streams]
@@ -250,9 +250,30 @@ def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
             pages.delete()  # what a donated call that then fails leaves behind
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.runner, "execute", consume_and_fail)
+    monkeypatch.setattr(engine.runner, "launch", consume_and_fail)
     engine.step()
     assert all(s.result().finish_reason == "error" for s in waiting)
     assert engine.dead is not None
     with pytest.raises(RuntimeError, match="engine is not serving"):
         engine.add_request([1, 2], GREEDY)
+
+
+def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
+    """Steady decoding launches each step before reading the previous one's tokens; requests
+    that stop inside a step lose only look-ahead tokens (outputs equal the naive decode)."""
+    engine = make_engine(tiny)
+    ahead = []
+    real = engine.scheduler.schedule_ahead
+
+    def counting():
+        plan = real()
+        ahead.append(plan is not None)
+        return plan
+
+    engine.scheduler.schedule_ahead = counting
+    ps = prompts(3, seed=21)
+    out = engine.generate(ps, GREEDY)
+    assert sum(ahead) >= 2, ahead
+    for p, c in zip(ps, out):
+        assert list(c.token_ids) == expected(tiny, p)
+    assert engine.scheduler.allocator.num_used == 0

@@ -238,7 +238,7 @@ def test_engine_failure_turns_health_not_serving(monkeypatch):
                     pages.delete()  # what a donated call that then fails leaves behind
                 raise RuntimeError("out of device memory")
 
-            monkeypatch.setattr(engine.runner, "execute", consume_and_fail)
+            monkeypatch.setattr(engine.runner, "launch", consume_and_fail)
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(request))
             assert err.value.code() == grpc.StatusCode.INTERNAL

@@ -321,6 +321,10 @@ class Scheduler:
             raise ValueError(f"output=None for step {plan.step}, which has work")
         self._in_flight.pop(0)
         samples, now = StepSamples(plan, output), self._clock()
+        # Aborts and deadlines take effect at every step, also when the next step is already
+        # in flight (a look-ahead): the request's tokens of the in-flight steps are dropped.
+        self._drop_leaving(now)
+        events += self.take_finished_events()
         kept = {}  # request -> (token ids, logprobs, finish)
         for i, chunk in enumerate(plan.prefills):
             request = self._requests.get(chunk.request_id)
