@@ -157,8 +157,31 @@ async def amain(args) -> dict:
                                               **plan)
             runs.append(summarize(results, elapsed, **plan))
     return dict(model=info.name, device=info.device, num_slots=info.num_slots,
+                vocab_size=info.vocab_size, max_context_length=info.max_context_length,
                 num_requests=args.num_requests, max_prompt_tokens=args.max_prompt_tokens,
                 max_output_tokens=args.max_output_tokens, seed=args.seed, runs=runs)
+
+
+def offline_throughput(preset: str, items) -> float:
+    """Output tok/s of the same workload through an in-process engine built from the serving
+    preset the server runs (`jaxgen serve --config PRESET`): the ceiling serving is held to."""
+    from jaxgen import cli
+    from jaxgen.sampling_params import SamplingParams
+    from jaxgen.server import cli as server_cli
+
+    parser, serve = cli._parser()
+    argv = ["serve", "--config", preset]
+    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
+    args = parser.parse_args(argv)
+    loaded, mesh = cli.load_model(args)
+    engine = cli.build_engine(args, loaded, max(len(p) + o for p, o in items), mesh=mesh,
+                              warmup=True)  # as `serve` does: no compile inside the timing
+    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in items]
+    prompts = [p for p, _ in items]
+    engine.generate(prompts[:2], params[:2])  # first use of the shapes outside the timing
+    start = time.perf_counter()
+    out = engine.generate(prompts, params)
+    return sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
 
 
 def check_args(args) -> None:
@@ -191,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-png", default=None)
+    p.add_argument("--offline-config", default=None,
+                   help="serving preset the server runs: also time the last run's workload "
+                        "offline (in-process engine) and report serving / offline throughput")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -207,6 +233,17 @@ def main(argv=None) -> int:
               f"{f(r['ttft_s']['p50']) + '/' + f(r['ttft_s']['p99']):>18} "
               f"{f(r['tpot_s']['p50'], 1000):>13} "
               f"{f(r['e2e_s']['p50']) + '/' + f(r['e2e_s']['p99']):>17} {r['errors'] or ''}")
+    if args.offline_config:
+        last = report["runs"][-1]
+        i = len(report["runs"]) - 1
+        items = workload(args.num_requests, args.seed + i, report["vocab_size"],
+                         report["max_context_length"], args.max_prompt_tokens,
+                         args.max_output_tokens)
+        offline = offline_throughput(args.offline_config, items)
+        report["offline_output_token_throughput"] = offline
+        print(f"offline engine on the last run's workload: {offline:.1f} tok/s; serving "
+              f"{last['output_token_throughput']:.1f} tok/s = "
+              f"{last['output_token_throughput'] / offline:.0%} of offline")
     if args.out_json:
         with open(args.out_json, "w") as fh:
             json.dump(report, fh, indent=1)
