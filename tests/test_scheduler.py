@@ -689,17 +689,21 @@ def test_decode_ahead_with_a_short_pool_and_an_abort():
     assert sched.num_preemptions > 0 and ahead > 0
 
 
-def test_schedule_ahead_only_in_steady_decoding():
-    sched, ex = make(num_slots=2, decode_steps=2)
-    sched.add("a", prompt(5, 1), SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
-    plan = sched.schedule()  # a prefill: nothing to look ahead from
-    assert sched.schedule_ahead() is None
+def test_schedule_ahead_only_when_nothing_else_is_due():
+    sched, ex = make(num_slots=2, decode_steps=2, max_prefill_tokens=4)
+    sched.add("a", prompt(6, 1), SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
+    plan = sched.schedule()  # the prompt's first chunk: "a" cannot decode after it
+    assert not plan.prefills[0].sample and sched.schedule_ahead() is None
     sched.update(plan, ex.run(plan))
-    plan = sched.schedule()
+    plan = sched.schedule()  # the last chunk samples the first token: decode can follow it
     ahead = sched.schedule_ahead()
-    assert ahead.decode_positions == (plan.decode_positions[0] + 2,)
+    assert ahead.decode_slots == (plan.prefills[0].slot,) and ahead.decode_positions == (6,)
     assert sched.schedule_ahead() is None  # one look-ahead at a time
     sched.update(plan, ex.run(plan))
     sched.add("b", prompt(5, 2), SamplingParams(max_tokens=3), seed=0)
     assert sched.schedule_ahead() is None  # "b" waits for the free slot: admit it first
     sched.update(ahead, ex.run(ahead))
+    plan = sched.schedule()
+    assert [a.request_id for a in plan.assignments] == ["b"]
+    sched.update(plan, ex.run(plan))
+    sched.check_invariants()

@@ -123,21 +123,22 @@ class Scheduler:
     def schedule_ahead(self) -> StepPlan | None:
         """The decode step after the one in flight, planned before that one's tokens are known.
 
-        Only in steady decoding: one decode-only plan in flight, nobody to admit into a free
-        slot, no partly prefilled prompt, no abort or deadline due. Every request of the
-        in-flight plan that can outlive it (more than `decode_steps` tokens to go) decodes on
-        from where that plan leaves it; if a stop token ends it meanwhile, `update()` drops its
-        tokens of this plan and its slot is reused only after this plan's `update()` (no
-        `schedule()` runs while a plan is in flight). Pages are reserved for the tokens this
-        step keeps, never by preemption. None when any condition fails: call `schedule()` once
-        the in-flight plan is updated.
+        Only when nothing else is due: one plan in flight, nobody to admit into a free slot, no
+        prompt still partly prefilled after it, no abort or deadline due. Every request that
+        decodes in the in-flight plan, or whose prompt's last chunk it prefills (sampling the
+        first token), and that can outlive it, decodes on from where that plan leaves it; if a
+        stop token ends it meanwhile, `update()` drops its tokens of this plan and its slot is
+        reused only after this plan's `update()` (no `schedule()` runs while a plan is in
+        flight). Pages are reserved for the tokens this step keeps, never by preemption. None
+        when any condition fails: call `schedule()` once the in-flight plan is updated.
         """
         if len(self._in_flight) != 1:
             return None
         last = self._in_flight[0]
         now = self._clock()
-        if (last.prefills or last.assignments or (self._waiting and self._slots.num_free)
-                or any(not r.decoding or r.pending_abort is not None
+        sampled = {c.request_id: c for c in last.prefills if c.sample}
+        if ((self._waiting and self._slots.num_free)
+                or any(not (r.decoding or r.request_id in sampled) or r.pending_abort is not None
                        or (r.deadline is not None and now >= r.deadline)
                        for r in self._running)):
             return None
@@ -145,12 +146,15 @@ class Scheduler:
         in_last = set(last.decode_slots)
         grow, slots, positions = [], [], []
         for request in self._running:
-            if request.slot not in in_last:
+            chunk = sampled.get(request.request_id)
+            if chunk is not None and chunk.slot == request.slot:
+                made, start = 1, chunk.start + len(chunk.token_ids)  # its first token
+            elif request.decoding and request.slot in in_last:
+                made, start = k, request.num_computed_tokens + k
+            else:
                 continue
-            room = request.params.max_tokens - len(request.output_ids)
-            if room <= k:
+            if request.params.max_tokens - len(request.output_ids) <= made:
                 continue  # ends with the in-flight step (length)
-            start = request.num_computed_tokens + k
             need = min(start + k - 1, request.max_len - 1) // ps + 1 - len(request.pages)
             grow.append((request, max(0, need)))
             slots.append(request.slot)
