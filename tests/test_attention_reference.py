@@ -62,3 +62,19 @@ def test_idle_slot_with_query_rows_is_ignored():
     changed = ~((before == after) | (np.isnan(before) & np.isnan(after)))
     assert changed.sum() == 2 * 64 * 2  # only slot 0's token
     assert np.all(np.asarray(out)[1] == 0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_only_path(window):
+    """decode_only=True (row s is sequence s) gives the oracle's answer, idle row included."""
+    check([(0, 1), (15, 1), (16, 1), (70, 1)], 8, 2, 64, 16, window=window, decode_only=True)
+
+
+def test_decode_layout_equals_token_layout_on_a_decode_step():
+    from pallas_kernels.ragged_paged_attention.reference import decode_layout, token_layout
+
+    kv_lens = jnp.array([5, 0, 17, 1, 9], jnp.int32)  # an idle slot, and row 4 past num_seqs
+    num_seqs = jnp.array([4], jnp.int32)
+    cu = jnp.arange(6, dtype=jnp.int32)
+    for got, want in zip(decode_layout(kv_lens, num_seqs), token_layout(cu, kv_lens, num_seqs, 5)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

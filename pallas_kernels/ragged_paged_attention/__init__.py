@@ -86,8 +86,7 @@ def ragged_paged_attention(
     positions below its `kv_lens` entry, so stale or foreign data (even NaN) never leaks in.
     """
     resolved = resolve_backend(backend)
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if resolved != "reference":
-        kwargs.update(decode_only=decode_only, block_sizes=block_sizes)
     return _backend_module(resolved).ragged_paged_attention(
-        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **kwargs)
+        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, decode_only=decode_only,
+        block_sizes=block_sizes)

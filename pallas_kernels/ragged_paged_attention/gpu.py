@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.ragged_paged_attention.reference import token_layout, write_kv
+from pallas_kernels.ragged_paged_attention.reference import decode_layout, token_layout, write_kv
 
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # smallest M of a tensor-core dot
@@ -71,6 +71,12 @@ class GpuBlockSizes:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _empty_carry(rows: int, d: int):
+    """Online-softmax state before any key: output 0, running max "-inf", sum 0 (f32)."""
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
 
 
 def _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap):
@@ -115,11 +121,8 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
         visible = jnp.broadcast_to(ok[None, :], (q.shape[0], block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
-    rows, d = q.shape
-    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
     n = jnp.maximum(pl.cdiv(end - start, pages_per_block), 0)
-    o, m, l = jax.lax.fori_loop(0, n, body, init)
+    o, m, l = jax.lax.fori_loop(0, n, body, _empty_carry(*q.shape))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -129,9 +132,12 @@ def _combine(o, m, l):
     """Split results `o [splits, ..., D]`, `m, l [splits, ...]` -> normalised `[..., D]` f32."""
     m_max = m.max(axis=0)
     w = jnp.where(l > 0, jnp.exp(m - m_max), 0.0)
-    den = (w * l).sum(axis=0)
-    num = (w[..., None] * o).sum(axis=0)
-    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+    return _normalise((w[..., None] * o).sum(axis=0), (w * l).sum(axis=0))
+
+
+def _normalise(o, l):
+    """`o / l` over the last axis of `o`; 0 where nothing was seen (`l == 0`: idle rows)."""
+    return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
 def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap,
@@ -211,12 +217,10 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
             visible &= pos[None, :] > q_pos[:, None] - window
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
-    m_rows, d = q.shape
-    init = (jnp.zeros((m_rows, d), jnp.float32), jnp.full((m_rows,), _MASK, jnp.float32),
-            jnp.zeros((m_rows,), jnp.float32))
+    d = q.shape[1]
     n = jnp.where(n_rows > 0, pl.cdiv(pl.cdiv(hi, page_size) - first_page, pages_per_block), 0)
-    o, _, l = jax.lax.fori_loop(0, n, body, init)
-    o = jnp.where((l > 0)[:, None], o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    o, _, l = jax.lax.fori_loop(0, n, body, _empty_carry(*q.shape))
+    o = _normalise(o, l)
     o_ref[...] = o.reshape(block_q, group, d).astype(o_ref.dtype)
 
 
@@ -240,8 +244,9 @@ def _work_list(cu_q_lens, kv_lens, num_seqs, num_blocks: int, block_q: int):
     return work, starts
 
 
-def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *, sm_scale,
            sliding_window, soft_cap, blocks: GpuBlockSizes, interpret: bool):
+    """`seq`, `live`: the rows' `token_layout`, computed once by the caller."""
     t, hq, d = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     hkv = two_hkv // 2
@@ -278,7 +283,6 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
         name="rpa_mixed",
     )(work, page_indices, qh, kv_pages, kv_pages)
     # Back to packed rows: token t of sequence s sits in block starts[s] + local // bq.
-    seq, _, live = token_layout(cu_q_lens, kv_lens, num_seqs, t)
     local = jnp.arange(t) - cu_q_lens[seq]
     blk = jnp.where(live, starts[seq] + local // bq, 0)
     out = o[:, blk, local % bq, :g]  # [Hkv, T, G, D]
@@ -293,19 +297,18 @@ def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, 
     """GPU backend; see `pallas_kernels.ragged_paged_attention` for the contract."""
     blocks = block_sizes or GpuBlockSizes()
     interpret = jax.default_backend() != "gpu"
-    if decode_only:  # row s is sequence s: no search over cu_q_lens needed
-        seq = jnp.arange(q.shape[0], dtype=jnp.int32)
-        live = (seq < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
-        pos = jnp.where(live, kv_lens - 1, 0)
+    if decode_only:
+        layout = decode_layout(kv_lens, num_seqs)
     else:
-        seq, pos, live = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
+        layout = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
+    seq, pos, live = layout
     kv_pages = write_kv(kv_pages, k, v, seq, pos, live, page_indices)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   blocks=blocks, interpret=interpret)
     if decode_only:
         # Idle slots (kv_len 0) and rows past num_seqs get kv_len 0: nothing read, output 0.
-        lens = jnp.where(live, kv_lens, 0)
-        out = _decode(q, kv_pages, lens, page_indices, **common)
+        out = _decode(q, kv_pages, jnp.where(live, kv_lens, 0), page_indices, **common)
     else:
-        out = _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **common)
+        out = _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live,
+                     **common)
     return out, kv_pages

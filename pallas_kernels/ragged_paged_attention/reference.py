@@ -30,6 +30,14 @@ def token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
     return seq, jnp.where(live, pos, 0), live
 
 
+def decode_layout(kv_lens, num_seqs):
+    """`token_layout` of a decode step (row s is sequence s, one query each), without the
+    search over `cu_q_lens`."""
+    seq = jnp.arange(kv_lens.shape[0], dtype=jnp.int32)
+    live = (seq < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
+    return seq, jnp.where(live, kv_lens - 1, 0), live
+
+
 def write_kv(kv_pages, k, v, seq, pos, live, page_indices):
     """Scatters new K/V (`[T, Hkv, D]`) into `kv_pages` at each live row's (page, offset)."""
     num_pages, page_size = kv_pages.shape[:2]
@@ -69,9 +77,15 @@ def _attend_one(q, seq, pos, live, kv_pages, page_indices, sm_scale, sliding_win
 def ragged_paged_attention(
     q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    decode_only: bool = False, block_sizes=None,
 ):
-    """Reference implementation; see `pallas_kernels.ragged_paged_attention` for the contract."""
-    seq, pos, live = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
+    """Reference implementation; see `pallas_kernels.ragged_paged_attention` for the contract.
+    `block_sizes` is accepted for a uniform signature and ignored."""
+    del block_sizes
+    if decode_only:
+        seq, pos, live = decode_layout(kv_lens, num_seqs)
+    else:
+        seq, pos, live = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
     kv_pages = write_kv(kv_pages, k, v, seq, pos, live, page_indices)
 
     def attend(row):
