@@ -11,7 +11,8 @@ fetched; their VMEM rows hold stale data and are masked by select.
 
 Double buffering runs across work items: while the last block of an item is computed, the first
 block of the next item is already in flight. `state_ref` (SMEM, kept across grid steps) says
-whether that happened and which slot it used: `[pending, pending_slot, next_slot]`. The kernels
+whether that happened and which slot the next fetch goes to: `[pending, next_slot]`. Fetches
+alternate slots, so an item's first block always sits in the slot before `next_slot`. The kernels
 therefore use sequential ("arbitrary") grid semantics.
 
 This module knows nothing about query layouts or grids; the kernels pass it scalars and refs.
@@ -28,8 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-PENDING, PENDING_SLOT, NEXT_SLOT = 0, 1, 2
-STATE_SIZE = 3
+PENDING, NEXT_SLOT = 0, 1
+STATE_SIZE = 2
 LANES = 128  # m / l scratch rows are lane-replicated, as Mosaic wants whole vregs
 
 
@@ -89,32 +90,23 @@ def _page_copies(geo, refs, item: Item, block, slot):
     return out
 
 
-def _start_block(geo, refs, item, block, slot):
+def _copy_block(geo, refs, item, block, slot, *, wait: bool):
+    """Starts (or waits for) the fetch of KV block `block` of `item` into `slot`."""
     for fetch, copies in _page_copies(geo, refs, item, block, slot):
         @pl.when(fetch)
         def _():
             for c in copies:
-                c.start()
-
-
-def _wait_block(geo, refs, item, block, slot):
-    for fetch, copies in _page_copies(geo, refs, item, block, slot):
-        @pl.when(fetch)
-        def _():
-            for c in copies:
-                c.wait()
+                (c.wait if wait else c.start)()
 
 
 def _start_into_next_slot(geo, refs, state_ref, item, block):
     slot = state_ref[NEXT_SLOT]
-    _start_block(geo, refs, item, block, slot)
+    _copy_block(geo, refs, item, block, slot, wait=False)
     state_ref[NEXT_SLOT] = 1 - slot
-    return slot
 
 
 def init_stream_state(state_ref):
     state_ref[PENDING] = 0
-    state_ref[PENDING_SLOT] = 0
     state_ref[NEXT_SLOT] = 0
 
 
@@ -127,14 +119,14 @@ def run_item(geo: Geometry, refs, state_ref, item: Item, successor: Item,
     """
     @pl.when((item.num_blocks > 0) & (state_ref[PENDING] == 0))
     def _():
-        state_ref[PENDING_SLOT] = _start_into_next_slot(geo, refs, state_ref, item, 0)
+        _start_into_next_slot(geo, refs, state_ref, item, 0)
 
-    first_slot = state_ref[PENDING_SLOT]
+    first_slot = 1 - state_ref[NEXT_SLOT]  # block 0 was the latest fetch started
     state_ref[PENDING] = 0
 
     def body(block, carry):
         slot = (first_slot + block) % 2
-        _wait_block(geo, refs, item, block, slot)
+        _copy_block(geo, refs, item, block, slot, wait=True)
 
         @pl.when(block + 1 < item.num_blocks)
         def _():
@@ -142,7 +134,7 @@ def run_item(geo: Geometry, refs, state_ref, item: Item, successor: Item,
 
         @pl.when((block + 1 == item.num_blocks) & (successor.num_blocks > 0))
         def _():
-            state_ref[PENDING_SLOT] = _start_into_next_slot(geo, refs, state_ref, successor, 0)
+            _start_into_next_slot(geo, refs, state_ref, successor, 0)
             state_ref[PENDING] = 1
 
         compute(block, slot)
