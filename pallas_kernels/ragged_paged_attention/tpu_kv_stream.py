@@ -15,7 +15,10 @@ whether that happened and which slot the next fetch goes to: `[pending, next_slo
 alternate slots, so an item's first block always sits in the slot before `next_slot`. The kernels
 therefore use sequential ("arbitrary") grid semantics.
 
-This module knows nothing about query layouts or grids; the kernels pass it scalars and refs.
+`attend_item` runs one work item end to end (online softmax over its streamed blocks) for query
+rows laid out `[Hkv, R, D]`; `stream_call` is the `pallas_call` frame both kernels share (scalar
+prefetch, the pool in HBM aliased in -> out, the scratch above). Grids, query blocks and which
+sequences a grid step visits are the kernels' business.
 """
 
 from __future__ import annotations
@@ -204,6 +207,74 @@ def finish_softmax(l_ref, acc_ref):
     """`acc / l`, and 0 for rows that saw no key."""
     l = l_ref[:, :1]
     return jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+def attend_item(geo: Geometry, refs, softmax_refs, state_ref, item: Item, successor: Item,
+                q_ref, o_ref, q_pos, in_item, kv_len, *, sm_scale, sliding_window, soft_cap):
+    """Attends the rows `in_item` of `q_ref [Hkv, R, D]`, at positions `q_pos`, to `item`'s KV
+    blocks and stores their outputs in `o_ref [Hkv, R, D]`; other rows of `o_ref` are kept.
+
+    `in_item` and `q_pos` are `[R, 1]` columns or scalars (a decode item: every row, one
+    position). `softmax_refs` is the `(m, l, acc)` scratch, `[Hkv, R, LANES | D]` f32.
+    """
+    _, _, k_buf, v_buf, _ = refs
+    m_ref, l_ref, acc_ref = softmax_refs
+
+    @pl.when(item.num_blocks > 0)
+    def _():
+        init_softmax(m_ref, l_ref, acc_ref)
+
+    def compute(block, slot):
+        key_pos = key_positions(geo, item, block)
+        visible = in_item & (key_pos <= q_pos)  # causal; rows past kv_len are never visible
+        if sliding_window is not None:
+            visible &= key_pos > q_pos - sliding_window
+        key_valid = written_rows(geo, item, block, kv_len)
+        for h in range(geo.num_kv_heads):
+            update_softmax(q_ref[h], k_buf[slot, h], v_buf[slot, h], visible, key_valid,
+                           m_ref.at[h], l_ref.at[h], acc_ref.at[h],
+                           sm_scale=sm_scale, soft_cap=soft_cap)
+
+    run_item(geo, refs, state_ref, item, successor, compute)
+
+    @pl.when(item.num_blocks > 0)
+    def _():
+        for h in range(geo.num_kv_heads):
+            out = finish_softmax(l_ref.at[h], acc_ref.at[h]).astype(o_ref.dtype)
+            o_ref[h] = jnp.where(in_item, out, o_ref[h])
+
+
+def stream_call(kernel, scalars, q, new_kv, kv_pages, *, geo: Geometry, q_spec, grid,
+                softmax_rows, vmem_limit_bytes, name):
+    """`kernel` over `grid` with `scalars` (i32 arrays) by scalar prefetch, `q` blocked by
+    `q_spec` (the output alike), `new_kv` and `kv_pages` in HBM with the pool aliased to output 1,
+    and the scratch `kernel` takes after its outputs: `k_buf, v_buf, sems, write_sem, state_ref,
+    m_ref, l_ref, acc_ref`, the softmax refs `[*softmax_rows, LANES | D]`."""
+    head_dim = q.shape[-1]
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    buf = pltpu.VMEM((2, geo.num_kv_heads, geo.block_tokens, head_dim), kv_pages.dtype)
+    stats = pltpu.VMEM((*softmax_rows, LANES), jnp.float32)
+    scratch = [
+        buf, buf,
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA(()),
+        pltpu.SMEM((STATE_SIZE,), jnp.int32),
+        stats, stats,
+        pltpu.VMEM((*softmax_rows, head_dim), jnp.float32),
+    ]
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(scalars), grid=grid,
+            in_specs=[q_spec, any_spec, any_spec], out_specs=[q_spec, any_spec],
+            scratch_shapes=scratch),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
+        input_output_aliases={len(scalars) + 2: 1},  # the pool: after the scalars, q and new_kv
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes),
+        name=name,
+    )(*scalars, q, new_kv, kv_pages)
 
 
 def write_run(geo: Geometry, new_kv_hbm, pool_hbm, sem, pages_ref, seq, src_row, first_pos,

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention import tpu_kv_stream as kvs
 
@@ -75,40 +73,17 @@ def _mixed_kernel(
 
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
     refs = (pages_ref, pool_hbm, k_buf, v_buf, sems)
-    num_rows = block_q * group
-    row_token = kvs.row_tokens(blk * block_q, num_rows, group)
+    row_token = kvs.row_tokens(blk * block_q, block_q * group, group)
 
     def run_seq(seq):
-        item = item_of(blk, seq)
         r_lo, r_hi, offset, kv_len = rows_of(blk, seq)
         next_blk_first = first_seq_ref[jnp.minimum(blk + 1, num_blks - 1)]
         successor = item_of(blk, seq + 1).where(
             in_block(blk, seq + 1), item_of(blk + 1, next_blk_first))
-        in_seq = (row_token >= r_lo) & (row_token < r_hi)
-        q_pos = offset + row_token
-
-        @pl.when(item.num_blocks > 0)
-        def _():
-            kvs.init_softmax(m_ref, l_ref, acc_ref)
-
-        def compute(block, slot):
-            key_pos = kvs.key_positions(geo, item, block)
-            visible = in_seq & (key_pos <= q_pos)  # causal; rows past kv_len are never visible
-            if sliding_window is not None:
-                visible &= key_pos > q_pos - sliding_window
-            key_valid = kvs.written_rows(geo, item, block, kv_len)
-            for h in range(geo.num_kv_heads):
-                kvs.update_softmax(q_ref[h], k_buf[slot, h], v_buf[slot, h], visible, key_valid,
-                                   m_ref.at[h], l_ref.at[h], acc_ref.at[h],
-                                   sm_scale=sm_scale, soft_cap=soft_cap)
-
-        kvs.run_item(geo, refs, state_ref, item, successor, compute)
-
-        @pl.when(item.num_blocks > 0)
-        def _():
-            for h in range(geo.num_kv_heads):
-                out = kvs.finish_softmax(l_ref.at[h], acc_ref.at[h]).astype(o_ref.dtype)
-                o_ref[h] = jnp.where(in_seq, out, o_ref[h])
+        kvs.attend_item(geo, refs, (m_ref, l_ref, acc_ref), state_ref, item_of(blk, seq),
+                        successor, q_ref, o_ref, offset + row_token,
+                        (row_token >= r_lo) & (row_token < r_hi), kv_len,
+                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
         return seq + 1
 
     lax.while_loop(lambda seq: in_block(blk, seq), run_seq, first_seq_ref[blk])
@@ -131,33 +106,13 @@ def mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat, cu_q_lens, num_seq
     first_seq = jnp.searchsorted(cu_q_lens[1:], starts, side="right").astype(jnp.int32)
 
     rows = block_q * group
-    q_spec = pl.BlockSpec((hkv, rows, head_dim), lambda b, *_: (0, b, 0))
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    buf = pltpu.VMEM((2, hkv, geo.block_tokens, head_dim), kv_pages.dtype)
-    scratch = [
-        buf, buf,
-        pltpu.SemaphoreType.DMA((2,)),
-        pltpu.SemaphoreType.DMA(()),
-        pltpu.SMEM((kvs.STATE_SIZE,), jnp.int32),
-        pltpu.VMEM((hkv, rows, kvs.LANES), jnp.float32),
-        pltpu.VMEM((hkv, rows, kvs.LANES), jnp.float32),
-        pltpu.VMEM((hkv, rows, head_dim), jnp.float32),
-    ]
     kernel = functools.partial(_mixed_kernel, geo=geo, block_q=block_q, group=group,
                                sm_scale=sm_scale, sliding_window=sliding_window,
                                soft_cap=soft_cap)
-    out, kv_pages = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(num_blks,),
-            in_specs=[q_spec, any_spec, any_spec], out_specs=[q_spec, any_spec],
-            scratch_shapes=scratch),
-        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
-                   jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
-        input_output_aliases={7: 1},  # operand 7 = the pool (after 5 scalar-prefetch operands)
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes),
-        name="rpa_mixed",
-    )(kv_lens, pages_flat, cu_q_lens, num_seqs, first_seq, qt, new_kv, kv_pages)
+    out, kv_pages = kvs.stream_call(
+        kernel, (kv_lens, pages_flat, cu_q_lens, num_seqs, first_seq), qt, new_kv, kv_pages,
+        geo=geo, grid=(num_blks,), softmax_rows=(hkv, rows),
+        q_spec=pl.BlockSpec((hkv, rows, head_dim), lambda b, *_: (0, b, 0)),
+        vmem_limit_bytes=vmem_limit_bytes, name="rpa_mixed")
     out = out.reshape(hkv, padded, group, head_dim).transpose(1, 0, 2, 3)
     return out.reshape(padded, num_q_heads, head_dim)[:num_tokens], kv_pages
