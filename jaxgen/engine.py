@@ -179,19 +179,20 @@ class Engine:
             self._fail(plan, e)
 
     def _update_oldest(self):
-        """Waits for the oldest launched step's tokens and folds them into the scheduler."""
-        if not self._launched:
-            failed, self._failed = self._failed, []
-            return failed
-        launched, start = self._launched.pop(0)
-        try:
-            output = self.runner.collect(launched)
-        except Exception as e:
-            self._fail(launched.plan, e)
-            return self._update_oldest()
-        self._observe_step(start, time.perf_counter())
-        with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
-            return self.scheduler.update(launched.plan, output)
+        """Waits for the oldest launched step's tokens and folds them into the scheduler; after
+        a failed step, returns the final events of the requests it ended instead."""
+        if self._launched:
+            launched, start = self._launched.pop(0)
+            try:
+                output = self.runner.collect(launched)
+            except Exception as e:
+                self._fail(launched.plan, e)  # ends the requests of every launched step
+            else:
+                self._observe_step(start, time.perf_counter())
+                with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
+                    return self.scheduler.update(launched.plan, output)
+        failed, self._failed = self._failed, []
+        return failed
 
     def _fail(self, plan, e: Exception) -> None:
         """A device step failed: its requests (and those of every step launched with it) end

@@ -2,10 +2,8 @@
 greedy decode; seeds ignore batch mates; prefix cache, preemption, aborts, deadlines, stop
 strings, logprobs, poisoned freed pages, failure isolation, no compilation after warm-up."""
 
-import threading
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -277,3 +275,27 @@ def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
     for p, c in zip(ps, out):
         assert list(c.token_ids) == expected(tiny, p)
     assert engine.scheduler.allocator.num_used == 0
+
+
+def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests(tiny, monkeypatch):
+    """A device error surfacing when tokens are read (with the next step already launched)
+    ends the running requests with "error"; the engine keeps serving."""
+    engine = make_engine(tiny)
+    streams = [engine.add_request(p, SamplingParams(max_tokens=30, temperature=0.0))
+               for p in prompts(2, seed=31)]
+    real = engine.runner.collect
+    engine.step()  # prefills
+    engine.step()  # the first decode step, with the next one launched ahead
+    assert engine._launched, "nothing was launched ahead"
+
+    def broken(launched):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "collect", broken)
+    engine.step()
+    monkeypatch.setattr(engine.runner, "collect", real)
+    results = [s.result() for s in streams]
+    assert all(r.finish_reason == "error" and "device lost" in r.detail for r in results)
+    assert engine.scheduler.num_pages_used == 0 and engine.dead is None
+    p = prompts(1, seed=32)[0]
+    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)

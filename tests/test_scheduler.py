@@ -158,14 +158,18 @@ def step(sched, ex):
     return plan, events
 
 
-def serve(sched, ex, arrivals, max_steps=3000):
-    """Run until everything finished. arrivals: {step: [(id, prompt, params), ...]}."""
+def serve(sched, ex, arrivals, max_steps=3000, stepper=None, abort_at=None):
+    """Run until everything finished. arrivals: {step: [(id, prompt, params), ...]}; abort_at:
+    {step: id}; stepper(sched, ex) -> events runs one engine step (default: `step`)."""
+    stepper = stepper or (lambda s, e: step(s, e)[1])
     arrivals = {k: list(v) for k, v in arrivals.items()}
     streams, finals, n = collections.defaultdict(list), {}, 0
     while arrivals or sched.has_work():
         for rid, prompt, params in arrivals.pop(n, ()):
             sched.add(rid, prompt, params, seed=0)
-        for event in step(sched, ex)[1]:
+        if abort_at and n in abort_at:
+            sched.abort(abort_at[n])
+        for event in stepper(sched, ex):
             assert event.request_id not in finals, "event after the final one"
             streams[event.request_id] += event.token_ids
             if event.finished:
@@ -622,46 +626,31 @@ def test_importing_the_scheduler_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def serve_ahead(sched, ex, arrivals, abort_at=None, max_steps=3000):
-    """Like `serve`, but pipelined as the engine runs it: while one plan is in flight the next
-    decode step is planned (`schedule_ahead`) and launched before the older one is updated.
-    The executor runs each plan when it is launched, as the device would, in launch order."""
-    arrivals = {k: list(v) for k, v in arrivals.items()}
-    streams, finals, pending, ahead, n = collections.defaultdict(list), {}, [], 0, 0
+class Pipelined:
+    """One engine step as the engine runs it with look-ahead: while one plan is in flight the
+    next decode step is planned (`schedule_ahead`) and launched before the older one is
+    updated. The executor runs each plan when it is launched, as the device would."""
 
-    def launch(plan):
+    def __init__(self):
+        self.pending, self.ahead = [], 0
+
+    def _launch(self, sched, ex, plan):
         ex.poison(sched.allocator.free_pages())
-        pending.append((plan, ex.run(plan)))
+        self.pending.append((plan, ex.run(plan)))
 
-    while arrivals or sched.has_work():
-        for rid, p, params in arrivals.pop(n, ()):
-            sched.add(rid, p, params, seed=0)
-        if abort_at and n in abort_at:
-            sched.abort(abort_at[n])
-        events = []
-        if not pending:
+    def __call__(self, sched, ex):
+        if not self.pending:
             plan = sched.schedule()
             if plan.empty:
-                events = sched.take_finished_events()
-            else:
-                launch(plan)
-        if pending:
-            plan = sched.schedule_ahead()
-            if plan is not None:
-                ahead += 1
-                launch(plan)
-            events = sched.update(*pending.pop(0))
+                return sched.take_finished_events()
+            self._launch(sched, ex, plan)
+        plan = sched.schedule_ahead()
+        if plan is not None:
+            self.ahead += 1
+            self._launch(sched, ex, plan)
+        events = sched.update(*self.pending.pop(0))
         sched.check_invariants()
-        for event in events:
-            assert event.request_id not in finals, "event after the final one"
-            streams[event.request_id] += event.token_ids
-            if event.finished:
-                finals[event.request_id] = event
-        n += 1
-        assert n < max_steps, "no progress"
-    assert not pending and sched.allocator.num_used == 0
-    sched.allocator.check_invariants([])
-    return dict(streams), finals, ahead
+        return events
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
@@ -671,9 +660,10 @@ def test_decode_ahead_pipeline_equals_each_request_alone(decode_steps):
     are poisoned once freed and never read, and arrivals still get admitted."""
     arrivals = mixed_load(14)
     sched, ex = make(decode_steps=decode_steps, max_prefill_tokens=24)
-    streams, finals, ahead = serve_ahead(sched, ex, arrivals)
-    assert streams == expected(arrivals)
-    assert ahead > 3, "the pipeline never looked ahead"
+    piped = Pipelined()
+    streams, finals = serve(sched, ex, arrivals, stepper=piped)
+    assert streams == expected(arrivals) and not piped.pending
+    assert piped.ahead > 3, "the pipeline never looked ahead"
     assert all(len(f.token_ids) <= 40 for f in finals.values())
 
 
@@ -681,12 +671,13 @@ def test_decode_ahead_with_a_short_pool_and_an_abort():
     arrivals = {0: [(f"r{i}", prompt(20 + 3 * i, i), SamplingParams(max_tokens=60, ignore_eos=True))
                     for i in range(6)]}
     sched, ex = make(num_slots=4, num_pages=13, decode_steps=4, max_prefill_tokens=48)
-    streams, finals, ahead = serve_ahead(sched, ex, arrivals, abort_at={9: "r1"})
+    piped = Pipelined()
+    streams, finals = serve(sched, ex, arrivals, stepper=piped, abort_at={9: "r1"})
     want = expected(arrivals)
     assert finals["r1"].finish_reason == "abort"
     assert streams["r1"] == want["r1"][:len(streams["r1"])]
     assert all(streams[r] == want[r] for r in want if r != "r1")
-    assert sched.num_preemptions > 0 and ahead > 0
+    assert sched.num_preemptions > 0 and piped.ahead > 0
 
 
 def test_schedule_ahead_only_when_nothing_else_is_due():

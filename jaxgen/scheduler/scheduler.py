@@ -142,7 +142,7 @@ class Scheduler:
                        or (r.deadline is not None and now >= r.deadline)
                        for r in self._running)):
             return None
-        k, ps = self.config.decode_steps, self.config.page_size
+        k = self.config.decode_steps
         in_last = set(last.decode_slots)
         grow, slots, positions = [], [], []
         for request in self._running:
@@ -155,8 +155,7 @@ class Scheduler:
                 continue
             if request.params.max_tokens - len(request.output_ids) <= made:
                 continue  # ends with the in-flight step (length)
-            need = min(start + k - 1, request.max_len - 1) // ps + 1 - len(request.pages)
-            grow.append((request, max(0, need)))
+            grow.append((request, self._pages_to_decode_from(request, start)))
             slots.append(request.slot)
             positions.append(start)
         if not slots or not self.allocator.can_allocate(sum(n for _, n in grow)):
@@ -199,22 +198,19 @@ class Scheduler:
         """Give every decoding request pages for the tokens it keeps this step, oldest first,
         preempting the newest running requests when the pool runs dry.
         Returns (decode slots, whether anyone was preempted)."""
-        k, ps = self.config.decode_steps, self.config.page_size
         slots, preempted = [], False
         for request in [r for r in self._running if r.decoding]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room for an older request
-            # Feeding position p writes p .. p+k-1; tokens past max_len are discarded, and
-            # writes past the row land in the null page, so only kept positions need pages.
-            last = min(request.num_computed_tokens + k - 1, request.max_len - 1)
-            pages = self.allocator.allocate(max(0, last // ps + 1 - len(request.pages)))
+            need = self._pages_to_decode_from(request, request.num_computed_tokens)
+            pages = self.allocator.allocate(need)
             while pages is None:
                 victim = self._running[-1]  # the newest: never an older, already-served one
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
-                pages = self.allocator.allocate(last // ps + 1 - len(request.pages))
+                pages = self.allocator.allocate(need)
             if pages is None:
                 continue
             if pages:
@@ -222,6 +218,13 @@ class Scheduler:
                 self._slots.pages_changed(request.slot)
             slots.append(request.slot)
         return sorted(slots), preempted
+
+    def _pages_to_decode_from(self, request: Request, position: int) -> int:
+        """New pages `request` needs to decode `decode_steps` tokens feeding `position` first.
+        Feeding p writes p .. p+k-1; tokens past max_len are discarded and writes past the
+        page-table row land in the null page, so only kept positions need pages."""
+        last = min(position + self.config.decode_steps - 1, request.max_len - 1)
+        return max(0, last // self.config.page_size + 1 - len(request.pages))
 
     def _schedule_prefills(self, now: float, admit: bool):
         budget = self.config.max_prefill_tokens
