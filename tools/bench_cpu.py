@@ -31,6 +31,16 @@ from jaxgen.sampling_params import SamplingParams
 PROMPT = "The history of the printing press begins in"
 
 
+def decode_rate(run, new: int, reps: int):
+    """`run(n) -> (seconds, token ids)` generates n tokens; returns (decode tok/s excluding
+    the prompt's prefill, the token ids of one full run)."""
+    run(new + 1)  # warm-up: every shape compiled / every kernel loaded
+    first = statistics.median(run(1)[0] for _ in range(reps))
+    runs = [run(new + 1) for _ in range(reps)]
+    full = statistics.median(t for t, _ in runs)
+    return new / (full - first), runs[0][1]
+
+
 def time_jaxgen(engine: Engine, prompt_ids, new: int, reps: int):
     def run(n):
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -38,11 +48,7 @@ def time_jaxgen(engine: Engine, prompt_ids, new: int, reps: int):
         out = engine.generate([prompt_ids], params)[0]
         return time.perf_counter() - start, list(out.token_ids)
 
-    run(new + 1)  # warm-up: every shape compiled
-    first = statistics.median(run(1)[0] for _ in range(reps))
-    runs = [run(new + 1) for _ in range(reps)]
-    full = statistics.median(t for t, _ in runs)
-    return new / (full - first), runs[0][1]
+    return decode_rate(run, new, reps)
 
 
 def time_hf(model, prompt_ids, new: int, reps: int):
@@ -57,11 +63,7 @@ def time_hf(model, prompt_ids, new: int, reps: int):
                                  min_new_tokens=n, do_sample=False, num_beams=1)
         return time.perf_counter() - start, out[0, len(prompt_ids):].tolist()
 
-    run(new + 1)
-    first = statistics.median(run(1)[0] for _ in range(reps))
-    runs = [run(new + 1) for _ in range(reps)]
-    full = statistics.median(t for t, _ in runs)
-    return new / (full - first), runs[0][1]
+    return decode_rate(run, new, reps)
 
 
 def main() -> None:

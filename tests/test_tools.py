@@ -1,0 +1,28 @@
+"""Host-side logic of the benchmark tools (their timings come from the GPU box, not tests)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+
+import profile_decode  # noqa: E402
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert profile_decode.busy_time([]) == 0.0
+    assert profile_decode.busy_time([(5, 7), (0, 2), (1, 3), (3, 4)]) == 6  # [0,4) and [5,7)
+
+
+def test_stream_summary_reads_the_busiest_gpu_stream():
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": 10, "name": "gemm"},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 20, "dur": 10, "name": "gemm"},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 25, "dur": 15, "name": "rpa_decode"},
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 99, "name": "memcpy"},  # other stream
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": 99, "name": "host"},  # not a GPU
+    ]
+    n, span, busy, by_name = profile_decode.stream_summary(events)
+    assert (n, span, busy) == (3, 40, 30)
+    assert by_name == {"gemm": [20.0, 2], "rpa_decode": [15.0, 1]}
