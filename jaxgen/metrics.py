@@ -21,15 +21,6 @@ STEP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01,
                 .25, .5, 1, 2.5)
 
 
-def outcome(finish_reason: str, detail: str) -> str:
-    """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or Abort), error."""
-    if finish_reason in ("stop", "length"):
-        return "ok"
-    if finish_reason == "abort":
-        return "deadline_exceeded" if detail.startswith("deadline exceeded") else "aborted"
-    return "error"
-
-
 class ServingMetrics(EngineObserver):
     def __init__(self, engine: Engine, registry: CollectorRegistry | None = None):
         self.engine = engine
@@ -71,7 +62,7 @@ class ServingMetrics(EngineObserver):
 
     def on_finish(self, finished: FinishedRequest) -> None:
         out, usage = finished.output, finished.output.usage
-        self.requests.labels(outcome(out.finish_reason, out.detail), out.finish_reason).inc()
+        self.requests.labels(out.outcome, out.finish_reason).inc()
         self.e2e.observe(finished.e2e_seconds)
         if usage is None:
             return

@@ -9,7 +9,6 @@ import json
 import logging
 
 from jaxgen.engine import EngineObserver, FinishedRequest
-from jaxgen.metrics import outcome
 
 log = logging.getLogger("jaxgen.requests")
 
@@ -26,7 +25,7 @@ class RequestLog(EngineObserver):
         if not log.isEnabledFor(logging.INFO):
             return
         out, u = finished.output, finished.output.usage
-        fields = [f"id={out.request_id}", f"outcome={outcome(out.finish_reason, out.detail)}",
+        fields = [f"id={out.request_id}", f"outcome={out.outcome}",
                   f"finish_reason={out.finish_reason}"]
         if u is not None:
             fields += [f"prompt_tokens={u.prompt_tokens}", f"completion_tokens={u.completion_tokens}",

@@ -27,6 +27,17 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def outcome(self) -> str | None:
+        """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or an abort),
+        error; None until the final output. The scheduler words a deadline abort's detail
+        "deadline exceeded (...)"."""
+        if self.finish_reason in ("stop", "length"):
+            return "ok"
+        if self.finish_reason == "abort":
+            return "deadline_exceeded" if self.detail.startswith("deadline exceeded") else "aborted"
+        return None if self.finish_reason is None else "error"
+
 
 class RequestStream:
     """Iterate to receive outputs as they are produced; iteration ends after the final one."""

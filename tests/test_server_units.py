@@ -50,6 +50,21 @@ def test_the_engine_path_never_imports_grpc():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
 
 
+def test_serving_without_metrics_never_imports_prometheus():
+    code = ("import sys, jaxgen.request_log, jaxgen.server.lifecycle; "
+            "assert 'prometheus_client' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
+
+
+@pytest.mark.parametrize("reason, detail, outcome", [
+    (None, "", None), ("stop", "stop string '\\n'", "ok"), ("length", "", "ok"),
+    ("abort", "deadline exceeded (0.010s past)", "deadline_exceeded"), ("abort", "aborted", "aborted"),
+    ("error", "out of device memory", "error")])
+def test_outcome_of_a_final_output(reason, detail, outcome):
+    """One outcome serves the metrics label, the request log and the servicer's status code."""
+    assert RequestOutput("r", (), "", finish_reason=reason, detail=detail).outcome == outcome
+
+
 # -- config -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, message", [

@@ -101,11 +101,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(Code.UNAVAILABLE, str(e))
         self._in_engine[request_id] = stream
         # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
-        async with contextlib.aclosing(self._stream(m, request_id, stream, deadline, context)) as s:
+        async with contextlib.aclosing(self._stream(m, request_id, stream, context)) as s:
             async for msg in s:
                 yield msg
 
-    async def _stream(self, m: ServingModel, request_id: str, stream, deadline, context):
+    async def _stream(self, m: ServingModel, request_id: str, stream, context):
         self._calls += 1
         self._idle.clear()
         done = False
@@ -114,8 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 done = out.finished
                 if out.finish_reason == "error":
                     await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
-                if (out.finish_reason == "abort" and deadline is not None
-                        and time.monotonic() >= deadline):
+                if out.outcome == "deadline_exceeded":
                     await context.abort(Code.DEADLINE_EXCEEDED, out.detail)
                 yield rm.response(out)
         finally:
