@@ -25,7 +25,6 @@ import uuid
 
 import grpc
 
-from jaxgen.request_stream import RequestStream
 from jaxgen.profiling import ProfileBusyError, ProfileCapture, trace_files
 from jaxgen.scheduler import QueueFullError
 from jaxgen.server import request_mapping as rm
@@ -43,7 +42,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.model: ServingModel | None = None  # set once warm-up is done
         self.profiles = profiles
         self.draining = False
-        self._in_engine: dict[str, RequestStream] = {}  # ids the engine still holds
+        self._in_engine: set[str] = set()  # ids the engine still holds
         self._calls = 0  # Generate calls in progress
         self._idle = asyncio.Event()
         self._idle.set()
@@ -99,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if m.engine.dead is None:
                 raise
             await context.abort(Code.UNAVAILABLE, str(e))
-        self._in_engine[request_id] = stream
+        self._in_engine.add(request_id)
         # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
         async with contextlib.aclosing(self._stream(m, request_id, stream, context)) as s:
             async for msg in s:
@@ -122,7 +121,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if self._calls == 0:
                 self._idle.set()
             if done:
-                self._in_engine.pop(request_id, None)
+                self._in_engine.discard(request_id)
             else:  # the call ended first: free the slot and pages at the next step
                 m.engine.abort(request_id)
                 self._forget_when_done(request_id, stream)
@@ -131,7 +130,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """Keeps the id reserved until the engine's final output for it arrives."""
         def check():
             if any(out.finished for out in drain(stream)):
-                self._in_engine.pop(request_id, None)
+                self._in_engine.discard(request_id)
         stream.notify(wake_on(asyncio.get_running_loop(), check))
 
     # -- the other RPCs ---------------------------------------------------------------------
