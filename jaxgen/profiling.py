@@ -57,9 +57,17 @@ class ProfileCapture:
             self._busy.release()
 
 
-def trace_files(directory: str) -> list[str]:
-    """The files under `directory`, relative to it, sorted."""
+def trace_chunks(directory: str, chunk_bytes: int):
+    """(path relative to `directory` with "/" separators, offset, data, last) for every file under
+    `directory`, sorted by path, each file in pieces of at most `chunk_bytes` (an empty one in one
+    empty piece); `last` marks a file's final piece."""
     found = []
     for base, _, names in os.walk(directory):
         found += [os.path.relpath(os.path.join(base, n), directory) for n in names]
-    return sorted(found)
+    for rel in sorted(found):
+        path = os.path.join(directory, rel)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            for offset in range(0, max(size, 1), chunk_bytes):
+                yield (rel.replace(os.sep, "/"), offset, f.read(chunk_bytes),
+                       offset + chunk_bytes >= size)

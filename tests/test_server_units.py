@@ -168,6 +168,21 @@ def test_response_carries_tokens_logprobs_finish_and_usage():
     assert rm.response(RequestOutput("r", (1, 2), "ab")).finish_reason == pb.FINISH_REASON_UNSPECIFIED
 
 
+def test_trace_chunks_split_files_and_mark_the_last_piece(tmp_path):
+    from jaxgen.profiling import trace_chunks
+
+    (tmp_path / "plugins" / "profile").mkdir(parents=True)
+    files = {"empty": b"", "plugins/profile/exact": b"abcdefgh", "plugins/profile/ragged": b"0123456789"}
+    for rel, data in files.items():
+        (tmp_path / rel).write_bytes(data)
+    chunks = list(trace_chunks(str(tmp_path), 4))
+    assert [(rel, offset, last) for rel, offset, _, last in chunks] == [
+        ("empty", 0, True), ("plugins/profile/exact", 0, False), ("plugins/profile/exact", 4, True),
+        ("plugins/profile/ragged", 0, False), ("plugins/profile/ragged", 4, False),
+        ("plugins/profile/ragged", 8, True)]
+    assert {rel: b"".join(d for r, _, d, _ in chunks if r == rel) for rel in files} == files
+
+
 # -- the asyncio bridge -------------------------------------------------------------------------
 
 def test_many_streams_are_bridged_without_a_thread_each():

@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
 import time
 import uuid
 
 import grpc
 
-from jaxgen.profiling import ProfileBusyError, ProfileCapture, trace_files
+from jaxgen.profiling import ProfileBusyError, ProfileCapture, trace_chunks
 from jaxgen.scheduler import QueueFullError
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
@@ -184,14 +183,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         except ProfileBusyError as e:
             await context.abort(Code.FAILED_PRECONDITION, str(e))
-        for rel in trace_files(directory):
-            with open(os.path.join(directory, rel), "rb") as f:
-                data, offset = f.read(PROFILE_CHUNK_BYTES), 0
-                while True:
-                    following = f.read(PROFILE_CHUNK_BYTES)
-                    yield pb.ProfileChunk(server_dir=directory, path=rel.replace(os.sep, "/"),
-                                          offset=offset, data=data, last=not following)
-                    if not following:
-                        break
-                    offset += len(data)
-                    data = following
+        for path, offset, data, last in trace_chunks(directory, PROFILE_CHUNK_BYTES):
+            yield pb.ProfileChunk(server_dir=directory, path=path, offset=offset, data=data,
+                                  last=last)
