@@ -1,5 +1,6 @@
-"""XLA profiler sessions of a running server: JAX's profiler server (for TensorBoard / XProf to
-capture from) and on-demand traces of a given duration into a server-side directory.
+"""On-demand XLA profiler traces of a running server, of a given duration, into a server-side
+directory. (JAX's profiler server, for TensorBoard / XProf to capture from, is started by
+`jaxgen.server.lifecycle` with `jax.profiler.start_server`.)
 
 The step functions carry named scopes (`prefill`, `insert`, `generate`, `sampling`) and the engine
 marks host scheduling with trace annotations (`jaxgen.schedule`, `jaxgen.update`), so both show
@@ -20,13 +21,6 @@ MAX_PROFILE_SECONDS = 300.0
 
 class ProfileBusyError(RuntimeError):
     """A capture is already running (JAX allows one trace at a time)."""
-
-
-def start_profiler_server(port: int) -> None:
-    """Starts JAX's profiler server on `port`, for TensorBoard / XProf remote capture."""
-    if not 1 <= port <= 65535:
-        raise ValueError(f"profiler_port={port}: must be in [1, 65535]")
-    jax.profiler.start_server(port)
 
 
 class ProfileCapture:

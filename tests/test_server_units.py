@@ -73,6 +73,7 @@ def test_outcome_of_a_final_output(reason, detail, outcome):
     (dict(api_keys=("ok", "has space")), "api_keys='<hidden>': each key must be non-empty"),
     (dict(max_message_bytes=10), "max_message_bytes=10: must be an integer >= 1024"),
     (dict(drain_timeout_s=-1.0), "drain_timeout_s=-1.0: must be >= 0"),
+    (dict(profiler_port=0), "profiler_port=0: must be in [1, 65535]"),  # the only check of it
 ])
 def test_server_config_validation_names_the_field(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable
 
 import grpc
+import jax
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxgen.profiling import ProfileCapture, start_profiler_server
+from jaxgen.profiling import ProfileCapture
 from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.server.config import ServerConfig
 from jaxgen.server.servicer import GenerationServicer
@@ -139,7 +140,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
     propagate after the server has stopped."""
     servicer = GenerationServicer(ProfileCapture(config.profile_dir))
     if config.profiler_port is not None:
-        start_profiler_server(config.profiler_port)
+        jax.profiler.start_server(config.profiler_port)  # the port is checked by ServerConfig
         _say(f"profiler server on port {config.profiler_port}")
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, NOT_SERVING)
