@@ -60,6 +60,7 @@ def check(seqs, hq, hkv, d, page_size, window=None, soft_cap=None, dtype=jnp.flo
         # A decode step: one query row per sequence row, the idle row's included (T == S).
         assert all(q_len == 1 for _, q_len in seqs)
         args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype, pad_rows=1)
+        args[6] = jnp.arange(len(seqs) + 2, dtype=jnp.int32)  # the contract: cu == arange(S+1)
     else:
         args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype)
     q, k, v, pool, kv_lens, page_indices, cu, _ = args
