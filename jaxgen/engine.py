@@ -123,6 +123,9 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad}: outside the vocabulary [0, {vocab})")
+        for i, t in enumerate(params.stop_token_ids):
+            if not 0 <= t < vocab:
+                raise ValueError(f"stop_token_ids[{i}]={t}: outside the vocabulary [0, {vocab})")
         seed = params.seed if params.seed is not None else next(self._seeds)
         stream = RequestStream(request_id)
         with self._work:

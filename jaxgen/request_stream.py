@@ -9,7 +9,7 @@ import dataclasses
 import queue
 from collections.abc import Callable
 
-from jaxgen.scheduler.events import Usage
+from jaxgen.scheduler.events import DEADLINE_EXCEEDED, Usage
 from jaxgen.scheduler.samples import TokenLogprobs
 
 
@@ -30,12 +30,11 @@ class RequestOutput:
     @property
     def outcome(self) -> str | None:
         """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or an abort),
-        error; None until the final output. The scheduler words a deadline abort's detail
-        "deadline exceeded (...)"."""
+        error; None until the final output."""
         if self.finish_reason in ("stop", "length"):
             return "ok"
         if self.finish_reason == "abort":
-            return "deadline_exceeded" if self.detail.startswith("deadline exceeded") else "aborted"
+            return "deadline_exceeded" if self.detail.startswith(DEADLINE_EXCEEDED) else "aborted"
         return None if self.finish_reason is None else "error"
 
 

@@ -299,3 +299,10 @@ def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests
     assert engine.scheduler.num_pages_used == 0 and engine.dead is None
     p = prompts(1, seed=32)[0]
     assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny):
+    engine = make_engine(tiny)
+    with pytest.raises(ValueError, match=r"stop_token_ids\[1\]=256: outside the vocabulary \[0, 256\)"):
+        engine.add_request([1, 2], SamplingParams(stop_token_ids=(3, 256)))
+    assert not engine.has_work()

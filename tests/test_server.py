@@ -228,7 +228,7 @@ BAD_REQUESTS = [
     (pb.GenerateRequest(text="Hi", sampling=_sampling(stop=["x" * 257])),
      "each stop string must have 1..256 characters"),
     (pb.GenerateRequest(text="Hi", sampling=_sampling(stop_token_ids=[VOCAB + 3])),
-     f"sampling.stop_token_ids[0]={VOCAB + 3}: outside the vocabulary [0, {VOCAB})"),
+     f"stop_token_ids[0]={VOCAB + 3}: outside the vocabulary [0, {VOCAB})"),
     (pb.GenerateRequest(text="Hi", sampling=_sampling(logprobs=21)), "sampling.logprobs=21: must be in [0, 20]"),
     (pb.GenerateRequest(text="Hi", sampling=_sampling(seed=-3)), "sampling.seed=-3"),
     (pb.GenerateRequest(messages=pb.ChatMessages()), "messages.messages=[]: at least one message"),

@@ -146,12 +146,11 @@ def _closed_port() -> int:
 # -- proto <-> engine ---------------------------------------------------------------------------
 
 def test_sampling_params_defaults_and_priority():
-    params = rm.sampling_params(pb.SamplingParams(), priority=-5, prompt_len=10, max_context=64,
-                                vocab_size=100)
+    params = rm.sampling_params(pb.SamplingParams(), priority=-5, prompt_len=10, max_context=64)
     assert params.max_tokens == 54 and params.priority == -5  # the rest of the context
     assert params.temperature == 1.0 and params.top_p == 1.0 and params.logprobs is None
     params = rm.sampling_params(pb.SamplingParams(max_tokens=3, temperature=0, logprobs=0,
-                                                  stop=["x"], stop_token_ids=[7]), 0, 10, 64, 100)
+                                                  stop=["x"], stop_token_ids=[7]), 0, 10, 64)
     assert (params.max_tokens, params.greedy, params.logprobs, params.stop, params.stop_token_ids) == \
         (3, True, 0, ("x",), (7,))
 

@@ -14,6 +14,8 @@ from jaxgen.scheduler.request import Request
 from jaxgen.scheduler.samples import TokenLogprobs
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# The detail of an "abort" that a request's deadline caused starts with this.
+DEADLINE_EXCEEDED = "deadline exceeded"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler.config import SchedulerConfig
-from jaxgen.scheduler.events import RequestEvent, request_event
+from jaxgen.scheduler.events import DEADLINE_EXCEEDED, RequestEvent, request_event
 from jaxgen.scheduler.page_allocator import PageAllocator
 from jaxgen.scheduler.plan import PrefillChunk, SlotAssignment, StepOutput, StepPlan
 from jaxgen.scheduler.request import Request, RequestStatus
@@ -190,7 +190,7 @@ class Scheduler:
         for request in list(self._requests.values()):
             detail = request.pending_abort
             if detail is None and request.deadline is not None and now >= request.deadline:
-                detail = f"deadline exceeded ({now - request.deadline:.3f}s past)"
+                detail = f"{DEADLINE_EXCEEDED} ({now - request.deadline:.3f}s past)"
             if detail is not None:
                 self._events.append(self._end(request, "abort", detail))
 

@@ -75,8 +75,8 @@ def prompt_source(request: pb.GenerateRequest, tokenizer) -> Callable[[], list[i
     return lambda: tokenizer.encode_chat(messages)
 
 
-def sampling_params(msg: pb.SamplingParams, priority: int, prompt_len: int, max_context: int,
-                    vocab_size: int) -> SamplingParams:
+def sampling_params(msg: pb.SamplingParams, priority: int, prompt_len: int,
+                    max_context: int) -> SamplingParams:
     """`SamplingParams` from the proto: unset fields take the engine defaults, except max_tokens,
     which defaults to the rest of the context."""
     fields = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
@@ -86,10 +86,6 @@ def sampling_params(msg: pb.SamplingParams, priority: int, prompt_len: int, max_
             raise InvalidRequest(f"prompt of {prompt_len} tokens: leaves no room for max_tokens "
                                  f"within max_context_length={max_context}")
         fields["max_tokens"] = room
-    for i, t in enumerate(msg.stop_token_ids):
-        if not 0 <= t < vocab_size:
-            raise InvalidRequest(f"sampling.stop_token_ids[{i}]={t}: outside the vocabulary "
-                                 f"[0, {vocab_size})")
     try:
         return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
                               ignore_eos=msg.ignore_eos, priority=priority, **fields)

@@ -79,7 +79,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             request_id = rm.request_id(request.request_id) or uuid.uuid4().hex
             prompt_ids = await self._off_loop(rm.prompt_source(request, m.tokenizer))
             params = rm.sampling_params(request.sampling, request.priority, len(prompt_ids),
-                                        m.max_context, m.vocab_size)
+                                        m.max_context)
         except ValueError as e:  # InvalidRequest, or the tokenizer / chat template refusing
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         if request_id in self._in_engine:
