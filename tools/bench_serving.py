@@ -25,6 +25,8 @@ import grpc
 import numpy as np
 from grpc import aio
 
+from jaxgen.server.client import auth_metadata
+from jaxgen.server.config import grpc_target
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
@@ -142,9 +144,8 @@ def _rates(text: str) -> list[float]:
 
 
 async def amain(args) -> dict:
-    target = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-    async with aio.insecure_channel(target) as channel:
+    metadata = auth_metadata(args.api_key)
+    async with aio.insecure_channel(grpc_target(args.host, args.port)) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
         runs = []
@@ -192,7 +193,8 @@ def check_args(args) -> None:
     if not 0 < args.max_seconds <= MAX_SECONDS:
         raise ValueError(f"max_seconds={args.max_seconds}: must be in (0, {MAX_SECONDS}]")
     if any(r <= 0 for r in _rates(args.rates)) or any(c < 1 for c in _rates(args.concurrency)):
-        raise ValueError("rates must be > 0 and concurrency >= 1")
+        raise ValueError(f"rates={args.rates!r} / concurrency={args.concurrency!r}: rates must "
+                         f"be > 0 and concurrency >= 1")
     if not _rates(args.rates) and not _rates(args.concurrency):
         raise ValueError("give --rates and/or --concurrency")
     for name in ("max_prompt_tokens", "max_output_tokens"):

@@ -12,12 +12,13 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
+from jaxgen.server.config import grpc_target
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
 
 def connect(host: str, port: int, tls_ca: bytes | None = None) -> grpc.Channel:
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    target = grpc_target(host, port)
     if tls_ca is None:
         return grpc.insecure_channel(target)
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca))

@@ -60,7 +60,12 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return grpc_target(self.host, self.port)
+
+
+def grpc_target(host: str, port: int) -> str:
+    """"host:port" as gRPC wants it (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def read_api_keys(keys: list[str], keys_file: str | None, environ=os.environ) -> tuple[str, ...]:
