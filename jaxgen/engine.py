@@ -146,24 +146,33 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One engine step: plan -> execute -> update. In steady decoding the next decode step
-        is launched before this one's tokens are read (`Scheduler.schedule_ahead`), so the
-        device never waits on the host. False when there was nothing to do."""
+        """One engine step: plan -> execute -> update. The device is kept fed: in steady
+        decoding the next decode step is launched before this one's tokens are read
+        (`Scheduler.schedule_ahead`), and otherwise the next step is planned and launched
+        before this one's tokens become text and stream out. False when there was nothing to
+        do."""
         if not self._launched:
-            plan, events = self._plan()
-            if plan.empty:
+            events = self._plan_and_launch()
+            if not self._launched:  # nothing to do, or its launch failed
+                events += self._take_failed()
                 self._deliver(events)
                 return bool(events)
-            self._launch(plan)
         self._launch(self._plan_ahead())
-        self._deliver(self._update_oldest())
+        events = self._update_oldest() if self._launched else []  # [] if that launch failed
+        if not self._launched:
+            events += self._plan_and_launch()
+        self._deliver(events + self._take_failed())
         return True
 
-    def _plan(self):
+    def _plan_and_launch(self) -> list[RequestEvent]:
+        """Plans a step and launches it unless it is empty; returns the final events an empty
+        plan's aborts and expiries produced (a plan with work reports them at its update)."""
         with self._lock, jax.profiler.TraceAnnotation("jaxgen.schedule"):
             plan = self.scheduler.schedule()
-            # An empty plan needs no update; aborts/expiries it performed are reported here.
-            return plan, self.scheduler.take_finished_events() if plan.empty else []
+            events = self.scheduler.take_finished_events() if plan.empty else []
+        if not plan.empty:
+            self._launch(plan)
+        return events
 
     def _plan_ahead(self):
         if not self._launched:
@@ -181,19 +190,20 @@ class Engine:
         except Exception as e:
             self._fail(plan, e)
 
-    def _update_oldest(self):
-        """Waits for the oldest launched step's tokens and folds them into the scheduler; after
-        a failed step, returns the final events of the requests it ended instead."""
-        if self._launched:
-            launched, start = self._launched.pop(0)
-            try:
-                output = self.runner.collect(launched)
-            except Exception as e:
-                self._fail(launched.plan, e)  # ends the requests of every launched step
-            else:
-                self._observe_step(start, time.perf_counter())
-                with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
-                    return self.scheduler.update(launched.plan, output)
+    def _update_oldest(self) -> list[RequestEvent]:
+        """Waits for the oldest launched step's tokens and folds them into the scheduler (no
+        events when it failed: `_fail` ends its requests)."""
+        launched, start = self._launched.pop(0)
+        try:
+            output = self.runner.collect(launched)
+        except Exception as e:
+            self._fail(launched.plan, e)  # ends the requests of every launched step
+            return []
+        self._observe_step(start, time.perf_counter())
+        with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
+            return self.scheduler.update(launched.plan, output)
+
+    def _take_failed(self) -> list[RequestEvent]:
         failed, self._failed = self._failed, []
         return failed
 

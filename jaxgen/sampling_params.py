@@ -13,6 +13,13 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
 
+# Sampling levels, each a superset of the one before: the on-device stages a step runs for the
+# requests in it (the highest level among them). GREEDY: argmax only; DRAW: penalties, logprobs
+# and the random draw; FILTER: also the top-k / top-p / min-p filter (a full-vocabulary sort).
+# Rows that need less come out of a higher level exactly as from their own.
+GREEDY, DRAW, FILTER = 0, 1, 2
+SAMPLING_LEVELS = (GREEDY, DRAW, FILTER)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -73,3 +80,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def sampling_level(self) -> int:
+        """The lowest of SAMPLING_LEVELS that serves this request."""
+        if not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0):
+            return FILTER
+        penalised = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                     or self.frequency_penalty != 0.0)
+        return DRAW if (not self.greedy or penalised or self.logprobs is not None) else GREEDY

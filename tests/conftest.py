@@ -21,6 +21,14 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def xla_cache_dir(tmp_path_factory):
-    """A private persistent compilation cache shared by the session's server processes, so
-    only the first one compiles."""
+    """A private persistent compilation cache shared by this process and the session's server
+    processes, so a program compiles once per session (engines of the same model and shapes
+    in many tests)."""
     return str(tmp_path_factory.mktemp("xla-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(xla_cache_dir):
+    from jaxgen.runtime.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(xla_cache_dir)

@@ -76,12 +76,17 @@ def test_small_pool_preempts_and_still_matches(tiny):
 
 
 def test_seeded_sampling_ignores_batch_mates(tiny):
+    """Also across sampling levels: `plain` runs at DRAW alone and at FILTER beside `params`."""
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
-    alone = make_engine(tiny).generate([[5, 6, 7]], params)[0].token_ids
-    crowd = make_engine(tiny).generate(
-        [[9] * 20, [5, 6, 7], [1, 2]],
-        [SamplingParams(max_tokens=10, temperature=1.0, seed=1), params, GREEDY])
+    plain = SamplingParams(max_tokens=10, temperature=1.3, seed=77)
+    engine = make_engine(tiny)
+    alone = engine.generate([[5, 6, 7]], params)[0].token_ids
+    plain_alone = engine.generate([[4, 4]], plain)[0].token_ids
+    crowd = engine.generate(
+        [[9] * 20, [5, 6, 7], [1, 2], [4, 4]],
+        [SamplingParams(max_tokens=10, temperature=1.0, seed=1), params, GREEDY, plain])
     assert crowd[1].token_ids == alone
+    assert crowd[3].token_ids == plain_alone
 
 
 def test_prefix_cache_prefills_only_the_suffix(tiny):
@@ -191,10 +196,13 @@ mixed = [
     SamplingParams(max_tokens=7, temperature=1.0, top_k=5, min_p=0.05, logprobs=2),
     SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.3,
                    presence_penalty=0.5, frequency_penalty=0.2, stop=("zz",)),
+    SamplingParams(max_tokens=8, temperature=0.7, seed=5),
 ]
 rng = np.random.default_rng(6)
 prompts = [rng.integers(1, 49152, int(n)).tolist() for n in (1, 5, 17, 33, 59, 2, 40, 9)]
-engine.generate(prompts, [mixed[i % 4] for i in range(8)])
+engine.generate(prompts[:3], mixed[0])  # every sampling level: greedy alone, then mixed
+engine.generate(prompts[3:5], mixed[4])
+engine.generate(prompts, [mixed[i % 5] for i in range(8)])
 print("COMPILES_AFTER_WARMUP", engine.runner.compilations_after_warmup)
 """
 
@@ -275,6 +283,28 @@ def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
     for p, c in zip(ps, out):
         assert list(c.token_ids) == expected(tiny, p)
     assert engine.scheduler.allocator.num_used == 0
+
+
+def test_next_step_is_launched_before_tokens_are_delivered(tiny):
+    """Where the next step cannot be planned ahead (a prompt still prefilling in chunks, a
+    request waiting for a slot), it is planned and launched as soon as the previous step is
+    updated, before that step's tokens become text: text work overlaps the device."""
+    engine = make_engine(tiny, num_slots=2)
+    in_flight = []
+    real = engine._deliver
+
+    def deliver(events):
+        if events:
+            in_flight.append(len(engine._launched))
+        real(events)
+
+    engine._deliver = deliver
+    ps = [list(range(1, 80)), *prompts(3, seed=42)]  # 4 requests, 2 slots, chunked prefill
+    out = engine.generate(ps, GREEDY)
+    for p, c in zip(ps, out):
+        assert list(c.token_ids) == expected(tiny, p)
+    # Every delivery but the last (nothing left to run) had the next step in flight.
+    assert all(n >= 1 for n in in_flight[:-1]) and len(in_flight) > 4, in_flight
 
 
 def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests(tiny, monkeypatch):

@@ -1,5 +1,6 @@
 """Per-slot sampling against a numpy oracle: penalties, greedy, top-k / top-p / min-p filters
-and the distribution they leave, logprobs, and seeds independent of the row and batch."""
+and the distribution they leave, logprobs, seeds independent of the row and batch, and the
+sampling levels (each exact for the rows it serves)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,15 +8,16 @@ import numpy as np
 import pytest
 
 from jaxgen.runtime.sampling import SamplingRows, apply_penalties, sample
+from jaxgen.sampling_params import DRAW, FILTER, GREEDY, SAMPLING_LEVELS, SamplingParams
 
 V = 12
 
 
 def rows(n, **kw):
     base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                presence_penalty=0.0, frequency_penalty=0.0, seed=0, logprobs=True)
+                presence_penalty=0.0, frequency_penalty=0.0, seed=0)
     base.update(kw)
-    dtype = {"top_k": jnp.int32, "seed": jnp.uint32, "logprobs": bool}
+    dtype = {"top_k": jnp.int32, "seed": jnp.uint32}
     return SamplingRows(**{k: jnp.broadcast_to(jnp.asarray(v, dtype.get(k, jnp.float32)), (n,))
                            for k, v in base.items()})
 
@@ -97,8 +99,7 @@ def test_seed_and_position_alone_decide_the_draw():
     seeds = jnp.asarray([7, 42, 9], jnp.uint32)
     base = rows(3)
     r = SamplingRows(temperature, base.top_k, base.top_p.at[2].set(0.5), base.min_p,
-                     base.repetition_penalty, base.presence_penalty, base.frequency_penalty, seeds,
-                     base.logprobs)
+                     base.repetition_penalty, base.presence_penalty, base.frequency_penalty, seeds)
     z = (jnp.zeros((3, V), bool), jnp.zeros((3, V), jnp.int32))
     pos = jnp.asarray([4, 11, 2], jnp.int32)
     in_batch = int(sample(jnp.asarray(batch), r, pos, *z).tokens[1])
@@ -107,10 +108,55 @@ def test_seed_and_position_alone_decide_the_draw():
     assert in_batch == int(alone.tokens[0])
 
 
-def test_logprobs_are_skipped_when_no_row_asks():
-    logits = jnp.asarray(np.random.default_rng(4).normal(size=(2, V)).astype(np.float32))
-    z = (jnp.zeros((2, V), bool), jnp.zeros((2, V), jnp.int32))
-    off = sample(logits, rows(2, temperature=0.0, logprobs=False), jnp.zeros(2, jnp.int32), *z)
-    on = sample(logits, rows(2, temperature=0.0), jnp.zeros(2, jnp.int32), *z)
-    np.testing.assert_array_equal(np.asarray(off.tokens), np.asarray(on.tokens))
-    assert np.all(np.asarray(off.logprobs) == 0) and np.all(np.asarray(on.logprobs) < 0)
+def test_sampling_level_of_params():
+    assert SamplingParams(temperature=0.0).sampling_level == GREEDY
+    assert SamplingParams(temperature=0.0, top_p=0.5, top_k=3).sampling_level == GREEDY
+    assert SamplingParams(temperature=0.0, logprobs=0).sampling_level == DRAW
+    assert SamplingParams(temperature=0.0, presence_penalty=0.5).sampling_level == DRAW
+    assert SamplingParams(temperature=0.0, repetition_penalty=1.1).sampling_level == DRAW
+    assert SamplingParams(temperature=0.7).sampling_level == DRAW
+    assert SamplingParams(temperature=0.7, top_k=5).sampling_level == FILTER
+    assert SamplingParams(temperature=0.7, top_p=0.9).sampling_level == FILTER
+    assert SamplingParams(temperature=0.7, min_p=0.1).sampling_level == FILTER
+
+
+def test_every_level_is_exact_for_the_rows_it_serves():
+    """A row needing level L gets the same token at every level >= L (the fast levels are not
+    approximations), whatever its batch mates need; logprobs agree wherever computed."""
+    rng = np.random.default_rng(5)
+    kinds = [  # (row params, level it needs)
+        (dict(temperature=0.0), GREEDY),
+        (dict(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.7), DRAW),
+        (dict(temperature=1.3), DRAW),
+        (dict(temperature=0.8, presence_penalty=-1.0), DRAW),
+        (dict(temperature=0.9, top_p=0.7), FILTER),
+        (dict(temperature=1.1, top_k=4, min_p=0.05), FILTER),
+    ]
+    reps = 40  # each kind at 40 positions: 40 independent draws
+    n = len(kinds) * reps
+    cols = {k: np.array([kw.get(k, d) for kw, _ in kinds] * reps)
+            for k, d in dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                             repetition_penalty=1.0, presence_penalty=0.0,
+                             frequency_penalty=0.0).items()}
+    dtype = {"top_k": jnp.int32}
+    r = SamplingRows(**{k: jnp.asarray(v, dtype.get(k, jnp.float32)) for k, v in cols.items()},
+                     seed=jnp.asarray(rng.integers(0, 2**31, n), jnp.uint32))
+    logits = jnp.asarray(rng.normal(size=(n, V)).astype(np.float32) * 3)
+    seen = jnp.asarray(rng.random((n, V)) < 0.3)
+    counts = jnp.asarray(rng.integers(0, 3, (n, V)), jnp.int32)
+    pos = jnp.asarray(rng.integers(0, 1000, n), jnp.int32)
+    out = {lv: jax.jit(sample, static_argnums=5)(logits, r, pos, seen, counts, lv)
+           for lv in SAMPLING_LEVELS}
+    need = np.array([lv for _, lv in kinds] * reps)
+    for lv in SAMPLING_LEVELS:
+        served = need <= lv
+        np.testing.assert_array_equal(np.asarray(out[lv].tokens)[served],
+                                      np.asarray(out[FILTER].tokens)[served], err_msg=f"{lv=}")
+    served = need <= DRAW
+    np.testing.assert_array_equal(np.asarray(out[DRAW].logprobs)[served],
+                                  np.asarray(out[FILTER].logprobs)[served])
+    np.testing.assert_array_equal(np.asarray(out[DRAW].top_ids), np.asarray(out[FILTER].top_ids))
+    assert np.all(np.asarray(out[GREEDY].logprobs) == 0)
+    # Not vacuous: the random rows really drew (not all argmax), and penalties moved tokens.
+    drawn = np.asarray(out[FILTER].tokens) != np.asarray(logits).argmax(-1)
+    assert drawn[need == DRAW].any() and drawn[need == FILTER].any()

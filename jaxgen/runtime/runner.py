@@ -3,7 +3,9 @@
 Owns the params, the page pools and the decode state; packs a plan's prompt chunks into a
 bucketed token array (few shapes, so steady serving never recompiles), calls the jitted
 `insert` / `prefill` / `generate` functions with the pools and state donated, and counts any
-compilation that happens after warm-up. Knows nothing about requests, queues or text.
+compilation that happens after warm-up. Each call runs at the sampling level its slots need (a
+host-side record per slot, set when a request is placed), so greedy steps do no sampling work
+beyond an argmax. Knows nothing about requests, queues or text.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, insert
 from jaxgen.runtime.steps import make_generate, make_prefill
+from jaxgen.sampling_params import GREEDY, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ class ModelRunner:
         self.state = self._put(DecodeState.create(cfg.num_slots, cfg.pages_per_seq,
                                                   model.config.vocab_size))
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
+        self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
         self._prefill = make_prefill(model)
         self._generate = make_generate(model, cfg.decode_steps)
         self._insert = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
@@ -113,19 +117,22 @@ class ModelRunner:
     # -- compilation accounting ---------------------------------------------------------------
 
     def _compiled(self) -> int:
-        return sum(f._cache_size() for f in (self._prefill, self._generate, self._insert))
+        return sum(f._cache_size() for f in (*self._prefill.jitted, self._generate, self._insert))
 
     def warmup(self) -> None:
-        """Compiles every prefill bucket, `generate` and `insert` with no-op inputs."""
+        """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
+        with no-op inputs."""
         s = self.cfg.num_slots
         self.state = self._insert(self.state, *self._put((np.full(s, s, np.int32),
                                   SamplingRows.zeros(s), np.zeros(s, np.int32))))
-        for t in self.cfg.prefill_buckets:
-            self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, s, np.int32),
-                              np.full(s, s, np.int32), np.zeros(s + 1, np.int32), 0,
-                              np.zeros(s, bool))
-        out, self.kv_pages, self.state = self._generate(
-            self.params, self.kv_pages, self.state, *self._put((np.zeros(s, np.int32), np.zeros(s, bool))))
+        for level in SAMPLING_LEVELS:
+            for t in self.cfg.prefill_buckets:
+                self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32),
+                                  np.full(t, s, np.int32), np.full(s, s, np.int32),
+                                  np.zeros(s + 1, np.int32), 0, np.zeros(s, bool), level)
+            out, self.kv_pages, self.state = self._generate(
+                self.params, self.kv_pages, self.state,
+                *self._put((np.zeros(s, np.int32), np.zeros(s, bool))), level=level)
         jax.block_until_ready(out.tokens)
         self._baseline_compiles = self._compiled()
 
@@ -184,16 +191,15 @@ class ModelRunner:
         cols = {f.name: np.zeros(s, np.float32) for f in dataclasses.fields(SamplingRows)}
         cols["top_k"] = np.zeros(s, np.int32)
         cols["seed"] = np.zeros(s, np.uint32)
-        cols["logprobs"] = np.zeros(s, bool)
         prompt_len = np.zeros(s, np.int32)
         for i, a in enumerate(plan.assignments):
             p = a.params
             slots[i], prompt_len[i] = a.slot, len(a.prompt_ids)
+            self._slot_levels[a.slot] = p.sampling_level
             for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                          "presence_penalty", "frequency_penalty"):
                 cols[name][i] = getattr(p, name)
             cols["seed"][i] = a.seed
-            cols["logprobs"][i] = p.logprobs is not None
         rows = SamplingRows(**cols)
         self.state = self._insert(self.state, *self._put((slots, rows, prompt_len)))
 
@@ -219,14 +225,20 @@ class ModelRunner:
             chunk_slots[c], cu[c], sample_mask[c] = chunk.slot, offset, chunk.sample
             offset += n
         return self._run_prefill(tokens, positions, row_slots, chunk_slots, cu,
-                                 len(plan.prefills), sample_mask)
+                                 len(plan.prefills), sample_mask,
+                                 self._level([c.slot for c in plan.prefills]))
 
-    def _run_prefill(self, tokens, positions, row_slots, chunk_slots, cu, num_chunks, sample_mask):
+    def _run_prefill(self, tokens, positions, row_slots, chunk_slots, cu, num_chunks, sample_mask,
+                     level):
         sampled, self.kv_pages, self.state = self._prefill(
             self.params, self.kv_pages, self.state, *self._put((
                 tokens, positions, row_slots, chunk_slots, cu,
-                np.array([num_chunks], np.int32), sample_mask)))
+                np.array([num_chunks], np.int32), sample_mask)), level=level)
         return sampled
+
+    def _level(self, slots) -> int:
+        """The sampling level that serves every request in `slots`."""
+        return int(self._slot_levels[slots].max())
 
     def _decode(self, plan: StepPlan):
         if plan.num_steps != self.cfg.decode_steps:
@@ -237,7 +249,8 @@ class ModelRunner:
         positions[list(plan.decode_slots)] = plan.decode_positions
         active[list(plan.decode_slots)] = True
         out, self.kv_pages, self.state = self._generate(
-            self.params, self.kv_pages, self.state, *self._put((positions, active)))
+            self.params, self.kv_pages, self.state, *self._put((positions, active)),
+            level=self._level(list(plan.decode_slots)))
         return out
 
     def _to_host(self, plan: StepPlan, prefill, decode) -> StepOutput:

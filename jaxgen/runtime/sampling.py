@@ -3,8 +3,14 @@
 Order (as vLLM): penalties on the raw logits -> logprobs (of the penalised distribution) ->
 greedy rows take the argmax; other rows divide by temperature, then top-k, top-p and min-p
 filter, then draw. A row's random stream is `fold_in(key(seed), position)`, so a seeded request
-samples the same tokens whatever its batch mates are. The full-vocabulary sort that top-k/top-p
-need runs only when some row uses them (`lax.cond`, both branches compiled once).
+samples the same tokens whatever its batch mates are.
+
+Which stages run is the static `level` (`jaxgen.sampling_params.SAMPLING_LEVELS`), picked on
+host from the requests in the step: an all-greedy step is one argmax, and the full-vocabulary
+sort runs only in steps whose requests filter. No `lax.cond`: on GPU a conditional copies its
+predicate to host and blocks the host until the device is idle, which inside the decode loop
+would drain the launch queue several times per token. Every stage is exact for rows that do not
+use it, so a row's tokens do not depend on the level its batch mates chose.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxgen.sampling_params import MAX_LOGPROBS
+from jaxgen.sampling_params import DRAW, FILTER, GREEDY, MAX_LOGPROBS
 
 
 @jax.tree_util.register_dataclass
@@ -30,13 +36,12 @@ class SamplingRows:
     presence_penalty: jax.Array  # f32
     frequency_penalty: jax.Array  # f32
     seed: jax.Array  # u32
-    logprobs: jax.Array  # bool, the request asked for logprobs
 
     @classmethod
     def zeros(cls, slots: int) -> "SamplingRows":
         f = lambda v: jnp.full((slots,), v, jnp.float32)
         return cls(f(0.0), jnp.zeros((slots,), jnp.int32), f(1.0), f(0.0), f(1.0), f(0.0), f(0.0),
-                   jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots,), bool))
+                   jnp.zeros((slots,), jnp.uint32))
 
 
 @jax.tree_util.register_dataclass
@@ -75,6 +80,9 @@ def _filtered(scaled, rows: SamplingRows):
     keep &= before < rows.top_p[:, None]
     keep &= probs >= rows.min_p[:, None] * probs[:, :1]
     keep = keep.at[:, 0].set(True)  # the top candidate always survives
+    # A row without filters keeps every token exactly (the cumulative sum may reach 1 early).
+    unfiltered = (rows.top_k <= 0) & (rows.top_p >= 1.0) & (rows.min_p <= 0.0)
+    keep |= unfiltered[:, None]
     mask = jnp.zeros_like(keep).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep)
     return jnp.where(mask, scaled, -jnp.inf)
 
@@ -94,30 +102,26 @@ def _no_logprobs(logits, tokens):
 
 
 @jax.named_scope("sampling")
-def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts) -> Sampled:
+def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts,
+           level: int = FILTER) -> Sampled:
     """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`.
 
-    Work no row needs is skipped on device (`lax.cond` on the traced parameters, both branches
-    compiled once): penalties, the random draw, the filter sort, and logprobs (zeros unless some
-    row asked for them).
+    `level` (static) bounds the stages: GREEDY takes the argmax of the raw logits and returns
+    zero logprobs (penalty statistics are not read); DRAW adds penalties, logprobs and the draw
+    for rows with temperature > 0; FILTER adds top-k / top-p / min-p.
     """
+    if level not in (GREEDY, DRAW, FILTER):
+        raise ValueError(f"level={level!r}: must be one of GREEDY, DRAW, FILTER")
     logits = logits.astype(jnp.float32)
-    penalised = jnp.any((rows.repetition_penalty != 1.0) | (rows.presence_penalty != 0.0)
-                        | (rows.frequency_penalty != 0.0))
-    logits = jax.lax.cond(penalised, apply_penalties, lambda l, *_: l, logits, rows, prompt_seen,
-                          output_counts)
+    if level == GREEDY:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return Sampled(tokens, *_no_logprobs(logits, tokens))
+    logits = apply_penalties(logits, rows, prompt_seen, output_counts)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(logits, rows):
-        scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
-        needs_filter = jnp.any((rows.temperature > 0) & (
-            (rows.top_k > 0) | (rows.top_p < 1.0) | (rows.min_p > 0.0)))
-        scaled = jax.lax.cond(needs_filter, _filtered, lambda s, _: s, scaled, rows)
-        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)
-        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-
-    drawn = jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda l, r: greedy, logits, rows)
+    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+    if level == FILTER:
+        scaled = _filtered(scaled, rows)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(rows.temperature > 0, drawn, greedy)
-    chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(rows.logprobs), _logprobs, _no_logprobs,
-                                                 logits, tokens)
-    return Sampled(tokens, chosen, top_ids, top_logprobs)
+    return Sampled(tokens, *_logprobs(logits, tokens))

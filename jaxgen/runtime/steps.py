@@ -3,7 +3,11 @@
 
 Both take the page pools and the decode state donated and return them updated; sampled tokens
 stay on device in the state for the next step, and are also returned (one array per call) for the
-host to read. Knows nothing about requests or scheduling: it sees page tables, positions, slots.
+host to read. Both take the sampling `level` (static, see `jaxgen.runtime.sampling`) of the
+requests they serve; a GREEDY decode loop neither reads nor updates the [S, V] penalty
+statistics (no request of the step uses them, and a slot's statistics reset when a request is
+placed in it).
+Knows nothing about requests or scheduling: it sees page tables, positions, slots.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from jaxgen.models import AttentionMetadata, Model
 from jaxgen.runtime.sampling import Sampled, sample
 from jaxgen.runtime.state import DecodeState
+from jaxgen.sampling_params import GREEDY
 
 
 def _take_rows(tree, index):
@@ -25,18 +30,22 @@ def _take_rows(tree, index):
 
 def make_prefill(model: Model):
     """`prefill(params, kv_pages, state, tokens i32[T], positions i32[T], row_slots i32[T],
-    chunk_slots i32[C], cu_q_lens i32[C+1], num_chunks i32[1], sample_mask bool[C])
+    chunk_slots i32[C], cu_q_lens i32[C+1], num_chunks i32[1], sample_mask bool[C], *, level)
     -> (Sampled [C], kv_pages, state)`.
 
     Chunk c of slot `chunk_slots[c]` holds rows `cu_q_lens[c]:cu_q_lens[c+1]`; its K/V go into that
     slot's pages; where `sample_mask[c]`, the token sampled from its last row becomes the slot's
     next input token. `row_slots` is the slot of each row (S for padding rows).
+
+    Two programs: the forward (one per token bucket, whatever the level) and the sampling of the
+    chunks' last rows (one per level, shapes independent of the bucket), so the sampling levels
+    do not multiply the prefill compilations. `prefill.jitted` lists both.
     """
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
     @jax.named_scope("prefill")  # names the ops in profiles (jaxgen profile)
-    def prefill(params, kv_pages, state: DecodeState, tokens, positions, row_slots, chunk_slots,
-                cu_q_lens, num_chunks, sample_mask):
+    def forward(params, kv_pages, state: DecodeState, tokens, positions, row_slots, chunk_slots,
+                cu_q_lens, num_chunks):
         num_slots = state.tokens.shape[0]
         last_rows = jnp.maximum(cu_q_lens[1:] - 1, 0)
         kv_lens = jnp.where(jnp.arange(chunk_slots.shape[0]) < num_chunks[0],
@@ -44,44 +53,60 @@ def make_prefill(model: Model):
         md = AttentionMetadata(kv_lens.astype(jnp.int32), state.page_table[chunk_slots],
                                cu_q_lens, num_chunks)
         logits, kv_pages = model.forward(params, tokens, positions, kv_pages, md, last_rows)
-        # Penalty statistics: prompt positions mark `prompt_seen`, later ones (outputs being
-        # recomputed after a preemption) count as output.
+        # Penalty statistics (kept at every level: a few scattered rows): prompt positions mark
+        # `prompt_seen`, later ones (outputs being recomputed after a preemption) count as output.
         safe = jnp.minimum(row_slots, num_slots - 1)
         is_prompt = positions < state.prompt_len[safe]
         pad = row_slots >= num_slots
-        prompt_seen = state.prompt_seen.at[jnp.where(is_prompt & ~pad, row_slots, num_slots),
-                                           tokens].set(True, mode="drop")
-        counts = state.output_counts.at[jnp.where(~is_prompt & ~pad, row_slots, num_slots),
-                                        tokens].add(1, mode="drop")
-        sampled = sample(logits, _take_rows(state.rows, chunk_slots), positions[last_rows] + 1,
-                         prompt_seen[chunk_slots], counts[chunk_slots])
-        target = jnp.where(sample_mask, chunk_slots, num_slots)
         state = dataclasses.replace(
             state,
-            tokens=state.tokens.at[target].set(sampled.tokens, mode="drop"),
-            prompt_seen=prompt_seen,
-            output_counts=counts.at[target, sampled.tokens].add(1, mode="drop"),
-        )
+            prompt_seen=state.prompt_seen.at[jnp.where(is_prompt & ~pad, row_slots, num_slots),
+                                             tokens].set(True, mode="drop"),
+            output_counts=state.output_counts.at[
+                jnp.where(~is_prompt & ~pad, row_slots, num_slots), tokens].add(1, mode="drop"))
+        return logits, positions[last_rows] + 1, kv_pages, state
+
+    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("level",))
+    def pick(state: DecodeState, logits, next_positions, chunk_slots, sample_mask, *, level):
+        num_slots = state.tokens.shape[0]
+        sampled = sample(logits, _take_rows(state.rows, chunk_slots), next_positions,
+                         state.prompt_seen[chunk_slots], state.output_counts[chunk_slots], level)
+        target = jnp.where(sample_mask, chunk_slots, num_slots)
+        state = dataclasses.replace(
+            state, tokens=state.tokens.at[target].set(sampled.tokens, mode="drop"),
+            output_counts=state.output_counts.at[target, sampled.tokens].add(1, mode="drop"))
+        return sampled, state
+
+    def prefill(params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
+                num_chunks, sample_mask, *, level):
+        logits, next_positions, kv_pages, state = forward(
+            params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
+            num_chunks)
+        sampled, state = pick(state, logits, next_positions, chunk_slots, sample_mask,
+                              level=level)
         return sampled, kv_pages, state
 
+    prefill.jitted = (forward, pick)
     return prefill
 
 
 def make_generate(model: Model, num_steps: int):
-    """`generate(params, kv_pages, state, positions i32[S], active bool[S])
+    """`generate(params, kv_pages, state, positions i32[S], active bool[S], *, level)
     -> (Sampled with leading [num_steps, S], kv_pages, state)`.
 
     Every active slot feeds `state.tokens` at `positions` and samples `num_steps` tokens in an
     on-device loop; inactive slots have kv_len 0 (they neither read nor write pages).
     """
 
-    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",))
     @jax.named_scope("generate")
-    def generate(params, kv_pages, state: DecodeState, positions, active):
+    def generate(params, kv_pages, state: DecodeState, positions, active, *, level):
         num_slots = state.tokens.shape[0]
         cu_q_lens = jnp.arange(num_slots + 1, dtype=jnp.int32)
         num_seqs = jnp.array([num_slots], jnp.int32)
         slot_ids = jnp.arange(num_slots)
+
+        keep_counts = level != GREEDY
 
         def step(carry, _):
             tokens, positions, kv_pages, counts = carry
@@ -89,15 +114,17 @@ def make_generate(model: Model, num_steps: int):
             md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens, num_seqs,
                                    decode_only=True)
             logits, kv_pages = model.forward(params, tokens, positions, kv_pages, md)
-            out = sample(logits, state.rows, positions + 1, state.prompt_seen, counts)
-            counts = counts.at[jnp.where(active, slot_ids, num_slots), out.tokens].add(
-                1, mode="drop")
+            out = sample(logits, state.rows, positions + 1, state.prompt_seen, counts, level)
+            if keep_counts:
+                counts = counts.at[jnp.where(active, slot_ids, num_slots), out.tokens].add(
+                    1, mode="drop")
             return (out.tokens, positions + 1, kv_pages, counts), out
 
-        init = (state.tokens, positions, kv_pages, state.output_counts)
+        # At GREEDY the [S, V] counts stay out of the loop carry (None: an empty pytree).
+        init = (state.tokens, positions, kv_pages, state.output_counts if keep_counts else None)
         (tokens, _, kv_pages, counts), out = jax.lax.scan(step, init, None, length=num_steps)
         state = dataclasses.replace(state, tokens=jnp.where(active, tokens, state.tokens),
-                                    output_counts=counts)
+                                    output_counts=counts if keep_counts else state.output_counts)
         return out, kv_pages, state
 
     return generate
