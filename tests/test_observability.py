@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,7 +91,8 @@ def test_metrics_add_up_during_and_after_load(observed):
     call.cancel()
     stop.set()
     poller.join()
-    for _ in range(200):  # the abort lands at the next engine step
+    deadline = time.monotonic() + 30  # the abort lands once the steps in flight are read
+    while time.monotonic() < deadline:
         after = observed.scrape()
         if after.get('jaxgen_requests_total{finish_reason="abort",outcome="aborted"}', 0) >= 1:
             break
