@@ -279,9 +279,11 @@ class Engine:
     def _close(self, request_id: str, out: RequestOutput) -> None:
         live = self._live.pop(request_id, None)
         if live is not None:
-            live.stream.put(out)
+            # Observers first: once a caller holds the final output, the request is counted
+            # and logged (a draining server may exit as soon as its last stream ends).
             self._notify("on_finish", FinishedRequest(out, live.prompt_ids,
                                                       time.monotonic() - live.arrival))
+            live.stream.put(out)
 
     def has_work(self) -> bool:
         with self._lock:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.engine import Engine, EngineConfig, QueueFullError
+from jaxgen.engine import Engine, EngineConfig, EngineObserver, QueueFullError
 from jaxgen.models import Model
 from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
@@ -305,6 +305,27 @@ def test_next_step_is_launched_before_tokens_are_delivered(tiny):
         assert list(c.token_ids) == expected(tiny, p)
     # Every delivery but the last (nothing left to run) had the next step in flight.
     assert all(n >= 1 for n in in_flight[:-1]) and len(in_flight) > 4, in_flight
+
+
+def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
+    """A caller holding the final output can rely on the request being counted and logged
+    (a draining server exits once its last stream ends)."""
+    class Slow(EngineObserver):
+        finished = []
+
+        def on_finish(self, finished):
+            time.sleep(0.2)
+            self.finished.append(finished.output.request_id)
+
+    engine = make_engine(tiny)
+    engine.observers.append(Slow())
+    engine.start()
+    try:
+        stream = engine.add_request([3, 4, 5], GREEDY, request_id="r")
+        assert stream.result().finish_reason == "length"
+        assert Slow.finished == ["r"]
+    finally:
+        engine.stop()
 
 
 def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests(tiny, monkeypatch):
