@@ -6,8 +6,8 @@ stay on device in the state for the next step, and are also returned (one array 
 host to read. Both take the sampling `level` (static, see `jaxgen.runtime.sampling`) of the
 requests they serve; a GREEDY decode loop neither reads nor updates the [S, V] penalty
 statistics (no request of the step uses them, and a slot's statistics reset when a request is
-placed in it).
-Knows nothing about requests or scheduling: it sees page tables, positions, slots.
+placed in it). Knows nothing about requests or scheduling: it sees page tables, positions,
+slots.
 """
 
 from __future__ import annotations
