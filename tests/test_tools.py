@@ -26,3 +26,13 @@ def test_stream_summary_reads_the_busiest_gpu_stream():
     n, span, busy, by_name = profile_decode.stream_summary(events)
     assert (n, span, busy) == (3, 40, 30)
     assert by_name == {"gemm": [20.0, 2], "rpa_decode": [15.0, 1]}
+
+
+def test_host_gap_summary():
+    import bench_host_gap
+
+    assert bench_host_gap.summary([]) == {}
+    s = bench_host_gap.summary([0.0, 0.0, 0.002, 0.004])
+    assert s["launched_ahead_share"] == 0.5
+    assert abs(s["mean_ms"] - 1.5) < 1e-9 and abs(s["max_ms"] - 4.0) < 1e-9
+    assert abs(s["p50_ms"] - 1.0) < 1e-9

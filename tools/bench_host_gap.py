@@ -1,0 +1,111 @@
+"""Host gap between device steps of the engine under Poisson arrivals (no gRPC in the way).
+
+    python tools/bench_host_gap.py --config configs/serving/cpu-small.json --rate 20 \\
+        --num-requests 96 [-- --slots 32 --max-model-len 512 ...]
+
+Builds the engine exactly as `jaxgen serve --config PRESET [flags after --]` does (warm-up
+included), starts its background loop, and feeds it `--num-requests` requests of
+`bench_serving`'s seeded chat-like workload at `--rate` requests/s. The host gap of a step is the
+time from the previous step's tokens reaching the host to this step's launch (0 when it was
+launched ahead, before them): the time the device may sit idle waiting for the host. Prints
+one line (steps, gap mean / p50 / p90 / p99 / max, share launched ahead, output tok/s) and
+writes JSON with --out-json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+from bench_serving import workload
+from jaxgen import cli
+from jaxgen.engine import EngineObserver
+from jaxgen.sampling_params import SamplingParams
+from jaxgen.server import cli as server_cli
+
+
+class StepGaps(EngineObserver):
+    def __init__(self):
+        self.gaps: list[float] = []
+        self.steps = 0
+
+    def on_step(self, step_seconds: float, host_gap_seconds: float | None) -> None:
+        self.steps += 1
+        if host_gap_seconds is not None:  # None: after an idle wait, not a gap
+            self.gaps.append(host_gap_seconds)
+
+
+def build(preset: str, extra: list[str]):
+    parser, serve = cli._parser()
+    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
+    args = parser.parse_args(["serve", "--config", preset, *extra])
+    loaded, mesh = cli.load_model(args)
+    return loaded, cli.build_engine(args, loaded, 0, mesh=mesh, warmup=True)
+
+
+def summary(gaps_s: list[float]) -> dict:
+    g = np.asarray(gaps_s) * 1e3
+    if not len(g):
+        return {}
+    pct = lambda q: float(np.percentile(g, q))  # noqa: E731
+    return dict(mean_ms=float(g.mean()), p50_ms=pct(50), p90_ms=pct(90), p99_ms=pct(99),
+                max_ms=float(g.max()), launched_ahead_share=float((g == 0).mean()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="a `jaxgen serve --config` preset")
+    ap.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
+    ap.add_argument("--max-output-tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-json", default=None)
+    ap.add_argument("serve_flags", nargs="*", help="after --: `jaxgen serve` flags that win over the preset")
+    args = ap.parse_args(argv)
+    if args.rate <= 0 or args.num_requests < 1:
+        print(f"bench_host_gap: error: rate={args.rate}, num_requests={args.num_requests}: "
+              f"rate must be > 0 and num_requests >= 1", file=sys.stderr)
+        return 2
+    loaded, engine = build(args.config, args.serve_flags)
+    rc = engine.config.runner
+    items = workload(args.num_requests, args.seed, loaded.config.vocab_size, rc.max_model_len,
+                     args.max_prompt_tokens, args.max_output_tokens)
+    observer = StepGaps()
+    engine.observers.append(observer)
+    engine.start()
+    rng = np.random.default_rng(args.seed + 1)
+    streams = []
+    start = time.perf_counter()
+
+    def feed():
+        for prompt, out in items:
+            streams.append(engine.add_request(prompt, SamplingParams(
+                max_tokens=out, temperature=0.0, ignore_eos=True)))
+            time.sleep(float(rng.exponential(1.0 / args.rate)))
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    feeder.join()
+    tokens = sum(len(s.result().token_ids) for s in streams)
+    elapsed = time.perf_counter() - start
+    engine.stop()
+    report = dict(config=args.config, serve_flags=args.serve_flags, rate=args.rate,
+                  num_requests=args.num_requests, slots=rc.num_slots,
+                  decode_steps=rc.decode_steps, steps=observer.steps,
+                  output_tok_s=tokens / elapsed, **summary(observer.gaps))
+    print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in report.items()))
+    if args.out_json:
+        with open(args.out_json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
