@@ -146,11 +146,10 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One engine step: plan -> execute -> update. The device is kept fed: in steady
-        decoding the next decode step is launched before this one's tokens are read
-        (`Scheduler.schedule_ahead`), and otherwise the next step is planned and launched
-        before this one's tokens become text and stream out. False when there was nothing to
-        do."""
+        """One engine step: plan -> execute -> update. The device is kept fed: the next step
+        is launched before this one's tokens are read (`Scheduler.schedule_ahead`) unless an
+        abort or deadline is due, and then it is planned and launched before this one's tokens
+        become text and stream out. False when there was nothing to do."""
         if not self._launched:
             events = self._plan_and_launch()
             if not self._launched:  # nothing to do, or its launch failed

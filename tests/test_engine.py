@@ -265,31 +265,36 @@ def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
 
 
 def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
-    """Steady decoding launches each step before reading the previous one's tokens; requests
-    that stop inside a step lose only look-ahead tokens (outputs equal the naive decode)."""
+    """Steps are launched before the previous one's tokens are read (decoding, chunked
+    prompts, admissions); requests that stop inside a step lose only look-ahead tokens
+    (outputs equal the naive decode)."""
     engine = make_engine(tiny)
     ahead = []
     real = engine.scheduler.schedule_ahead
 
     def counting():
         plan = real()
-        ahead.append(plan is not None)
+        if plan is not None:
+            ahead.append(plan)
         return plan
 
     engine.scheduler.schedule_ahead = counting
-    ps = prompts(3, seed=21)
+    ps = prompts(7, seed=21)  # more than the 4 slots; prompts up to 60 tokens, 32 per step
     out = engine.generate(ps, GREEDY)
-    assert sum(ahead) >= 2, ahead
+    assert len(ahead) >= 2
+    assert any(p.assignments for p in ahead) and any(p.decode_slots for p in ahead)
+    assert any(not c.sample for p in ahead for c in p.prefills), "no chunked prompt went on ahead"
     for p, c in zip(ps, out):
         assert list(c.token_ids) == expected(tiny, p)
     assert engine.scheduler.allocator.num_used == 0
 
 
 def test_next_step_is_launched_before_tokens_are_delivered(tiny):
-    """Where the next step cannot be planned ahead (a prompt still prefilling in chunks, a
-    request waiting for a slot), it is planned and launched as soon as the previous step is
-    updated, before that step's tokens become text: text work overlaps the device."""
+    """Where the next step is not planned ahead (here: never), it is planned and launched as
+    soon as the previous step is updated, before that step's tokens become text: text work
+    overlaps the device."""
     engine = make_engine(tiny, num_slots=2)
+    engine.scheduler.schedule_ahead = lambda: None
     in_flight = []
     real = engine._deliver
 

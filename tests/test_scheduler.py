@@ -631,8 +631,12 @@ class Pipelined:
     next decode step is planned (`schedule_ahead`) and launched before the older one is
     updated. The executor runs each plan when it is launched, as the device would."""
 
-    def __init__(self):
-        self.pending, self.ahead = [], 0
+    def __init__(self, stop_string_rate: float = 0.0):
+        self.pending, self.ahead, self.admitted_ahead = [], 0, 0
+        # As the engine does when a stop string matches on text: finish a running request
+        # while its steps are in flight.
+        self.stop_string_rate, self.rng = stop_string_rate, np.random.default_rng(3)
+        self.stopped: set[str] = set()
 
     def _launch(self, sched, ex, plan):
         ex.poison(sched.allocator.free_pages())
@@ -647,8 +651,15 @@ class Pipelined:
         plan = sched.schedule_ahead()
         if plan is not None:
             self.ahead += 1
+            self.admitted_ahead += len(plan.assignments)
             self._launch(sched, ex, plan)
-        events = sched.update(*self.pending.pop(0))
+        events = []
+        running = sched.running_ids()
+        if running and self.rng.random() < self.stop_string_rate:
+            rid = running[int(self.rng.integers(len(running)))]
+            self.stopped.add(rid)
+            events.append(sched.finish(rid, "stop", "stop string"))
+        events += sched.update(*self.pending.pop(0))
         sched.check_invariants()
         return events
 
@@ -667,6 +678,45 @@ def test_decode_ahead_pipeline_equals_each_request_alone(decode_steps):
     assert all(len(f.token_ids) <= 40 for f in finals.values())
 
 
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_a_request_id_reused_while_its_old_step_is_in_flight_gets_none_of_its_tokens(phase):
+    """Same id, same slot: only the request's serial tells the old one's in-flight tokens
+    from the new one's."""
+    sched, ex = make(num_slots=1, decode_steps=2, max_prefill_tokens=8)
+    sched.add("c", prompt(20 if phase == "prefill" else 5, 1),
+              SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
+    if phase == "decode":
+        step(sched, ex)
+    plan = sched.schedule()  # the old "c": a prompt chunk, or a decode step
+    output = ex.run(plan)
+    sched.finish("c", "stop", "stop string")
+    sched.add("c", prompt(4, 2), SamplingParams(max_tokens=5), seed=0)  # the id, reused
+    ahead = sched.schedule_ahead()
+    assert [(a.request_id, a.slot) for a in ahead.assignments] == [("c", 0)]
+    assert sched.update(plan, output) == []
+    first = [t for e in sched.update(ahead, ex.run(ahead)) for t in e.token_ids]
+    sched.check_invariants()
+    streams, _ = serve(sched, ex, {})
+    assert first + streams.get("c", []) == reference(prompt(4, 2), SamplingParams(max_tokens=5))
+
+
+def test_ahead_admission_with_stop_strings_ending_requests_in_flight():
+    """Requests admitted while a step is in flight, and requests the engine ends (stop strings)
+    while theirs are: every stream is its reference (cut short where it was stopped)."""
+    arrivals = mixed_load(24)
+    sched, ex = make(num_slots=4, decode_steps=3, max_prefill_tokens=24)
+    piped = Pipelined(stop_string_rate=0.15)
+    streams, finals = serve(sched, ex, arrivals, stepper=piped)
+    want = expected(arrivals)
+    assert piped.stopped and piped.admitted_ahead > 10, (piped.stopped, piped.admitted_ahead)
+    for rid, tokens in want.items():
+        if rid in piped.stopped:
+            assert finals[rid].finish_reason == "stop" and streams.get(rid, []) == \
+                tokens[:len(streams.get(rid, []))]
+        else:
+            assert streams[rid] == tokens, rid
+
+
 def test_decode_ahead_with_a_short_pool_and_an_abort():
     arrivals = {0: [(f"r{i}", prompt(20 + 3 * i, i), SamplingParams(max_tokens=60, ignore_eos=True))
                     for i in range(6)]}
@@ -680,21 +730,52 @@ def test_decode_ahead_with_a_short_pool_and_an_abort():
     assert sched.num_preemptions > 0 and piped.ahead > 0
 
 
-def test_schedule_ahead_only_when_nothing_else_is_due():
+def test_schedule_ahead_continues_prompts_admits_and_decodes():
     sched, ex = make(num_slots=2, decode_steps=2, max_prefill_tokens=4)
     sched.add("a", prompt(6, 1), SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
-    plan = sched.schedule()  # the prompt's first chunk: "a" cannot decode after it
-    assert not plan.prefills[0].sample and sched.schedule_ahead() is None
-    sched.update(plan, ex.run(plan))
-    plan = sched.schedule()  # the last chunk samples the first token: decode can follow it
-    ahead = sched.schedule_ahead()
-    assert ahead.decode_slots == (plan.prefills[0].slot,) and ahead.decode_positions == (6,)
+    plan = sched.schedule()  # the prompt's first chunk
+    assert not plan.prefills[0].sample
+    ahead = sched.schedule_ahead()  # its second chunk, from where the one in flight ends
+    assert ahead.prefills[0].start == 4 and ahead.prefills[0].sample and not ahead.decode_slots
     assert sched.schedule_ahead() is None  # one look-ahead at a time
     sched.update(plan, ex.run(plan))
-    sched.add("b", prompt(5, 2), SamplingParams(max_tokens=3), seed=0)
-    assert sched.schedule_ahead() is None  # "b" waits for the free slot: admit it first
+    second = sched.schedule_ahead()  # the last chunk samples the first token: decode follows
+    assert second.decode_slots == (ahead.prefills[0].slot,) and second.decode_positions == (6,)
     sched.update(ahead, ex.run(ahead))
+    sched.add("b", prompt(5, 2), SamplingParams(max_tokens=3), seed=0)
+    third = sched.schedule_ahead()  # "b" is admitted into the free slot while "a" decodes on
+    assert [a.request_id for a in third.assignments] == ["b"]
+    assert third.decode_slots == second.decode_slots and third.prefills[0].token_ids == \
+        tuple(prompt(5, 2)[:4])
+    sched.update(second, ex.run(second))
+    sched.abort("a")
+    assert sched.schedule_ahead() is None  # an abort is due: schedule() applies it first
+    sched.update(third, ex.run(third))
     plan = sched.schedule()
-    assert [a.request_id for a in plan.assignments] == ["b"]
+    assert [c.request_id for c in plan.prefills] == ["b"] and plan.prefills[0].start == 4
     sched.update(plan, ex.run(plan))
     sched.check_invariants()
+
+
+def test_a_slot_freed_in_flight_is_reused_ahead_without_taking_its_tokens():
+    """A slot the engine freed while its step is in flight (a stop string matched) goes to the
+    next request at once; the in-flight step's tokens for that slot still go to nobody."""
+    sched, ex = make(num_slots=2, decode_steps=2, max_prefill_tokens=16)
+    for i, rid in enumerate("ab"):
+        sched.add(rid, prompt(5, i), SamplingParams(max_tokens=20, ignore_eos=True), seed=0)
+    step(sched, ex)  # both prompts whole: both decode next
+    plan = sched.schedule()
+    assert len(plan.decode_slots) == 2
+    output = ex.run(plan)
+    sched.finish("b", "stop", "stop string 'x'")
+    sched.add("c", prompt(4, 3), SamplingParams(max_tokens=5), seed=0)
+    ahead = sched.schedule_ahead()
+    b_slot = ({s for s in plan.decode_slots} - set(ahead.decode_slots)).pop()
+    assert [(a.request_id, a.slot) for a in ahead.assignments] == [("c", b_slot)]
+    events = sched.update(plan, output)
+    assert {e.request_id for e in events} == {"a"}  # b's tokens of the step went to nobody
+    first = [t for e in sched.update(ahead, ex.run(ahead)) if e.request_id == "c"
+             for t in e.token_ids]
+    sched.check_invariants()
+    streams, _ = serve(sched, ex, {})
+    assert first + streams["c"] == reference(prompt(4, 3), SamplingParams(max_tokens=5))

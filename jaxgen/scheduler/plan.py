@@ -35,6 +35,7 @@ class PrefillChunk:
     start: int  # position of token_ids[0] in the request's sequence
     token_ids: tuple[int, ...]
     sample: bool  # the chunk ends the known tokens: sample the next token from its last row
+    serial: int = 0  # the request's `serial` (its id may be reused once it ends)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,11 @@ class StepPlan:
     step: int
     prefills: tuple[PrefillChunk, ...] = ()
     # Slots advancing by `num_steps` tokens, with the position of their input token (the last
-    # sampled one, already on device).
+    # sampled one, already on device) and the serial of the request decoding there: a slot may
+    # change hands while the plan is in flight, and its tokens go only to that request.
     decode_slots: tuple[int, ...] = ()
     decode_positions: tuple[int, ...] = ()
+    decode_serials: tuple[int, ...] = ()
     num_steps: int = 1
     # slot -> that slot's full page list (row of the page table), for rows that changed.
     page_table_updates: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)

@@ -42,6 +42,9 @@ class Request:
     arrival_time: float
     stop_ids: frozenset[int]  # model stop ids (unless ignore_eos) plus params.stop_token_ids
     deadline: float | None = None  # clock seconds, None: no deadline
+    # Unique among the scheduler's requests, unlike request_id (reusable once a request ends):
+    # plans name the requests they were made for by it.
+    serial: int = 0
     output_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
     decoding: bool = False  # a chunk reaching the last known token sampled in the current slot

@@ -5,17 +5,20 @@ preemption by recompute, prefix sharing.
 `StepOutput` back into request state and returns `RequestEvent`s. While a plan with work is in
 flight, the next `schedule()` waits for its `update()` (unless every request of it has ended,
 e.g. after a failed device step); `schedule_ahead()` is the exception that keeps the device
-busy: in steady decoding it plans the step after the in-flight one, assuming the in-flight one
-keeps all its tokens, so the engine can launch it before reading the in-flight one's tokens. An empty plan carries nothing for the device and
-needs no update: slots released and page lists changed go out with the next plan that has work
-(see `SlotTable.flush`). Knows requests, slots and the page allocator; does not know jax, the
-model, text, or threads (the engine serializes all calls).
+busy: it plans the step after the in-flight one (decoding on, prompts chunked on, admissions),
+assuming the in-flight one keeps all its tokens, so the engine can launch it before reading the
+in-flight one's tokens. Plans name their requests by `Request.serial`, so tokens of a step in
+flight never reach a later holder of the same slot or request id. An empty plan carries
+nothing for the device and needs no update: slots released and page lists changed go out with
+the next plan that has work (see `SlotTable.flush`). Knows requests, slots and the page
+allocator; does not know jax, the model, text, or threads (the engine serializes all calls).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,6 +49,7 @@ class Scheduler:
         self._events: list[RequestEvent] = []  # ends found by schedule(), not yet handed out
         self._in_flight: list[StepPlan] = []  # oldest first: update() takes them in order
         self._step = 0
+        self._serials = itertools.count(1)
         self.num_preemptions = 0
 
     # -- requests in ------------------------------------------------------------------------
@@ -64,7 +68,8 @@ class Scheduler:
             raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
         stop_ids = params.stop_ids(cfg.model_stop_ids)
         request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
-                          arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline)
+                          arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline,
+                          serial=next(self._serials))
         self._requests[request_id] = request
         self._enqueue(request, preempted=False)
 
@@ -111,6 +116,7 @@ class Scheduler:
             prefills=tuple(prefills),
             decode_slots=tuple(decode_slots),
             decode_positions=tuple(self._slots[s].num_computed_tokens for s in decode_slots),
+            decode_serials=tuple(self._slots[s].serial for s in decode_slots),
             num_steps=self.config.decode_steps,
             page_table_updates=page_table_updates,
             assignments=tuple(assignments),
@@ -121,35 +127,35 @@ class Scheduler:
         return plan
 
     def schedule_ahead(self) -> StepPlan | None:
-        """The decode step after the one in flight, planned before that one's tokens are known.
+        """The step after the one in flight, planned before that one's tokens are known.
 
-        Only when nothing else is due: one plan in flight, nobody to admit into a free slot, no
-        prompt still partly prefilled after it, no abort or deadline due. Every request that
+        Only when one plan is in flight and no abort or deadline is due. Every request that
         decodes in the in-flight plan, or whose prompt's last chunk it prefills (sampling the
         first token), and that can outlive it, decodes on from where that plan leaves it; if a
-        stop token ends it meanwhile, `update()` drops its tokens of this plan and its slot is
-        reused only after this plan's `update()` (no `schedule()` runs while a plan is in
-        flight). Pages are reserved for the tokens this step keeps, never by preemption. None
-        when any condition fails: call `schedule()` once the in-flight plan is updated.
+        stop token ends it meanwhile, `update()` drops its tokens of this plan. Partly
+        prefilled prompts go on from the end of their chunk in flight, and waiting requests are
+        admitted into free slots as `schedule()` would, also into a slot freed while the
+        in-flight plan still decodes it (plans name requests by serial, and the device runs
+        plans in launch order). Pages are reserved for the tokens this step keeps, never by
+        preemption. None when nothing can be planned ahead: call `schedule()` once the in-flight
+        plan is updated.
         """
         if len(self._in_flight) != 1:
             return None
         last = self._in_flight[0]
         now = self._clock()
-        sampled = {c.request_id: c for c in last.prefills if c.sample}
-        if ((self._waiting and self._slots.num_free)
-                or any(not (r.decoding or r.request_id in sampled) or r.pending_abort is not None
-                       or (r.deadline is not None and now >= r.deadline)
-                       for r in self._running)):
+        if any(r.pending_abort is not None or (r.deadline is not None and now >= r.deadline)
+               for r in self._requests.values()):
             return None
+        sampled = {c.serial: c for c in last.prefills if c.sample}
         k = self.config.decode_steps
-        in_last = set(last.decode_slots)
+        in_last = set(last.decode_serials)
         grow, slots, positions = [], [], []
         for request in self._running:
-            chunk = sampled.get(request.request_id)
-            if chunk is not None and chunk.slot == request.slot:
+            chunk = sampled.get(request.serial)
+            if chunk is not None:
                 made, start = 1, chunk.start + len(chunk.token_ids)  # its first token
-            elif request.decoding and request.slot in in_last:
+            elif request.decoding and request.serial in in_last:
                 made, start = k, request.num_computed_tokens + k
             else:
                 continue
@@ -158,20 +164,26 @@ class Scheduler:
             grow.append((request, self._pages_to_decode_from(request, start)))
             slots.append(request.slot)
             positions.append(start)
-        if not slots or not self.allocator.can_allocate(sum(n for _, n in grow)):
+        if not self.allocator.can_allocate(sum(n for _, n in grow)):
             return None
         for request, n in grow:
             if n:
                 request.pages += self.allocator.allocate(n)
                 self._slots.pages_changed(request.slot)
-        page_table_updates, freed_slots = self._slots.flush(set())
+        prefills, assignments = self._schedule_prefills(now, admit=True, after=last)
+        if not slots and not prefills:
+            return None
+        page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
         order = sorted(range(len(slots)), key=slots.__getitem__)
         plan = StepPlan(
             step=self._step,
+            prefills=tuple(prefills),
             decode_slots=tuple(slots[i] for i in order),
             decode_positions=tuple(positions[i] for i in order),
+            decode_serials=tuple(grow[i][0].serial for i in order),
             num_steps=k,
             page_table_updates=page_table_updates,
+            assignments=tuple(assignments),
             freed_slots=freed_slots,
         )
         self._step += 1
@@ -183,8 +195,19 @@ class Scheduler:
         self._in_flight = []
 
     def _live_in(self, plan: StepPlan) -> bool:
-        slots = {c.slot for c in plan.prefills}.union(plan.decode_slots)
-        return any(self._slots[s] is not None for s in slots)
+        return (any(self._chunk_holder(c) for c in plan.prefills)
+                or any(self._slot_holder(s, n) for s, n in zip(plan.decode_slots,
+                                                               plan.decode_serials)))
+
+    def _chunk_holder(self, chunk: PrefillChunk) -> Request | None:
+        """The request `chunk` was planned for, unless it ended since."""
+        request = self._requests.get(chunk.request_id)
+        return request if request is not None and request.serial == chunk.serial else None
+
+    def _slot_holder(self, slot: int, serial: int) -> Request | None:
+        """The request that decodes in `slot` under `serial`, unless it left the slot since."""
+        request = self._slots[slot]
+        return request if request is not None and request.serial == serial else None
 
     def _drop_leaving(self, now: float) -> None:
         for request in list(self._requests.values()):
@@ -226,17 +249,30 @@ class Scheduler:
         last = min(position + self.config.decode_steps - 1, request.max_len - 1)
         return max(0, last // self.config.page_size + 1 - len(request.pages))
 
-    def _schedule_prefills(self, now: float, admit: bool):
+    def _schedule_prefills(self, now: float, admit: bool, after: StepPlan | None = None):
+        """Prompt chunks under the step's token budget: partly prefilled requests first, then
+        admissions. `after`: the plan in flight when planning ahead; its chunks count as done."""
+        in_flight = {c.serial: c for c in after.prefills} if after is not None else {}
         budget = self.config.max_prefill_tokens
-        chunks, assignments = [], []
-        for request in self._running:  # partly prefilled requests go first
+        chunks = []
+        for request in self._running:
             if budget == 0:
                 break
-            if not request.decoding:
-                chunks.append(self._chunk(request, budget))
-                budget -= len(chunks[-1].token_ids)
+            last = in_flight.get(request.serial)
+            if request.decoding or (last is not None and last.sample):
+                continue  # decodes (next), its prompt done
+            start = request.num_computed_tokens if last is None else last.start + len(last.token_ids)
+            chunks.append(self._chunk(request, budget, start))
+            budget -= len(chunks[-1].token_ids)
         # After a preemption the pool is short: admitting now would only feed the next one.
-        while admit and budget > 0 and self._waiting and self._slots.num_free:
+        admitted, assignments = self._admit_waiting(now, budget) if admit else ([], [])
+        return chunks + admitted, assignments
+
+    def _admit_waiting(self, now: float, budget: int):
+        """Admits waiting requests in queue order while the budget lasts, a slot is free and
+        their pages fit; returns (first chunks, assignments)."""
+        chunks, assignments = [], []
+        while budget > 0 and self._waiting and self._slots.num_free:
             request = self._waiting[0]
             if not self._admit(request, now):
                 break  # nobody overtakes the head of the queue (priority, then arrival order)
@@ -248,12 +284,14 @@ class Scheduler:
             budget -= len(chunks[-1].token_ids)
         return chunks, assignments
 
-    def _chunk(self, request: Request, budget: int) -> PrefillChunk:
-        # The invariant (see Request): prefill catches num_computed_tokens up with num_tokens.
-        start = request.num_computed_tokens
+    def _chunk(self, request: Request, budget: int, start: int | None = None) -> PrefillChunk:
+        """The next chunk from `start` (default num_computed_tokens: the invariant, see
+        Request, is that prefill catches it up with num_tokens)."""
+        start = request.num_computed_tokens if start is None else start
         end = min(request.num_tokens, start + budget)
         return PrefillChunk(request.request_id, request.slot, start,
-                            request.token_ids(start, end), sample=end == request.num_tokens)
+                            request.token_ids(start, end), sample=end == request.num_tokens,
+                            serial=request.serial)
 
     def _admit(self, request: Request, now: float) -> bool:
         """Place the head of the queue in a slot with pages for all its known tokens (reserved
@@ -334,8 +372,8 @@ class Scheduler:
         events += self.take_finished_events()
         kept = {}  # request -> (token ids, logprobs, finish)
         for i, chunk in enumerate(plan.prefills):
-            request = self._requests.get(chunk.request_id)
-            if request is None or request.slot != chunk.slot:
+            request = self._chunk_holder(chunk)
+            if request is None:
                 continue  # finished by the engine while its step was in flight
             request.num_computed_tokens += len(chunk.token_ids)
             if chunk.sample:
@@ -343,10 +381,10 @@ class Scheduler:
                 kept[request] = self._take(request, samples, "prefill", i, now)
             else:
                 self._register_full_pages(request)
-        for slot in plan.decode_slots:
-            request = self._slots[slot]
+        for slot, serial in zip(plan.decode_slots, plan.decode_serials):
+            request = self._slot_holder(slot, serial)
             if request is None:
-                continue
+                continue  # ended while its step was in flight (its slot may be another's now)
             kept[request] = self._take(request, samples, "decode", slot, now)
         for request, (token_ids, logprobs, finish) in kept.items():
             self._register_full_pages(request)
