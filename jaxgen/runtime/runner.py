@@ -183,7 +183,11 @@ class ModelRunner:
                 raise ValueError(f"slot {slot}: {len(pages)} pages > pages_per_seq={self.cfg.pages_per_seq}")
             self._page_table[slot] = 0
             self._page_table[slot, :len(pages)] = pages
-        self.state = dataclasses.replace(self.state, page_table=self._put(self._page_table))
+        # A copy: on CPU, device_put of an aligned numpy array is zero-copy, so the device table
+        # of a step still in flight (launched ahead) would change under it with the next update
+        # and its K/V writes land in another request's pages.
+        self.state = dataclasses.replace(self.state,
+                                         page_table=self._put(self._page_table.copy()))
 
     def _assign(self, plan: StepPlan) -> None:
         s = self.cfg.num_slots
