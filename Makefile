@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(VENV)/bin/jaxgen serve
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q tests
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV)
