@@ -124,7 +124,10 @@ class Attention(nnx.Module):
             sm_scale=self.sm_scale, sliding_window=self.sliding_window,
             soft_cap=self.soft_cap, decode_only=md.decode_only, backend=self.attn_backend,
         )
-        return jnp.einsum("thd,hde->te", out, self.o[...]), kv_pages
+        # One 2-D matmul over (head, dim) flattened: with the 3-D einsum XLA CPU re-laid out the
+        # whole o weight every step to match the attention output (~10% of a CPU decode step).
+        t, hq, d = out.shape
+        return out.reshape(t, hq * d) @ self.o[...].reshape(hq * d, -1), kv_pages
 
 
 class GatedMLP(nnx.Module):
