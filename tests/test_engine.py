@@ -375,7 +375,9 @@ def _aligned_zeros(shape, dtype=np.int32, alignment=64):
 def test_a_step_in_flight_keeps_its_page_table_when_the_next_is_planned(tiny):
     """The page table a launched step reads is never changed by the host planning the next step
     (CPU device_put of an aligned host array shares its memory: updating the host table in
-    place would move an in-flight step's K/V writes into another request's pages)."""
+    place would move an in-flight step's K/V writes into another request's pages). Checked on the
+    tables themselves: an end-to-end run with these tiny models passes even with the aliasing
+    (their steps finish before the host edits the table), so it would prove nothing."""
     engine = make_engine(tiny)
     runner = engine.runner
     runner._page_table = _aligned_zeros(runner._page_table.shape)
@@ -384,7 +386,3 @@ def test_a_step_in_flight_keeps_its_page_table_when_the_next_is_planned(tiny):
     runner._update_page_table({0: [5], 1: [6]})
     assert np.asarray(handed)[:2, :2].tolist() == [[3, 4], [0, 0]]
     assert np.asarray(runner.state.page_table)[:2, :2].tolist() == [[5, 0], [6, 0]]
-    # And end to end with the aliasing-prone table: outputs equal the naive decode.
-    ps = prompts(7, seed=5)
-    for p, c in zip(ps, engine.generate(ps, GREEDY)):
-        assert list(c.token_ids) == expected(tiny, p)

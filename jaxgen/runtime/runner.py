@@ -112,6 +112,9 @@ class ModelRunner:
         self.compilations_after_warmup = 0
 
     def _put(self, tree):
+        """Commits host arrays to the device. The arrays must not be written afterwards: on CPU
+        device_put may alias (not copy) an aligned numpy buffer, and the call it feeds may not
+        have run yet."""
         return jax.device_put(tree, self._placement)
 
     # -- compilation accounting ---------------------------------------------------------------
