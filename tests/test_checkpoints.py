@@ -52,8 +52,8 @@ def test_convert_cli_round_trip(tmp_path, cache_dir):
     loaded = checkpoints.load(str(dst), dtype="float32")
     assert loaded.config.architecture == "llama" and loaded.config.num_layers == 30
     direct = checkpoints.load(bundled("smollm2-135m").locate_gguf())
-    got = np.asarray(loaded.params["layers"][3]["mlp"]["up"])
-    want = np.asarray(direct.params["layers"][3]["mlp"]["up"])
+    got = np.asarray(loaded.params["layers"][3]["mlp"]["gate_up"])
+    want = np.asarray(direct.params["layers"][3]["mlp"]["gate_up"])
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)  # via bf16
 
 
@@ -128,3 +128,23 @@ def test_cli_reports_user_errors_without_traceback(args, message):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert f"jaxgen: error: " in run.stderr and message in run.stderr
+
+
+def test_fused_projections_equal_the_separate_hf_ones():
+    """`qkv` and `gate_up` built from HF tensors give exactly what HF's separate projections
+    give: query head h*G + j next to KV head h, K and V of each head, gate and up."""
+    from jaxgen.checkpoints.hf_layout import fuse_gate_up, fuse_qkv
+
+    rng = np.random.default_rng(0)
+    e, hq, hkv, d, f = 12, 6, 2, 4, 10
+    q, k, v = (rng.standard_normal((h * d, e)) for h in (hq, hkv, hkv))
+    x = rng.standard_normal((3, e))
+    qkv = np.einsum("te,ehcd->thcd", x, fuse_qkv(q, k, v, hq, hkv))  # [T, Hkv, G + 2, D]
+    g = hq // hkv
+    np.testing.assert_allclose(qkv[:, :, :g].reshape(3, hq, d), (x @ q.T).reshape(3, hq, d))
+    np.testing.assert_allclose(qkv[:, :, g], (x @ k.T).reshape(3, hkv, d))
+    np.testing.assert_allclose(qkv[:, :, g + 1], (x @ v.T).reshape(3, hkv, d))
+    gate, up = rng.standard_normal((f, e)), rng.standard_normal((f, e))
+    h = np.einsum("te,ecf->tcf", x, fuse_gate_up(gate, up))
+    np.testing.assert_allclose(h[:, 0], x @ gate.T)
+    np.testing.assert_allclose(h[:, 1], x @ up.T)

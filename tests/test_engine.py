@@ -326,7 +326,8 @@ def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
     engine.observers.append(Slow())
     engine.start()
     try:
-        stream = engine.add_request([3, 4, 5], GREEDY, request_id="r")
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        stream = engine.add_request([3, 4, 5], params, request_id="r")
         assert stream.result().finish_reason == "length"
         assert Slow.finished == ["r"]
     finally:

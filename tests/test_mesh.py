@@ -66,6 +66,10 @@ def test_orbax_restores_into_requested_shardings(tmp_path):
     for name, array in flat_r.items():
         assert array.sharding.is_equivalent_to(flat_s[name], array.ndim), name
         np.testing.assert_array_equal(np.asarray(array), np.asarray(flat_p[name]))
-    q = flat_r["layers.0.attn.q"]  # [embed, 8 heads, head_dim] split 4 ways on heads
-    assert q.sharding.spec == PartitionSpec(None, "model", None)
-    assert {s.data.shape for s in q.addressable_shards} == {(64, 2, 16)}
+    # [embed, 2 KV heads, 4 + 2, head_dim]: 2 KV heads cannot split 4 ways, so replicated
+    qkv = flat_r["layers.0.attn.qkv"]
+    assert qkv.shape == (64, 2, 6, 16) and set(qkv.sharding.spec) <= {None}
+    # [embed, 2, mlp 128] split 4 ways on the MLP hidden axis, gate and up rows together
+    gate_up = flat_r["layers.0.mlp.gate_up"]
+    assert gate_up.sharding.spec == PartitionSpec(None, None, "model")
+    assert {s.data.shape for s in gate_up.addressable_shards} == {(64, 2, 32)}

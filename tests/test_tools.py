@@ -36,3 +36,16 @@ def test_host_gap_summary():
     assert s["launched_ahead_share"] == 0.5
     assert abs(s["mean_ms"] - 1.5) < 1e-9 and abs(s["max_ms"] - 4.0) < 1e-9
     assert abs(s["p50_ms"] - 1.0) < 1e-9
+
+
+def test_check_backends_compare_names_the_first_difference():
+    import check_backends
+
+    assert check_backends.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert check_backends.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert check_backends.first_difference([1, 2], [1, 2, 3]) == 2  # shorter counts
+    rows = check_backends.compare({"reference": ([[1, 2], [3, 4]], 1.0),
+                                   "gpu": ([[1, 2], [3, 9]], 0.5)})
+    assert rows[0]["equal"] == 2 and rows[0]["first_difference"] is None
+    assert rows[1]["equal"] == 1 and rows[1]["first_difference"] == (1, 1)
+    assert rows[1]["reference"] == "reference" and rows[1]["tokens"] == 4

@@ -74,8 +74,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None
     converted = False
     if entry is not None:
         path = os.path.join(cache_dir(cache), "models", entry.name)
-        if not orbax_format.is_jaxgen_checkpoint(path):
-            log.info("converting %s into %s (first use)", entry.name, path)
+        if orbax_format.format_version(path) != orbax_format.FORMAT_VERSION:
+            log.info("converting %s into %s (first use of this jaxgen's format)", entry.name, path)
             convert(entry.locate_gguf(), path)
             converted = True
     elif os.path.exists(name_or_path):

@@ -17,12 +17,22 @@ import jax
 from jaxgen.checkpoints.errors import CheckpointError
 from jaxgen.models import Model, ModelConfig
 
-FORMAT_VERSION = 1
+# 2: fused `attn.qkv` and `mlp.gate_up` weights (1 had separate q/k/v and gate/up).
+FORMAT_VERSION = 2
 CONFIG_FILE = "model_config.json"
 
 
 def is_jaxgen_checkpoint(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, CONFIG_FILE))
+
+
+def format_version(directory: str) -> int | None:
+    """The checkpoint's `format_version`, or None if its config is missing or unreadable."""
+    try:
+        with open(os.path.join(directory, CONFIG_FILE)) as f:
+            return json.load(f).get("format_version")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -71,7 +81,8 @@ def read_config(directory: str, dtype: str | None = None) -> ModelConfig:
             data = json.load(f)
         if data.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version={data.get('format_version')!r}, "
-                                  f"this jaxgen reads {FORMAT_VERSION}")
+                                  f"this jaxgen reads {FORMAT_VERSION}; convert the source "
+                                  "checkpoint again (`jaxgen convert`)")
         config = ModelConfig.from_dict(data["model"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):

@@ -2,8 +2,11 @@
 paged attention, gated MLP.
 
 Every parameter is an `nnx.Param` carrying `logical_axes`; `jaxgen.models.sharding` maps those to
-mesh axes. Weights are stored input-major (`x @ w`), heads split out: `q: [embed, q_heads,
-head_dim]`, `o: [q_heads, head_dim, embed]`. Knows nothing about checkpoints or scheduling.
+mesh axes. Weights are stored input-major (`x @ w`), heads split out, and the projections that
+read the same input fused into one weight, so a decode token runs one matmul where it would
+run two or three: `qkv: [embed, kv_heads, G + 2, head_dim]` (per KV head its G = Hq / Hkv query
+heads, then K, then V; query head `h * G + j` belongs to KV head `h`, as in HF), `o: [q_heads,
+head_dim, embed]`, `gate_up: [embed, 2, mlp]`. Knows nothing about checkpoints or scheduling.
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, attn_backend: str):
         dt = jnp.dtype(cfg.dtype)
         e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q = param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dt)
-        self.k = param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dt)
-        self.v = param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dt)
+        # One weight for Q, K and V, grouped by KV head: tensor parallelism splits it (and the
+        # page pool) over KV heads, so each device holds whole GQA groups with their K/V.
+        self.qkv = param(rngs, (e, hkv, hq // hkv + 2, d),
+                         ("embed", "kv_heads", None, "head_dim"), dt)
         self.o = param(rngs, (hq, d, e), ("q_heads", "head_dim", "embed"), dt)
         gemma = cfg.architecture == "gemma3"
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs, zero_centered=True) if gemma else None
@@ -112,9 +116,10 @@ class Attention(nnx.Module):
         self.attn_backend = attn_backend
 
     def __call__(self, x, positions, kv_pages, md):
-        q = jnp.einsum("te,ehd->thd", x, self.q[...])
-        k = jnp.einsum("te,ehd->thd", x, self.k[...])
-        v = jnp.einsum("te,ehd->thd", x, self.v[...])
+        qkv = jnp.einsum("te,ehcd->thcd", x, self.qkv[...])  # one matmul for Q, K and V
+        g = qkv.shape[2] - 2
+        q = qkv[:, :, :g].reshape(x.shape[0], -1, qkv.shape[-1])
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = np.asarray(self.inv_freq, np.float32)
@@ -136,15 +141,15 @@ class GatedMLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = param(rngs, (e, f), ("embed", "mlp"), dt)
-        self.up = param(rngs, (e, f), ("embed", "mlp"), dt)
+        self.gate_up = param(rngs, (e, 2, f), ("embed", None, "mlp"), dt)  # one matmul for both
         self.down = param(rngs, (f, e), ("mlp", "embed"), dt)
         self.gelu = cfg.architecture == "gemma3"
 
     def __call__(self, x):
-        gate = x @ self.gate[...]
+        h = jnp.einsum("te,ecf->tcf", x, self.gate_up[...])
+        gate, up = h[:, 0], h[:, 1]
         act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-        return (act * (x @ self.up[...])) @ self.down[...]
+        return (act * up) @ self.down[...]
 
 
 def run_blocks(blocks, final_norm, x, positions, kv_pages, md, logits_indices=None):
