@@ -148,3 +148,29 @@ def test_fused_projections_equal_the_separate_hf_ones():
     h = np.einsum("te,ecf->tcf", x, fuse_gate_up(gate, up))
     np.testing.assert_allclose(h[:, 0], x @ gate.T)
     np.testing.assert_allclose(h[:, 1], x @ up.T)
+
+
+def test_a_cached_bundled_model_in_an_older_format_is_converted_again(cache_dir):
+    first = checkpoints.load("smollm2-135m", cache=cache_dir)
+    config = os.path.join(first.source, orbax_format.CONFIG_FILE)
+    with open(config) as f:
+        data = json.load(f)
+    data["format_version"] = orbax_format.FORMAT_VERSION - 1
+    with open(config, "w") as f:
+        json.dump(data, f)
+    again = checkpoints.load("smollm2-135m", cache=cache_dir)
+    assert again.converted and orbax_format.format_version(again.source) == orbax_format.FORMAT_VERSION
+    a, b = orbax_format.flatten(first.params), orbax_format.flatten(again.params)
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+
+
+def test_a_users_checkpoint_in_an_older_format_names_the_fix(tmp_path):
+    model = Model(TINY_LLAMA)
+    orbax_format.save(str(tmp_path / "ckpt"), TINY_LLAMA, model.init_random(seed=0))
+    config = tmp_path / "ckpt" / orbax_format.CONFIG_FILE
+    data = json.loads(config.read_text())
+    data["format_version"] = 1
+    config.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"format_version=1, this jaxgen reads 2; convert"):
+        checkpoints.load(str(tmp_path / "ckpt"))

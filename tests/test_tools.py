@@ -49,3 +49,23 @@ def test_check_backends_compare_names_the_first_difference():
     assert rows[0]["equal"] == 2 and rows[0]["first_difference"] is None
     assert rows[1]["equal"] == 1 and rows[1]["first_difference"] == (1, 1)
     assert rows[1]["reference"] == "reference" and rows[1]["tokens"] == 4
+
+
+def test_make_bench_checkpoint_loads_with_its_tokenizer(tmp_path, cache_dir):
+    """A random-weight shape saved with a real tokenizer: the vocabulary follows the tokenizer
+    and the result loads as a jaxgen checkpoint that `serve` can use."""
+    import make_bench_checkpoint
+
+    from jaxgen import checkpoints
+    from tests.helpers import TINY_LLAMA
+
+    smol = checkpoints.load("smollm2-135m", cache=cache_dir)
+    shape = tmp_path / "tiny.json"
+    shape.write_text(TINY_LLAMA.to_json())
+    out = tmp_path / "bench"
+    make_bench_checkpoint.main(["--shape", str(shape), "--out", str(out), "--dtype", "float32",
+                                "--tokenizer", os.path.join(smol.source, "tokenizer")])
+    loaded = checkpoints.load(str(out))
+    assert loaded.config.vocab_size == smol.tokenizer.vocab_size == 49152
+    assert loaded.config.num_layers == TINY_LLAMA.num_layers
+    assert loaded.tokenizer.encode("Hello, world!") == smol.tokenizer.encode("Hello, world!")
