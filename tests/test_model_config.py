@@ -12,7 +12,8 @@ from tests.helpers import TINY_GEMMA3
 PRESETS = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
 
 
-@pytest.mark.parametrize("name,params_billion", [("llama-3-8b", 8.03), ("llama-3.2-1b", 1.236)])
+@pytest.mark.parametrize("name,params_billion", [("llama-3-8b", 8.03), ("llama-3.2-1b", 1.236),
+                                                ("gemma3-270m", 0.268)])
 def test_presets_have_the_published_parameter_counts(name, params_billion):
     cfg = ModelConfig.from_json_file(os.path.join(PRESETS, f"{name}.json"))
     model = Model(cfg)  # abstract: nothing is allocated
