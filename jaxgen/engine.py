@@ -74,6 +74,12 @@ class EngineObserver:
         from the previous step's tokens on host to this step's launch (0 when it was launched
         ahead, before them), None after an idle wait."""
 
+    def on_launch(self, device_drained: bool) -> None:
+        """A step was launched while others were in flight; `device_drained`: the device had
+        already finished all of them, so it sat idle until this launch (the host set the pace;
+        the host gap reads 0 for such a step, since it was launched before the previous step's
+        tokens were read)."""
+
     def on_finish(self, finished: FinishedRequest) -> None:
         """A request ended (any finish reason)."""
 
@@ -183,6 +189,8 @@ class Engine:
         """Dispatches `plan` (None: nothing) without waiting for it."""
         if plan is None:
             return
+        if self._launched:  # launched ahead: had the device run out of work already?
+            self._notify("on_launch", self._launched[-1][0].done())
         start = time.perf_counter()
         try:
             self._launched.append((self.runner.launch(plan), start))

@@ -52,6 +52,13 @@ class ServingMetrics(EngineObserver):
         self.host_gap = Histogram("jaxgen_host_gap_seconds",
                                   "Host time between one device step's return and the next's start",
                                   buckets=STEP_BUCKETS, registry=r)
+        self.launched_ahead = Counter(
+            "jaxgen_steps_launched_ahead_total",
+            "Steps launched while earlier ones were still in flight", registry=r)
+        self.launched_on_drained = Counter(
+            "jaxgen_steps_launched_on_drained_device_total",
+            "Steps launched ahead after the device had already finished every earlier step "
+            "(it idled until the launch: the host set the pace)", registry=r)
         r.register(_OccupancyCollector(engine))
         engine.observers.append(self)
 
@@ -59,6 +66,11 @@ class ServingMetrics(EngineObserver):
         self.step.observe(step_seconds)
         if host_gap_seconds is not None:
             self.host_gap.observe(host_gap_seconds)
+
+    def on_launch(self, device_drained: bool) -> None:
+        self.launched_ahead.inc()
+        if device_drained:
+            self.launched_on_drained.inc()
 
     def on_finish(self, finished: FinishedRequest) -> None:
         out, usage = finished.output, finished.output.usage

@@ -312,6 +312,36 @@ def test_next_step_is_launched_before_tokens_are_delivered(tiny):
     assert all(n >= 1 for n in in_flight[:-1]) and len(in_flight) > 4, in_flight
 
 
+def test_a_step_launched_after_the_device_drained_is_reported(tiny):
+    """When delivering tokens takes the host longer than the step in flight takes the device,
+    the next launch finds the device idle: observers are told (the host gap cannot show it,
+    since that step is still launched before the previous one's tokens are read)."""
+    class Launches(EngineObserver):
+        def __init__(self):
+            self.drained = []
+
+        def on_launch(self, device_drained):
+            self.drained.append(device_drained)
+
+    engine = make_engine(tiny)
+    seen = Launches()
+    engine.observers.append(seen)
+    real = engine._deliver
+
+    def slow_deliver(events):
+        real(events)
+        if events:
+            time.sleep(0.3)  # far longer than a tiny model's step on device
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts(2, seed=7), params)  # compiles every step shape
+    engine._deliver = slow_deliver
+    seen.drained.clear()
+    engine.generate(prompts(2, seed=7), params)
+    # The first launch ahead follows the prefill at once; every later one waited 0.3 s.
+    assert len(seen.drained) >= 3 and all(seen.drained[1:]), seen.drained
+
+
 def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
     """A caller holding the final output can rely on the request being counted and logged
     (a draining server exits once its last stream ends)."""

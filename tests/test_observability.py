@@ -111,6 +111,10 @@ def test_metrics_add_up_during_and_after_load(observed):
     assert grew("jaxgen_time_to_first_token_seconds_count") == 13
     assert grew("jaxgen_engine_step_seconds_count") > 0
     assert grew("jaxgen_host_gap_seconds_count") > 0
+    # Decode steps are launched ahead; some of them may find the device drained, never more.
+    assert grew("jaxgen_steps_launched_ahead_total") > 0
+    assert 0 <= grew("jaxgen_steps_launched_on_drained_device_total") <= \
+        grew("jaxgen_steps_launched_ahead_total")
     assert grew("jaxgen_prefix_cache_query_tokens_total") > 0  # full pages of the prompts
     assert max(d["jaxgen_requests_running"] for d in during) >= 1
     assert max(d["jaxgen_kv_pages_used"] for d in during) >= 1

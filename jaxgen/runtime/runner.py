@@ -89,6 +89,10 @@ class LaunchedStep:
     prefill: object  # Sampled pytree of the prefill call, or None
     decode: object  # Sampled pytree of the generate call, or None
 
+    def done(self) -> bool:
+        """Whether the device has finished this step (its outputs are ready); never blocks."""
+        return all(leaf.is_ready() for leaf in jax.tree.leaves((self.prefill, self.decode)))
+
 
 class ModelRunner:
     def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
