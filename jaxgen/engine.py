@@ -190,12 +190,20 @@ class Engine:
         if plan is None:
             return
         if self._launched:  # launched ahead: had the device run out of work already?
-            self._notify("on_launch", self._launched[-1][0].done())
+            self._notify("on_launch", self._device_drained())
         start = time.perf_counter()
         try:
             self._launched.append((self.runner.launch(plan), start))
         except Exception as e:
             self._fail(plan, e)
+
+    def _device_drained(self) -> bool:
+        """Whether every launched step has finished on device (steps run in launch order, so
+        the newest tells). Only a metric: a failure to tell reads as not drained."""
+        try:
+            return self._launched[-1][0].done()
+        except Exception:  # e.g. a step whose outputs are gone after a device error
+            return False
 
     def _update_oldest(self) -> list[RequestEvent]:
         """Waits for the oldest launched step's tokens and folds them into the scheduler (no
