@@ -189,7 +189,7 @@ class Engine:
         """Dispatches `plan` (None: nothing) without waiting for it."""
         if plan is None:
             return
-        if self._launched:  # launched ahead: had the device run out of work already?
+        if self._launched and self.observers:  # launched ahead: had the device run dry?
             self._notify("on_launch", self._device_drained())
         start = time.perf_counter()
         try:

@@ -69,3 +69,20 @@ def test_make_bench_checkpoint_loads_with_its_tokenizer(tmp_path, cache_dir):
     assert loaded.config.vocab_size == smol.tokenizer.vocab_size == 49152
     assert loaded.config.num_layers == TINY_LLAMA.num_layers
     assert loaded.tokenizer.encode("Hello, world!") == smol.tokenizer.encode("Hello, world!")
+
+
+def test_bench_tools_name_bad_input(capsys):
+    import pytest
+
+    import check_backends
+    import make_bench_checkpoint
+
+    with pytest.raises(SystemExit) as e:
+        make_bench_checkpoint.main(["--shape", "llama-9z", "--tokenizer", "x", "--out", "y"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "shape='llama-9z': no such preset or file" in err and "llama-3.2-1b" in err
+    with pytest.raises(SystemExit) as e:  # "auto" is the reference on CPU: nothing to compare
+        check_backends.main(["--backends", "reference,auto", "--model", "unused"])
+    assert e.value.code == 2
+    assert "need two distinct backends" in capsys.readouterr().err

@@ -41,6 +41,15 @@ class RandomTokenTokenizer:
         return ""
 
 
+def load_preset(name_or_path: str) -> ModelConfig:
+    """A shape preset by name (configs/models/NAME.json) or a config JSON path."""
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(PRESETS, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".json"))
+        raise ValueError(f"shape={name_or_path!r}: no such preset or file; presets: {', '.join(known)}")
+    return ModelConfig.from_json_file(path)
+
+
 def random_params(model: Model, seed: int = 0):
     """Random weights leaf by leaf (one small jit per distinct shape, not one program for the
     whole model, whose compile takes minutes at 8B): normal(0, 0.02) matrices; norm scales at
@@ -75,7 +84,7 @@ def run(engine: Engine, prompts, new: int) -> float:
 
 
 def bench(name: str, batch: int, args, bandwidth: float) -> dict:
-    cfg = ModelConfig.from_json_file(os.path.join(PRESETS, f"{name}.json"))
+    cfg = load_preset(name)
     model = Model(cfg, attn_backend=args.attn_backend)
     params = random_params(model, seed=0)
     runner = RunnerConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,

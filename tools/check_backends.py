@@ -94,7 +94,10 @@ def main(argv=None) -> int:
     from jaxgen import checkpoints
     from pallas_kernels import resolve_backend
 
-    backends = [resolve_backend(b) for b in args.backends.split(",")]
+    backends = list(dict.fromkeys(resolve_backend(b) for b in args.backends.split(",")))
+    if len(backends) < 2:
+        ap.error(f"backends={args.backends!r}: resolve to {backends} on this platform; "
+                 "need two distinct backends to compare (e.g. reference,gpu)")
     models = args.model or ["gemma3-270m", "smollm2-135m"]
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, {platform.python_version()}, "
           f"{args.dtype}, matmul precision {args.matmul_precision}, greedy, {len(PROMPTS)} prompts on {args.slots} slots, "

@@ -13,11 +13,10 @@ checkpoint, e.g. the converted smollm2-135m in ~/.cache/jaxgen/models/). Weights
 from __future__ import annotations
 
 import argparse
-import os
 
-from bench_offline import PRESETS, random_params
+from bench_offline import load_preset, random_params
 from jaxgen.checkpoints import orbax_format
-from jaxgen.models import Model, ModelConfig
+from jaxgen.models import Model
 from jaxgen.tokenizer import load_tokenizer
 
 
@@ -29,9 +28,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    path = args.shape if args.shape.endswith(".json") else os.path.join(PRESETS, f"{args.shape}.json")
-    tokenizer = load_tokenizer(args.tokenizer)
-    cfg = ModelConfig.from_json_file(path).replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
+    try:
+        shape = load_preset(args.shape)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
+    cfg = shape.replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
     model = Model(cfg)
     orbax_format.save(args.out, cfg, random_params(model, args.seed), tokenizer)
     print(f"{args.out}: {cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {cfg.dtype}")
