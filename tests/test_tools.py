@@ -86,3 +86,16 @@ def test_bench_tools_name_bad_input(capsys):
         check_backends.main(["--backends", "reference,auto", "--model", "unused"])
     assert e.value.code == 2
     assert "need two distinct backends" in capsys.readouterr().err
+
+
+def test_bench_projections_names_the_matmul_kernels():
+    import bench_projections
+
+    hlo = """
+  %input_reduce_fusion.3 = bf16[3072]{0} fusion(%p0, %p1), kind=kInput, calls=%fused_reduce
+  %input_reduce_fusion_1.2 = bf16[3072]{0} fusion(%p0, %p2), kind=kInput, calls=%fused_reduce.1
+  %gemm_fusion_dot.7 = bf16[2,2048]{1,0} fusion(%p3, %p4), kind=kCustom, calls=%gemm
+  %loop_add_fusion = bf16[2048]{0} fusion(%a, %b), kind=kLoop, calls=%add
+"""
+    assert bench_projections.kernel_kinds(hlo) == "input_reduce_fusion x2, gemm_fusion_dot x1"
+    assert bench_projections.kernel_kinds("%loop_add_fusion = f32[2]{0} fusion(%a)") == "-"

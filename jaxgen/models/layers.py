@@ -57,6 +57,32 @@ class RMSNorm(nnx.Module):
         return w * xf.astype(x.dtype)
 
 
+# How a one-row projection (T == 1: a batch-1 decode step) runs, see `project`: "gpu" (as two
+# rows on GPU, plain elsewhere), "always" (as two rows everywhere) or "off" (always plain).
+ONE_ROW = "gpu"
+_ONE_ROW_MODES = ("gpu", "always", "off")
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, *, one_row: str | None = None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for token rows `x [T, ...]` against a weight `w`.
+
+    XLA GPU strength-reduces a vector-times-matrix dot against a weight of fewer than 10M
+    elements into a multiply + reduce fusion (`GpuAlgebraicSimplifier`), which reads the weight
+    at a third of the bandwidth a GEMM reaches; at batch 1 that is Llama-3.2-1B's Q/K/V and
+    output projections and every projection of Gemma 3 270M. Two rows are a matrix, so a
+    one-row `x` runs as two (the second row zero) and the first row of the result is kept: the
+    same numbers, read through a GEMM. `one_row` (default `ONE_ROW`) picks where.
+    """
+    mode = ONE_ROW if one_row is None else one_row
+    if mode not in _ONE_ROW_MODES:
+        raise ValueError(f"one_row={mode!r}: must be one of {', '.join(_ONE_ROW_MODES)}")
+    pad = mode == "always" or (mode == "gpu" and jax.default_backend() == "gpu")
+    if x.shape[0] != 1 or not pad:
+        return jnp.einsum(spec, x, w)
+    x2 = jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1))
+    return jnp.einsum(spec, x2, w)[:1]
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
     """f32[head_dim // 2] inverse frequencies, computed in f32 on host (as the HF reference)."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
@@ -116,7 +142,7 @@ class Attention(nnx.Module):
         self.attn_backend = attn_backend
 
     def __call__(self, x, positions, kv_pages, md):
-        qkv = jnp.einsum("te,ehcd->thcd", x, self.qkv[...])  # one matmul for Q, K and V
+        qkv = project("te,ehcd->thcd", x, self.qkv[...])  # one matmul for Q, K and V
         g = qkv.shape[2] - 2
         q = qkv[:, :, :g].reshape(x.shape[0], -1, qkv.shape[-1])
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
@@ -132,7 +158,8 @@ class Attention(nnx.Module):
         # One 2-D matmul over (head, dim) flattened: with the 3-D einsum XLA CPU re-laid out the
         # whole o weight every step to match the attention output (~10% of a CPU decode step).
         t, hq, d = out.shape
-        return out.reshape(t, hq * d) @ self.o[...].reshape(hq * d, -1), kv_pages
+        o = self.o[...].reshape(hq * d, -1)
+        return project("tk,ke->te", out.reshape(t, hq * d), o), kv_pages
 
 
 class GatedMLP(nnx.Module):
@@ -146,10 +173,10 @@ class GatedMLP(nnx.Module):
         self.gelu = cfg.architecture == "gemma3"
 
     def __call__(self, x):
-        h = jnp.einsum("te,ecf->tcf", x, self.gate_up[...])
+        h = project("te,ecf->tcf", x, self.gate_up[...])
         gate, up = h[:, 0], h[:, 1]
         act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-        return (act * up) @ self.down[...]
+        return project("tf,fe->te", act * up, self.down[...])
 
 
 def run_blocks(blocks, final_norm, x, positions, kv_pages, md, logits_indices=None):

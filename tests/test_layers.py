@@ -1,0 +1,61 @@
+"""`layers.project`: a one-row projection run as two rows (the GPU fast path) equals the plain
+einsum, alone and through a whole batch-1 decode step of each model family."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.models import Model, layers
+from tests.helpers import TINY_GEMMA3, TINY_LLAMA, packed_metadata
+
+SPECS = [("te,ehcd->thcd", (1, 24), (24, 2, 5, 8)),  # fused Q/K/V
+         ("tk,ke->te", (1, 40), (40, 24)),  # output projection
+         ("te,ecf->tcf", (1, 24), (24, 2, 48)),  # fused gate/up
+         ("tf,fe->te", (1, 48), (48, 24))]  # down
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", SPECS, ids=["qkv", "o", "gate_up", "down"])
+def test_one_row_as_two_equals_the_plain_einsum(spec, x_shape, w_shape):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, x_shape, jnp.float32)
+    w = jax.random.normal(kw, w_shape, jnp.float32)
+    plain = layers.project(spec, x, w, one_row="off")
+    padded = layers.project(spec, x, w, one_row="always")
+    assert padded.shape == plain.shape == jnp.einsum(spec, x, w).shape
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_the_two_row_path_is_taken_only_for_one_row():
+    x1, x2, w = jnp.ones((1, 8)), jnp.ones((3, 8)), jnp.ones((8, 4))
+    jaxpr = lambda x, mode: str(jax.make_jaxpr(
+        lambda x: layers.project("te,ef->tf", x, w, one_row=mode))(x))
+    assert "pad" in jaxpr(x1, "always")
+    assert "pad" not in jaxpr(x2, "always")  # already a matrix
+    assert "pad" not in jaxpr(x1, "off")
+    assert "pad" not in jaxpr(x1, "gpu")  # these tests run on CPU: no strength reduction there
+    with pytest.raises(ValueError, match="one_row='pad2'"):
+        layers.project("te,ef->tf", x1, w, one_row="pad2")
+
+
+@pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
+def test_batch_one_decode_step_is_the_same_through_two_rows(cfg, monkeypatch):
+    model = Model(cfg)
+    params = model.init_random(seed=1)
+    rng = np.random.default_rng(0)
+    page_indices = np.array([[1, 2]])
+    md_prefill = packed_metadata([(9, 9)], page_indices)
+    md_decode = packed_metadata([(10, 1)], page_indices)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, 9), jnp.int32)
+
+    def decode_logits(mode):
+        monkeypatch.setattr(layers, "ONE_ROW", mode)
+        fwd = jax.jit(model.forward)  # traced afresh per mode
+        pages = model.init_kv_pages(4, 16)
+        _, pages = fwd(params, prompt, jnp.arange(9, dtype=jnp.int32), pages, md_prefill)
+        logits, _ = fwd(params, jnp.asarray([5], jnp.int32), jnp.asarray([9], jnp.int32), pages,
+                        md_decode)
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(decode_logits("always"), decode_logits("off"), rtol=1e-5,
+                               atol=1e-5)
