@@ -15,6 +15,7 @@ neither prometheus nor any logging policy of theirs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -102,6 +103,8 @@ class Engine:
         self._seeds = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._pauses = 0  # quiesced() callers waiting or inside
+        self._quiet = threading.Event()  # set while the loop is paused with nothing in flight
         # Set when the engine can no longer serve (loop crashed, device buffers lost): health
         # reports NOT_SERVING and add_request refuses.
         self.dead: BaseException | None = None
@@ -224,11 +227,11 @@ class Engine:
 
     def _fail(self, plan, e: Exception) -> None:
         """A device step failed: its requests (and those of every step launched with it) end
-        with "error", not the engine; lost donated buffers end everything (engine dead)."""
+        with "error", not the engine; a lost device (`Runner.device_lost`) ends everything (engine dead)."""
         log.exception("step %d failed on device", plan.step)
         detail = f"device step failed: {type(e).__name__}: {e}"
-        lost = self.runner.buffers_lost()
-        if lost:  # the donated pool/state are gone: nothing can run any more
+        lost = self.runner.device_lost()
+        if lost:  # pools/state gone or poisoned, or the device dead: nothing can run any more
             self.dead = e
         plans = [plan] + [launched.plan for launched, _ in self._launched]
         self._launched.clear()
@@ -316,16 +319,53 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    @contextlib.contextmanager
+    def quiesced(self, timeout_s: float = 60.0):
+        """Pauses the loop at a step boundary with nothing in flight (every launched step read,
+        so the device is idle) for the body of the `with`; serving resumes after it. For work
+        that must not overlap device execution, e.g. starting or stopping a profiler trace.
+        Without a loop thread (offline use) the caller's thread reads the launched steps."""
+        with self._work:
+            self._pauses += 1
+            self._work.notify_all()
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                if not self._quiet.wait(timeout_s):
+                    raise TimeoutError(f"the engine did not pause within {timeout_s}s")
+            else:
+                self._drain()
+            yield
+        finally:
+            with self._work:
+                self._pauses -= 1
+                if self._pauses == 0:
+                    self._quiet.clear()
+                self._work.notify_all()
+
+    def _drain(self) -> None:
+        """Reads every launched step (their tokens are delivered as usual)."""
+        while self._launched:
+            events = self._update_oldest()
+            self._deliver(events + self._take_failed())
+
     def _loop(self) -> None:
         try:
             while True:
                 with self._work:
-                    while not self._stopping and not self.scheduler.has_work():
+                    while not self._stopping and (self._pauses or not self.scheduler.has_work()):
+                        if self._pauses and self._launched:
+                            break  # drain first, outside the lock
+                        if self._pauses:
+                            self._quiet.set()
                         self._last_execute_end = None  # an idle wait is not a host gap
                         self._work.wait()
                     if self._stopping:
                         return
-                self.step()
+                    pausing = bool(self._pauses)
+                if pausing:
+                    self._drain()
+                else:
+                    self.step()
                 if self.dead is not None:
                     return
         except BaseException as e:  # the loop must never die silently: health reads `dead`

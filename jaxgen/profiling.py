@@ -9,7 +9,11 @@ up by name in a trace. Knows nothing about gRPC: the servicer's `CaptureProfile`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gzip
+import json
+import logging
 import os
 import threading
 import time
@@ -17,6 +21,7 @@ import time
 import jax
 
 MAX_PROFILE_SECONDS = 300.0
+log = logging.getLogger(__name__)
 
 
 class ProfileBusyError(RuntimeError):
@@ -30,9 +35,16 @@ class ProfileCapture:
         self.root = root
         self._busy = threading.Lock()
 
-    def capture(self, duration_s: float) -> str:
+    def capture(self, duration_s: float, quiesce=None) -> str:
         """Traces everything the process does for `duration_s` (blocking); returns the run's
-        directory. Raises ValueError for a bad duration, ProfileBusyError while another runs."""
+        directory. Raises ValueError for a bad duration, ProfileBusyError while another runs.
+
+        `quiesce` (e.g. `Engine.quiesced`): a context manager under which the trace starts and
+        stops, so the profiler (CUPTI on GPU) is switched on and off while no device step is
+        in flight. On an H200 a trace started and stopped under load once left the CUDA context
+        poisoned (`CUDA_ERROR_LAUNCH_FAILED` in every later step; cf. jax-ml/jax#40260). The
+        pause lasts the switch and JAX's own export; the Perfetto copy is written after it."""
+        quiet = quiesce if quiesce is not None else contextlib.nullcontext
         if not 0 < duration_s <= MAX_PROFILE_SECONDS:
             raise ValueError(f"duration_s={duration_s}: must be in (0, {MAX_PROFILE_SECONDS:g}]")
         if not self._busy.acquire(blocking=False):
@@ -41,14 +53,40 @@ class ProfileCapture:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             out = os.path.join(self.root, f"profile-{stamp}")
             os.makedirs(out, exist_ok=True)
-            jax.profiler.start_trace(out, create_perfetto_trace=True)
+            with quiet():
+                jax.profiler.start_trace(out)
             try:
                 time.sleep(duration_s)
             finally:
-                jax.profiler.stop_trace()
+                with quiet():
+                    jax.profiler.stop_trace()  # writes the XSpace and trace.json.gz
+            write_perfetto_traces(out)
             return out
         finally:
             self._busy.release()
+
+
+def write_perfetto_traces(run_dir: str) -> list[str]:
+    """Next to every `*.trace.json.gz` under `run_dir` without one, a `perfetto_trace.json.gz`:
+    the same trace without its `metadata` field, which ui.perfetto.dev refuses. Returns the
+    files written; a trace that cannot be converted is logged and skipped (the capture keeps
+    its XSpace and trace.json.gz)."""
+    written = []
+    for base, _, names in os.walk(run_dir):
+        target = os.path.join(base, "perfetto_trace.json.gz")
+        for name in sorted(n for n in names if n.endswith(".trace.json.gz")):
+            if os.path.exists(target):
+                break
+            try:
+                with gzip.open(os.path.join(base, name), "rb") as f:
+                    trace = json.load(f)
+                trace.pop("metadata", None)
+                with gzip.open(target, "wb") as f:
+                    f.write(json.dumps(trace).encode())
+                written.append(target)
+            except (OSError, ValueError) as e:
+                log.warning("no Perfetto copy of %s: %s", os.path.join(base, name), e)
+    return written
 
 
 def trace_chunks(directory: str, chunk_bytes: int):

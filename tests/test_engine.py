@@ -264,6 +264,69 @@ def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
         engine.add_request([1, 2], GREEDY)
 
 
+def test_a_device_that_fails_its_probe_marks_the_engine_dead(tiny, monkeypatch):
+    """A sticky device error (CUDA_ERROR_LAUNCH_FAILED poisons the context: every later call
+    fails) surfaces while reading a step; the buffers look intact, the probe tells."""
+    engine = make_engine(tiny)
+    streams = [engine.add_request(p, GREEDY) for p in prompts(6, seed=11)]
+    engine.step()  # admitted and running
+
+    def poisoned(launched):
+        raise RuntimeError("INTERNAL: CUDA error: unspecified launch failure")
+
+    def probe_fails():
+        raise RuntimeError("INTERNAL: CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(engine.runner, "collect", poisoned)
+    monkeypatch.setattr(engine.runner, "_probe_device", probe_fails)
+    for _ in range(10):
+        if engine.dead is not None:
+            break
+        engine.step()
+    assert engine.dead is not None and "launch failure" in str(engine.dead)
+    assert all(s.result().finish_reason == "error" for s in streams)  # waiting ones too
+    with pytest.raises(RuntimeError, match="engine is not serving"):
+        engine.add_request([1, 2], GREEDY)
+
+
+def test_the_device_probe_passes_on_a_healthy_device(tiny):
+    engine = make_engine(tiny)
+    assert engine.runner.device_lost() is False
+    engine.runner._probe_device()  # runs on every device of the state
+
+
+def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny):
+    engine = make_engine(tiny)
+    ps = prompts(6, seed=12)
+    engine.start()
+    try:
+        streams = [engine.add_request(p, GREEDY) for p in ps]
+        time.sleep(0.3)  # running, steps launched ahead
+        with engine.quiesced(timeout_s=60):
+            assert not engine._launched  # every launched step read: the device is idle
+            step = engine.scheduler._step
+            late = engine.add_request(prompts(1, seed=13)[0], GREEDY)  # queued meanwhile
+            time.sleep(0.3)
+            assert engine.scheduler._step == step  # nothing planned while paused
+        results = [s.result() for s in streams + [late]]
+    finally:
+        engine.stop()
+    for p, r in zip(ps + prompts(1, seed=13), results):
+        assert list(r.token_ids) == expected(tiny, p)
+
+
+def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny):
+    engine = make_engine(tiny)
+    stream = engine.add_request(prompts(1, seed=14)[0], GREEDY)
+    engine.step()
+    engine.step()
+    with engine.quiesced():
+        assert not engine._launched
+    while engine.has_work():
+        engine.step()
+    assert list(stream.result().token_ids) == expected(tiny, prompts(1, seed=14)[0])
+
+
 def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
     """Steps are launched before the previous one's tokens are read (decoding, chunked
     prompts, admissions); requests that stop inside a step lose only look-ahead tokens

@@ -283,3 +283,48 @@ def test_engine_failure_turns_health_not_serving(monkeypatch):
             assert "engine has failed" in err.value.details()
     finally:
         server.close()
+
+
+def test_profile_capture_switches_the_trace_inside_quiesce(tmp_path, monkeypatch):
+    import contextlib
+
+    import jax
+
+    from jaxgen.profiling import ProfileCapture
+
+    events, inside = [], []
+
+    @contextlib.contextmanager
+    def quiesce():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(jax.profiler, "start_trace",
+                        lambda *a, **k: events.append(("start", bool(inside))))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop", bool(inside))))
+    out = ProfileCapture(str(tmp_path)).capture(0.05, quiesce)
+    assert events == [("start", True), ("stop", True)] and out.startswith(str(tmp_path))
+    events.clear()
+    ProfileCapture(str(tmp_path)).capture(0.05)  # no engine to pause: still traces
+    assert events == [("start", False), ("stop", False)]
+
+
+def test_perfetto_copy_drops_the_metadata_and_is_written_once(tmp_path):
+    import gzip
+    import json
+
+    from jaxgen.profiling import write_perfetto_traces
+
+    run = tmp_path / "plugins" / "profile" / "2026_12_01"
+    run.mkdir(parents=True)
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump({"metadata": {"x": 1}, "traceEvents": [{"name": "generate", "ph": "X"}]}, f)
+    (tmp_path / "plugins" / "profile" / "broken").mkdir()
+    (tmp_path / "plugins" / "profile" / "broken" / "h.trace.json.gz").write_bytes(b"not gzip")
+    assert write_perfetto_traces(str(tmp_path)) == [str(run / "perfetto_trace.json.gz")]
+    with gzip.open(run / "perfetto_trace.json.gz", "rt") as f:
+        assert json.load(f) == {"traceEvents": [{"name": "generate", "ph": "X"}]}
+    assert write_perfetto_traces(str(tmp_path)) == []  # already there

@@ -153,9 +153,27 @@ class ModelRunner:
                         now - self._baseline_compiles)
             self._baseline_compiles = now
 
-    def buffers_lost(self) -> bool:
-        """True when a failed call consumed the donated page pools or decode state."""
-        return any(a.is_deleted() for a in jax.tree.leaves((self.kv_pages, self.state)))
+    def device_lost(self) -> bool:
+        """After a failed step: True when nothing can run any more. The failed call consumed
+        the donated page pools or decode state; or they hold its error (a step that failed on
+        the device poisons its outputs, and a sticky CUDA error such as
+        `CUDA_ERROR_LAUNCH_FAILED` fails every later call too); or the device cannot run a
+        trivial computation. False when the failure left both intact (e.g. raised on host)."""
+        leaves = jax.tree.leaves((self.kv_pages, self.state))
+        if any(a.is_deleted() for a in leaves):
+            return True
+        try:
+            jax.block_until_ready(leaves)
+            self._probe_device()
+        except Exception:  # whatever the runtime raises: this device is not usable
+            log.exception("the device failed a health probe after a failed step")
+            return True
+        return False
+
+    def _probe_device(self) -> None:
+        device = jax.tree.leaves(self.state)[0].sharding.device_set
+        for d in sorted(device, key=lambda d: d.id):
+            jax.block_until_ready(jax.device_put(np.int32(1), d) + 1)
 
     # -- one step -------------------------------------------------------------------------------
 

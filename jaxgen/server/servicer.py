@@ -173,16 +173,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return server_stats(await self._ready(context), self.active_streams)
 
     async def CaptureProfile(self, request: pb.CaptureProfileRequest, context):
-        await self._ready(context)
+        m = await self._ready(context)
         if self.profiles is None:
             await context.abort(Code.FAILED_PRECONDITION, "profiling is not enabled on this server")
         try:
             # Off the event loop: the trace must see the server serving meanwhile.
-            directory = await asyncio.to_thread(self.profiles.capture, request.duration_s)
+            directory = await asyncio.to_thread(self.profiles.capture, request.duration_s,
+                                                m.engine.quiesced)
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         except ProfileBusyError as e:
             await context.abort(Code.FAILED_PRECONDITION, str(e))
+        except TimeoutError as e:  # the engine did not pause for the profiler to switch
+            await context.abort(Code.UNAVAILABLE, str(e))
         for path, offset, data, last in trace_chunks(directory, PROFILE_CHUNK_BYTES):
             yield pb.ProfileChunk(server_dir=directory, path=path, offset=offset, data=data,
                                   last=last)
