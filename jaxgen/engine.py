@@ -105,7 +105,7 @@ class Engine:
         self._stopping = False
         self._pauses = 0  # quiesced() callers waiting or inside
         self._quiet = threading.Event()  # set while the loop is paused with nothing in flight
-        # Set when the engine can no longer serve (loop crashed, device buffers lost): health
+        # Set when the engine can no longer serve (loop crashed, device lost): health
         # reports NOT_SERVING and add_request refuses.
         self.dead: BaseException | None = None
         self.observers: list[EngineObserver] = []
@@ -227,7 +227,8 @@ class Engine:
 
     def _fail(self, plan, e: Exception) -> None:
         """A device step failed: its requests (and those of every step launched with it) end
-        with "error", not the engine; a lost device (`Runner.device_lost`) ends everything (engine dead)."""
+        with "error", not the engine; a lost device (`ModelRunner.device_lost`) ends everything
+        (engine dead)."""
         log.exception("step %d failed on device", plan.step)
         detail = f"device step failed: {type(e).__name__}: {e}"
         lost = self.runner.device_lost()

@@ -68,10 +68,11 @@ def project(spec: str, x: jax.Array, w: jax.Array, *, one_row: str | None = None
 
     XLA GPU strength-reduces a vector-times-matrix dot against a weight of fewer than 10M
     elements into a multiply + reduce fusion (`GpuAlgebraicSimplifier`), which reads the weight
-    at a third of the bandwidth a GEMM reaches; at batch 1 that is Llama-3.2-1B's Q/K/V and
-    output projections and every projection of Gemma 3 270M. Two rows are a matrix, so a
-    one-row `x` runs as two (the second row zero) and the first row of the result is kept: the
-    same numbers, read through a GEMM. `one_row` (default `ONE_ROW`) picks where.
+    at about half the bandwidth a GEMM reaches (`tools/bench_projections.py`); at batch 1 that
+    is Llama-3.2-1B's Q/K/V and output projections and every projection of Gemma 3 270M. Two
+    rows are a matrix, so a one-row `x` runs as two (the second row zero) and the first row of
+    the result is kept: the same numbers, read through a GEMM. `one_row` (default `ONE_ROW`)
+    picks where.
     """
     mode = ONE_ROW if one_row is None else one_row
     if mode not in _ONE_ROW_MODES:

@@ -171,8 +171,8 @@ class ModelRunner:
         return False
 
     def _probe_device(self) -> None:
-        device = jax.tree.leaves(self.state)[0].sharding.device_set
-        for d in sorted(device, key=lambda d: d.id):
+        devices = jax.tree.leaves(self.state)[0].sharding.device_set
+        for d in sorted(devices, key=lambda d: d.id):
             jax.block_until_ready(jax.device_put(np.int32(1), d) + 1)
 
     # -- one step -------------------------------------------------------------------------------
