@@ -75,11 +75,12 @@ class EngineObserver:
         from the previous step's tokens on host to this step's launch (0 when it was launched
         ahead, before them), None after an idle wait."""
 
-    def on_launch(self, device_drained: bool) -> None:
-        """A step was launched while others were in flight; `device_drained`: the device had
-        already finished all of them, so it sat idle until this launch (the host set the pace;
-        the host gap reads 0 for such a step, since it was launched before the previous step's
-        tokens were read)."""
+    def on_launch(self, device_drained: bool, launch_seconds: float) -> None:
+        """A step was launched while others were in flight; `device_drained`: by the time its
+        dispatch returned, the device had finished all of them, so it sat idle for part of the
+        host's work on this launch (the host set the pace; the host gap reads 0 for such a step,
+        since it was launched before the previous step's tokens were read); `launch_seconds`:
+        the dispatch itself (uploads and jit calls, on host)."""
 
     def on_finish(self, finished: FinishedRequest) -> None:
         """A request ended (any finish reason)."""
@@ -192,19 +193,23 @@ class Engine:
         """Dispatches `plan` (None: nothing) without waiting for it."""
         if plan is None:
             return
-        if self._launched and self.observers:  # launched ahead: had the device run dry?
-            self._notify("on_launch", self._device_drained())
+        previous = self._launched[-1][0] if self._launched and self.observers else None
         start = time.perf_counter()
         try:
             self._launched.append((self.runner.launch(plan), start))
         except Exception as e:
             self._fail(plan, e)
+            return
+        if previous is not None:  # launched ahead: had the device run dry meanwhile?
+            self._notify("on_launch", self._finished(previous), time.perf_counter() - start)
 
-    def _device_drained(self) -> bool:
-        """Whether every launched step has finished on device (steps run in launch order, so
-        the newest tells). Only a metric: a failure to tell reads as not drained."""
+    @staticmethod
+    def _finished(launched) -> bool:
+        """Whether `launched` has finished on device. Asked once the next step is dispatched:
+        if it has, the device ran dry before the next step was queued behind it (dispatch is
+        host work too). Only a metric: a failure to tell reads as not finished."""
         try:
-            return self._launched[-1][0].done()
+            return launched.done()
         except Exception:  # e.g. a step whose outputs are gone after a device error
             return False
 

@@ -57,8 +57,11 @@ class ServingMetrics(EngineObserver):
             "Steps launched while earlier ones were still in flight", registry=r)
         self.launched_on_drained = Counter(
             "jaxgen_steps_launched_on_drained_device_total",
-            "Steps launched ahead after the device had already finished every earlier step "
-            "(it idled until the launch: the host set the pace)", registry=r)
+            "Steps launched ahead whose dispatch returned after the device had finished every "
+            "earlier step (it idled meanwhile: the host set the pace)", registry=r)
+        self.launch = Histogram("jaxgen_step_launch_seconds",
+                                "Host time to dispatch a step launched ahead (uploads, jit calls)",
+                                buckets=STEP_BUCKETS, registry=r)
         r.register(_OccupancyCollector(engine))
         engine.observers.append(self)
 
@@ -67,8 +70,9 @@ class ServingMetrics(EngineObserver):
         if host_gap_seconds is not None:
             self.host_gap.observe(host_gap_seconds)
 
-    def on_launch(self, device_drained: bool) -> None:
+    def on_launch(self, device_drained: bool, launch_seconds: float) -> None:
         self.launched_ahead.inc()
+        self.launch.observe(launch_seconds)
         if device_drained:
             self.launched_on_drained.inc()
 

@@ -383,7 +383,7 @@ def test_a_step_launched_after_the_device_drained_is_reported(tiny):
         def __init__(self):
             self.drained = []
 
-        def on_launch(self, device_drained):
+        def on_launch(self, device_drained, launch_seconds):
             self.drained.append(device_drained)
 
     engine = make_engine(tiny)
@@ -403,6 +403,42 @@ def test_a_step_launched_after_the_device_drained_is_reported(tiny):
     engine.generate(prompts(2, seed=7), params)
     # The first launch ahead follows the prefill at once; every later one waited 0.3 s.
     assert len(seen.drained) >= 3 and all(seen.drained[1:]), seen.drained
+
+
+def test_drained_is_asked_after_the_dispatch_which_is_timed(tiny, monkeypatch):
+    """A slow dispatch drains the device as surely as slow delivery: the previous step is asked
+    whether it finished once the new one is queued, and the dispatch time is reported."""
+    from jaxgen.runtime import runner as runner_module
+
+    order, reports = [], []
+
+    class Launches(EngineObserver):
+        def on_launch(self, device_drained, launch_seconds):
+            reports.append((device_drained, launch_seconds))
+
+    engine = make_engine(tiny)
+    engine.observers.append(Launches())
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts(2, seed=7), params)  # compiles every step shape
+    real_launch, real_done = engine.runner.launch, runner_module.LaunchedStep.done
+
+    def slow_launch(plan):
+        out = real_launch(plan)
+        time.sleep(0.2)
+        order.append("launched")
+        return out
+
+    def done(self):
+        order.append("asked")
+        return real_done(self)
+
+    monkeypatch.setattr(engine.runner, "launch", slow_launch)
+    monkeypatch.setattr(runner_module.LaunchedStep, "done", done)
+    reports.clear()
+    engine.generate(prompts(2, seed=7), params)
+    assert len(reports) >= 2 and all(d for d, _ in reports), reports
+    assert all(t >= 0.2 for _, t in reports), reports
+    assert order[:3] == ["launched", "launched", "asked"], order  # asked after the dispatch
 
 
 def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
