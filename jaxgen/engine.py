@@ -330,7 +330,9 @@ class Engine:
         """Pauses the loop at a step boundary with nothing in flight (every launched step read,
         so the device is idle) for the body of the `with`; serving resumes after it. For work
         that must not overlap device execution, e.g. starting or stopping a profiler trace.
-        Without a loop thread (offline use) the caller's thread reads the launched steps."""
+        Without a loop thread (offline use) the caller's thread reads the launched steps; once
+        the loop has ended (stopped or dead) nothing is launched and nobody waits. Raises
+        TimeoutError if the loop does not reach a step boundary within `timeout_s`."""
         with self._work:
             self._pauses += 1
             self._work.notify_all()
@@ -378,6 +380,8 @@ class Engine:
             log.exception("engine loop crashed")
             self.dead = e
             raise
+        finally:  # no step will be launched any more: a quiesced() caller need not wait
+            self._quiet.set()
 
     # -- offline ------------------------------------------------------------------------------
 

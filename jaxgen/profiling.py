@@ -74,18 +74,19 @@ def write_perfetto_traces(run_dir: str) -> list[str]:
     written = []
     for base, _, names in os.walk(run_dir):
         target = os.path.join(base, "perfetto_trace.json.gz")
-        for name in sorted(n for n in names if n.endswith(".trace.json.gz")):
-            if os.path.exists(target):
-                break
-            try:
-                with gzip.open(os.path.join(base, name), "rb") as f:
-                    trace = json.load(f)
-                trace.pop("metadata", None)
-                with gzip.open(target, "wb") as f:
-                    f.write(json.dumps(trace).encode())
-                written.append(target)
-            except (OSError, ValueError) as e:
-                log.warning("no Perfetto copy of %s: %s", os.path.join(base, name), e)
+        traces = sorted(n for n in names if n.endswith(".trace.json.gz"))
+        if not traces or os.path.exists(target):
+            continue
+        source = os.path.join(base, traces[0])  # one host per capture directory here
+        try:
+            with gzip.open(source, "rb") as f:
+                trace = json.load(f)
+            trace.pop("metadata", None)
+            with gzip.open(target, "wb") as f:
+                f.write(json.dumps(trace).encode())
+            written.append(target)
+        except (OSError, ValueError) as e:
+            log.warning("no Perfetto copy of %s: %s", source, e)
     return written
 
 

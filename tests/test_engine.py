@@ -315,6 +315,56 @@ def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny):
         assert list(r.token_ids) == expected(tiny, p)
 
 
+def test_quiesced_times_out_mid_step_and_serving_resumes(tiny, monkeypatch):
+    engine = make_engine(tiny)
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.5)  # a step the pause cannot interrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    engine.start()
+    try:
+        stream = engine.add_request(prompts(1, seed=15)[0], GREEDY)
+        time.sleep(0.1)  # inside the first slow step
+        with pytest.raises(TimeoutError, match="did not pause within 0.1s"):
+            with engine.quiesced(timeout_s=0.1):
+                pass
+        result = stream.result()  # the failed pause left no pause behind
+    finally:
+        engine.stop()
+    assert list(result.token_ids) == expected(tiny, prompts(1, seed=15)[0])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_quiesced_does_not_wait_on_a_loop_that_died(tiny, monkeypatch):
+    engine = make_engine(tiny)
+
+    def crash():
+        raise RuntimeError("loop bug")
+
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(engine, "_drain", crash)  # the loop dies on its way to the pause
+    monkeypatch.setattr(engine, "step", slow_step)  # still decoding when the pause comes
+    engine.start()
+    try:
+        long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        engine.add_request([5, 6, 7], long)
+        time.sleep(0.2)
+        start = time.monotonic()
+        with engine.quiesced(timeout_s=30):
+            waited = time.monotonic() - start
+    finally:
+        engine.stop()
+    assert waited < 5 and isinstance(engine.dead, RuntimeError)
+
+
 def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny):
     engine = make_engine(tiny)
     stream = engine.add_request(prompts(1, seed=14)[0], GREEDY)
