@@ -1,5 +1,6 @@
-"""GGUF import: model config from the metadata, tensors dequantized with the `gguf` package and
-renamed to HF names (with llama.cpp's conversion undone), then handed to `hf_layout`.
+"""GGUF import: model config from the metadata (`gguf_reader`), tensors dequantized with the
+`gguf` package and renamed to HF names (with llama.cpp's conversion undone), then handed to
+`hf_layout`.
 
 llama.cpp's converter changes two things we must undo: Gemma norm weights are stored as `1 + w`,
 and Llama Q/K rows are permuted for its interleaved RoPE. The Gemma 3 GGUF also lacks the layer
@@ -14,6 +15,7 @@ import re
 import numpy as np
 
 from jaxgen.checkpoints.errors import CheckpointError
+from jaxgen.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
 from jaxgen.models import ModelConfig, RopeScaling
 
 # Gemma 3 family constants that the GGUF does not carry.
@@ -44,18 +46,14 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: str):
-    """A `gguf.GGUFReader`, with a clear error for a missing or damaged file."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """The file's metadata and tensor views, with a clear error for a missing or damaged file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"GGUF file {path!r} does not exist")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from None
+        return GGUFFile(path)
+    except (GGUFFormatError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 
 
 def field(reader, key: str, default=None):

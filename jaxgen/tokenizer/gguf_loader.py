@@ -22,13 +22,13 @@ from jaxgen.tokenizer.sentencepiece_proto import NORMAL, UNKNOWN, build_bpe_mode
 from jaxgen.tokenizer.settings import TokenizerSettings
 
 if TYPE_CHECKING:  # `gguf` is imported only when a GGUF is read: serving hosts may lack it.
-    import gguf
+    from jaxgen.checkpoints.gguf_reader import GGUFFile
 
 SUPPORTED_MODELS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
 _MISSING = object()
 
 
-def tokenizer_from_gguf(reader_or_path: "gguf.GGUFReader | str | os.PathLike") -> Tokenizer:
+def tokenizer_from_gguf(reader_or_path: "GGUFFile | str | os.PathLike") -> Tokenizer:
     """The tokenizer a GGUF file describes (pass a path, or a reader already opened on the file)."""
     metadata = _Metadata(_open(reader_or_path))
     model = metadata.get("tokenizer.ggml.model")
@@ -103,23 +103,26 @@ def _unknown_id(metadata: _Metadata, types: list[int]) -> int:
     return unknown[0]
 
 
-def _open(reader_or_path: "gguf.GGUFReader | str | os.PathLike") -> "gguf.GGUFReader":
-    import gguf
+def _open(reader_or_path: "GGUFFile | str | os.PathLike") -> "GGUFFile":
+    from jaxgen.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
 
-    if isinstance(reader_or_path, gguf.GGUFReader):
+    if isinstance(reader_or_path, GGUFFile):
         return reader_or_path
     path = Path(reader_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    return gguf.GGUFReader(path)
+    try:
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise ValueError(f"GGUF file {str(path)!r}: {e}") from None
 
 
 class _Metadata:
     """Key lookup on a GGUF reader, with errors that name the file and the key."""
 
-    def __init__(self, reader: "gguf.GGUFReader"):
+    def __init__(self, reader: "GGUFFile"):
         self._fields = reader.fields
-        self.source = f"GGUF file {str(getattr(reader.data, 'filename', '<unnamed>'))!r}"
+        self.source = f"GGUF file {reader.path!r}"
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         field = self._fields.get(key)
