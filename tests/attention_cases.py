@@ -52,17 +52,18 @@ def make_case(rng, seqs, hq, hkv, d, page_size, dtype, pages_per_seq=None, pad_r
 
 
 def check(seqs, hq, hkv, d, page_size, window=None, soft_cap=None, dtype=jnp.float32, seed=0,
-          backend="reference", tol=None, jit=True, **kwargs):
+          backend="reference", tol=None, jit=True, pages_per_seq=None, **kwargs):
     """Runs `ragged_paged_attention` (any backend, extra kwargs passed on) on a random case and
     compares outputs and the fused K/V write with the float64 oracle."""
     rng = np.random.default_rng(seed)
     if kwargs.get("decode_only"):
         # A decode step: one query row per sequence row, the idle row's included (T == S).
         assert all(q_len == 1 for _, q_len in seqs)
-        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype, pad_rows=1)
+        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype, pages_per_seq,
+                                   pad_rows=1)
         args[6] = jnp.arange(len(seqs) + 2, dtype=jnp.int32)  # the contract: cu == arange(S+1)
     else:
-        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype)
+        args, contexts = make_case(rng, seqs, hq, hkv, d, page_size, dtype, pages_per_seq)
     q, k, v, pool, kv_lens, page_indices, cu, _ = args
     scale = d ** -0.5
 

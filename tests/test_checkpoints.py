@@ -111,7 +111,7 @@ def test_truncated_safetensors(tmp_path):
 
 def test_incomplete_jaxgen_checkpoint(tmp_path):
     model = Model(TINY_LLAMA)
-    orbax_format.save(str(tmp_path / "c"), TINY_LLAMA, model.init_random())
+    orbax_format.save(str(tmp_path / "c"), TINY_LLAMA, model.canonical_params(model.init_random()))
     os.rename(tmp_path / "c" / "params", tmp_path / "c" / "moved")
     with pytest.raises(CheckpointError, match="no params/ directory"):
         orbax_format.restore(str(tmp_path / "c"), model)
@@ -167,7 +167,8 @@ def test_a_cached_bundled_model_in_an_older_format_is_converted_again(cache_dir)
 
 def test_a_users_checkpoint_in_an_older_format_names_the_fix(tmp_path):
     model = Model(TINY_LLAMA)
-    orbax_format.save(str(tmp_path / "ckpt"), TINY_LLAMA, model.init_random(seed=0))
+    orbax_format.save(str(tmp_path / "ckpt"), TINY_LLAMA,
+                      model.canonical_params(model.init_random(seed=0)))
     config = tmp_path / "ckpt" / orbax_format.CONFIG_FILE
     data = json.loads(config.read_text())
     data["format_version"] = 1

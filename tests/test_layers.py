@@ -1,5 +1,8 @@
 """`layers.project`: a one-row projection run as two rows (the GPU fast path) equals the plain
-einsum, alone and through a whole batch-1 decode step of each model family."""
+einsum, alone and through a whole batch-1 decode step of each model family; the embed-major
+embedding table (the CPU layout) gives the same logits as the checkpoint layout."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +62,46 @@ def test_batch_one_decode_step_is_the_same_through_two_rows(cfg, monkeypatch):
 
     np.testing.assert_allclose(decode_logits("always"), decode_logits("off"), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
+def test_embed_major_table_gives_the_same_logits(cfg):
+    """The CPU layout (`[embed, vocab]` table: column lookups, `x @ table` logits) against the
+    checkpoint layout on the same weights, prefill and decode; canonical round trip exact."""
+    vocab_major = Model(cfg, embed_layout="vocab_major")
+    embed_major = Model(cfg, embed_layout="embed_major")
+    assert vocab_major.abstract_params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+    assert embed_major.abstract_params["embed"].shape == (cfg.hidden_size, cfg.vocab_size)
+    params = vocab_major.init_random(seed=4)
+    moved = embed_major.from_canonical(params)
+    np.testing.assert_array_equal(np.asarray(embed_major.canonical_params(moved)["embed"]),
+                                  np.asarray(params["embed"]))
+    assert vocab_major.canonical_params(params) is params
+    rng = np.random.default_rng(2)
+    page_indices = np.array([[1, 2]])
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, 9), jnp.int32)
+
+    def logits(model, p):
+        fwd = jax.jit(model.forward)
+        pages = model.init_kv_pages(4, 16)
+        first, pages = fwd(p, prompt, jnp.arange(9, dtype=jnp.int32), pages,
+                           packed_metadata([(9, 9)], page_indices))
+        step, _ = fwd(p, jnp.asarray([7], jnp.int32), jnp.asarray([9], jnp.int32), pages,
+                      packed_metadata([(10, 1)], page_indices))
+        return np.asarray(first), np.asarray(step)
+
+    for want, got in zip(logits(vocab_major, params), logits(embed_major, moved)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_layout_auto_by_platform():
+    from jaxgen.models.base import resolve_embed_layout
+
+    assert resolve_embed_layout("auto", TINY_GEMMA3, "cpu") == "embed_major"
+    assert resolve_embed_layout("auto", TINY_GEMMA3, "gpu") == "vocab_major"
+    assert resolve_embed_layout("auto", TINY_LLAMA, "tpu") == "vocab_major"
+    untied = dataclasses.replace(TINY_LLAMA, tie_embeddings=False)
+    assert resolve_embed_layout("auto", untied, "cpu") == "vocab_major"  # its lm_head is separate
+    assert resolve_embed_layout("embed_major", untied, "gpu") == "embed_major"
+    with pytest.raises(ValueError, match="embed_layout='rows'"):
+        Model(TINY_LLAMA, embed_layout="rows")

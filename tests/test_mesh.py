@@ -57,7 +57,7 @@ def test_partition_rules():
 def test_orbax_restores_into_requested_shardings(tmp_path):
     model = Model(TINY_LLAMA)
     params = model.init_random(seed=2)
-    orbax_format.save(str(tmp_path / "ckpt"), TINY_LLAMA, params)
+    orbax_format.save(str(tmp_path / "ckpt"), TINY_LLAMA, model.canonical_params(params))
     mesh = make_mesh((2, 4))
     restored = orbax_format.restore(str(tmp_path / "ckpt"), model, mesh)
     want_shardings = model.param_shardings(mesh)

@@ -4,6 +4,8 @@
     .venv/bin/python tools/bench_cpu.py --model smollm2-135m --new 128 --reps 3
 
 Both sides decode the same prompt greedily (no EOS stop) in float32 on this machine's CPUs.
+jaxgen's engine is sized as `jaxgen serve` sizes it by default (max_model_len 4096: the page
+table every step carries), so the figure is the served configuration's.
 Decode tok/s = new tokens / (time for prompt + new tokens - time for prompt + 1 token), so the
 prompt's prefill is excluded on both sides; the median of `--reps` runs after one warm-up.
 jaxgen runs its whole engine (scheduler, paged KV cache, sampling, detokenizer); HF runs
@@ -27,6 +29,7 @@ from jaxgen.checkpoints.registry import bundled
 from jaxgen.engine import Engine, EngineConfig
 from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
+from pallas_kernels import resolve_backend
 
 PROMPT = "The history of the printing press begins in"
 
@@ -72,11 +75,16 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="decode tokens timed")
     ap.add_argument("--decode-steps", type=int, default=8, help="jaxgen tokens per device call")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=4096,
+                    help="jaxgen's page-table length (default: what `jaxgen serve` and "
+                         "`jaxgen generate` use for this model)")
+    ap.add_argument("--attn-backend", default="auto", help="auto (CPU: xla) | reference | xla")
     args = ap.parse_args()
 
-    loaded = checkpoints.load(args.model)
+    loaded = checkpoints.load(args.model, attn_backend=args.attn_backend)
     prompt_ids = loaded.tokenizer.encode(PROMPT)
-    runner = RunnerConfig(num_slots=1, page_size=16, max_model_len=len(prompt_ids) + args.new + 32,
+    runner = RunnerConfig(num_slots=1, page_size=16,
+                          max_model_len=max(args.max_model_len, len(prompt_ids) + args.new + 1),
                           decode_steps=args.decode_steps, max_prefill_tokens=64)
     engine = Engine(loaded.model, loaded.params, loaded.tokenizer, EngineConfig(runner=runner))
     ours, our_ids = time_jaxgen(engine, prompt_ids, args.new, args.reps)
@@ -93,7 +101,8 @@ def main() -> None:
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"JAX {jax.__version__}, torch {torch.__version__}, float32, batch 1, greedy, "
-          f"prompt {len(prompt_ids)} tokens, {args.new} decode tokens timed\n")
+          f"prompt {len(prompt_ids)} tokens, {args.new} decode tokens timed, jaxgen "
+          f"max_model_len {runner.max_model_len}, attention {resolve_backend(args.attn_backend)}\n")
     print("| model | jaxgen tok/s | HF transformers tok/s | speed-up | same tokens |")
     print("|---|---|---|---|---|")
     agree = "yes" if same is None else f"first {same} of {args.new + 1}"

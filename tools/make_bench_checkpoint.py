@@ -35,7 +35,8 @@ def main(argv=None) -> None:
         ap.error(str(e))
     cfg = shape.replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
     model = Model(cfg)
-    orbax_format.save(args.out, cfg, random_params(model, args.seed), tokenizer)
+    orbax_format.save(args.out, cfg, model.canonical_params(random_params(model, args.seed)),
+                      tokenizer)
     print(f"{args.out}: {cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {cfg.dtype}")
 
 

@@ -93,4 +93,4 @@ def convert(src: str, dst: str, dtype: str = "float32") -> None:
     entry = bundled(src)
     path = entry.locate_gguf() if entry is not None else src
     model, params, tokenizer = _load_source(path, dtype, None, "auto")
-    orbax_format.save(dst, model.config, params, tokenizer)
+    orbax_format.save(dst, model.config, model.canonical_params(params), tokenizer)

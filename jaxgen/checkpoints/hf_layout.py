@@ -68,12 +68,14 @@ def _one(name: str, shape: tuple[int, ...], transform=lambda w: w) -> Source:
     return Source((name,), (shape,), transform)
 
 
-def hf_layout(cfg: ModelConfig) -> dict[tuple, Source]:
-    """Our param path -> its `Source` in an HF-named checkpoint."""
+def hf_layout(cfg: ModelConfig, embed_major: bool = False) -> dict[tuple, Source]:
+    """Our param path -> its `Source` in an HF-named checkpoint (`embed_major`: the model holds
+    its embedding table as `[embed, vocab]`, see `Model.embed_layout`)."""
     e, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     layout = {
-        ("embed",): _one("model.embed_tokens.weight", (v, e)),
+        ("embed",): _one("model.embed_tokens.weight", (v, e),
+                         np.transpose if embed_major else (lambda w: w)),
         ("final_norm", "weight"): _one("model.norm.weight", (e,)),
     }
     if cfg.architecture == "llama" and not cfg.tie_embeddings:
@@ -120,7 +122,7 @@ def load_params(model: Model, get_tensor: Callable[[str], np.ndarray], source: s
     its HF name before any loading starts.
     """
     cfg = model.config
-    layout = hf_layout(cfg)
+    layout = hf_layout(cfg, model.embed_major)
     if tensor_names is not None:
         missing = [name for src in layout.values() for name in src.names
                    if name not in tensor_names]

@@ -55,7 +55,13 @@ def unflatten(flat: dict, like) -> dict:
 
 
 def save(directory: str, config: ModelConfig, params, tokenizer=None) -> None:
-    """Writes a checkpoint atomically: into `directory.partial`, then renamed."""
+    """Writes a checkpoint atomically: into `directory.partial`, then renamed. `params` in
+    checkpoint order (`Model.canonical_params`: the embedding table `[vocab, embed]`)."""
+    table = params["embed"]
+    if tuple(table.shape) != (config.vocab_size, config.hidden_size):
+        raise ValueError(f"params['embed'] has shape {tuple(table.shape)}, expected "
+                         f"{(config.vocab_size, config.hidden_size)} (vocab, embed): pass "
+                         "Model.canonical_params(params)")
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -98,6 +104,14 @@ def restore(directory: str, model: Model, mesh=None):
     abstract = model.abstract_params
     shardings = model.param_shardings(mesh) if mesh is not None else jax.tree.map(
         lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    if model.embed_major:  # stored vocab-major: restore that, then transpose
+        table, sharding = abstract["embed"], shardings["embed"]
+        abstract = {**abstract, "embed": jax.ShapeDtypeStruct(table.shape[::-1], table.dtype)}
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+            sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                                  jax.sharding.PartitionSpec(*spec[::-1]))
+        shardings = {**shardings, "embed": sharding}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     path = os.path.join(os.path.abspath(directory), "params")
@@ -107,4 +121,4 @@ def restore(directory: str, model: Model, mesh=None):
         flat = ocp.StandardCheckpointer().restore(path, flatten(target))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot restore params: {type(e).__name__}: {e}") from None
-    return unflatten(flat, abstract)
+    return model.from_canonical(unflatten(flat, abstract))

@@ -39,17 +39,68 @@ class AttentionMetadata:
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-class Model:
-    """A decoder of `config`, split once; `params` are a nested dict of arrays."""
+EMBED_LAYOUTS = ("auto", "vocab_major", "embed_major")
 
-    def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
+
+def resolve_embed_layout(layout: str, config: ModelConfig, platform: str | None = None) -> str:
+    """"auto": "embed_major" for a tied table on CPU (see `layers.embedding_table`), else
+    "vocab_major" (checkpoint order; GPU and TPU GEMMs read either order at full speed)."""
+    if layout not in EMBED_LAYOUTS:
+        raise ValueError(f"embed_layout={layout!r}: must be one of {', '.join(EMBED_LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    tied = config.tie_embeddings or config.architecture == "gemma3"
+    cpu = (platform or jax.default_backend()) == "cpu"
+    return "embed_major" if tied and cpu else "vocab_major"
+
+
+def _transpose(table):
+    """A 2-D table transposed; a device array keeps its sharding per logical axis."""
+    if isinstance(table, jax.Array):
+        sharding = table.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+            sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                                  jax.sharding.PartitionSpec(*spec[::-1]))
+        return jax.jit(jnp.transpose, out_shardings=sharding)(table)
+    return table.T
+
+
+class Model:
+    """A decoder of `config`, split once; `params` are a nested dict of arrays.
+
+    `embed_layout` is how this model holds its embedding table (`resolve_embed_layout`).
+    Checkpoints always store it vocab-major: loaders build params in the model's layout, and
+    savers take `canonical_params(params)`.
+    """
+
+    def __init__(self, config: ModelConfig, attn_backend: str = "auto",
+                 embed_layout: str = "auto"):
         self.config = config
         self.attn_backend = attn_backend
+        self.embed_layout = resolve_embed_layout(embed_layout, config)
         module = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, self._abstract_state = nnx.split(module)
 
+    @property
+    def embed_major(self) -> bool:
+        return self.embed_layout == "embed_major"
+
     def _build(self, rngs: nnx.Rngs) -> nnx.Module:
-        return MODEL_TYPES[self.config.architecture](self.config, rngs, self.attn_backend)
+        return MODEL_TYPES[self.config.architecture](self.config, rngs, self.attn_backend,
+                                                     self.embed_major)
+
+    def canonical_params(self, params):
+        """`params` with the embedding table in checkpoint order (`[vocab, embed]`)."""
+        if not self.embed_major:
+            return params
+        return {**params, "embed": _transpose(params["embed"])}
+
+    def from_canonical(self, params):
+        """Inverse of `canonical_params`: checkpoint-order params into this model's layout."""
+        if not self.embed_major:
+            return params
+        return {**params, "embed": _transpose(params["embed"])}
 
     @property
     def abstract_params(self):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param, run_blocks
+from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, embed_lookup, embedding_table,
+                                  param, run_blocks, tied_logits)
 
 
 class Gemma3Block(nnx.Module):
@@ -31,9 +32,11 @@ class Gemma3Block(nnx.Module):
 
 
 class Gemma3(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto",
+                 embed_major: bool = False):
         dt = jnp.dtype(cfg.dtype)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.embed = embedding_table(cfg, rngs, embed_major)
+        self.embed_major = embed_major
         self.layers = nnx.List(
             [Gemma3Block(cfg, i, rngs, attn_backend) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs, zero_centered=True)
@@ -43,10 +46,11 @@ class Gemma3(nnx.Module):
     def __call__(self, tokens, positions, kv_pages, md, logits_indices=None):
         table = self.embed[...]
         # The reference rounds the scale to the weights' dtype before multiplying.
-        x = table[tokens] * jnp.asarray(self.embed_scale, table.dtype)
+        x = embed_lookup(table, tokens, self.embed_major) * jnp.asarray(self.embed_scale,
+                                                                         table.dtype)
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
                                   logits_indices)
-        logits = jnp.einsum("te,ve->tv", x, table).astype(jnp.float32)
+        logits = tied_logits(x, table, self.embed_major).astype(jnp.float32)
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap
             logits = cap * jnp.tanh(logits / cap)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import Attention, GatedMLP, RMSNorm, param, run_blocks
+from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, embed_lookup, embedding_table,
+                                  param, run_blocks, tied_logits)
 
 
 class LlamaBlock(nnx.Module):
@@ -25,9 +26,11 @@ class LlamaBlock(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto",
+                 embed_major: bool = False):
         dt = jnp.dtype(cfg.dtype)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.embed = embedding_table(cfg, rngs, embed_major)
+        self.embed_major = embed_major
         self.layers = nnx.List(
             [LlamaBlock(cfg, i, rngs, attn_backend) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs, zero_centered=False)
@@ -35,11 +38,11 @@ class Llama(nnx.Module):
             rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
     def __call__(self, tokens, positions, kv_pages, md, logits_indices=None):
-        x = self.embed[...][tokens]
+        x = embed_lookup(self.embed[...], tokens, self.embed_major)
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
                                   logits_indices)
         if self.lm_head is None:
-            logits = jnp.einsum("te,ve->tv", x, self.embed[...])
+            logits = tied_logits(x, self.embed[...], self.embed_major)
         else:
             logits = x @ self.lm_head[...]
         return logits.astype(jnp.float32), new_pages

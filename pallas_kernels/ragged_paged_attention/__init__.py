@@ -2,8 +2,9 @@
 
 The step's new K/V are written into their pages (fused write, the pool is donated by callers)
 and every query token attends to its own sequence's pages only. Backends sit behind
-`ragged_paged_attention`: the plain-jnp reference (CPU and the oracle), a TPU Mosaic kernel and a
-GPU kernel, all under the same signature. Kernel modules are imported on first use, so the
+`ragged_paged_attention`: the plain-jnp reference (the oracle), a blocked plain-XLA version (the
+CPU path: reads only live context), a TPU Mosaic kernel and a GPU kernel, all under the same
+signature. Kernel modules are imported on first use, so the
 reference path needs nothing beyond jax.
 """
 
@@ -15,9 +16,9 @@ import jax
 
 from pallas_kernels.ragged_paged_attention import reference
 
-BACKENDS = ("reference", "tpu", "gpu")
-# What "auto" picks per platform; anything else runs the reference.
-_AUTO = {"tpu": "tpu", "gpu": "gpu"}
+BACKENDS = ("reference", "xla", "tpu", "gpu")
+# What "auto" picks per platform ("xla": blocked plain-XLA, the CPU path); else the reference.
+_AUTO = {"tpu": "tpu", "gpu": "gpu", "cpu": "xla"}
 
 
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:

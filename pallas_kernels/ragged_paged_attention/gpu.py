@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.ragged_paged_attention.reference import decode_layout, token_layout, write_kv
+from pallas_kernels.ragged_paged_attention.reference import (decode_layout, token_layout, work_list,
+                                                             write_kv)
 
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # smallest M of a tensor-core dot
@@ -224,26 +225,6 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
     o_ref[...] = o.reshape(block_q, group, d).astype(o_ref.dtype)
 
 
-def _work_list(cu_q_lens, kv_lens, num_seqs, num_blocks: int, block_q: int):
-    """Cuts each live sequence's query rows into blocks of `block_q`: `i32[num_blocks, 4]` rows
-    (first query row, live rows, position of the first row, sequence), plus each sequence's first
-    block index."""
-    s = kv_lens.shape[0]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    live = (jnp.arange(s) < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
-    q_lens = jnp.where(live, q_lens, 0)
-    per_seq = pl.cdiv(q_lens, block_q)
-    ends = jnp.cumsum(per_seq)
-    starts = ends - per_seq
-    b = jnp.arange(num_blocks)
-    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), s - 1)
-    local = (b - starts[seq]) * block_q
-    n_rows = jnp.where(b < ends[-1], jnp.clip(q_lens[seq] - local, 0, block_q), 0)
-    pos0 = kv_lens[seq] - q_lens[seq] + local
-    work = jnp.stack([cu_q_lens[seq] + local, n_rows, pos0, seq], axis=1).astype(jnp.int32)
-    return work, starts
-
-
 def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *, sm_scale,
            sliding_window, soft_cap, blocks: GpuBlockSizes, interpret: bool):
     """`seq`, `live`: the rows' `token_layout`, computed once by the caller."""
@@ -255,7 +236,7 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
     bq = max(blocks.block_q, pl.cdiv(_MIN_ROWS, gp))
     s = kv_lens.shape[0]
     num_blocks = pl.cdiv(t, bq) + s
-    work, starts = _work_list(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
+    work, starts = work_list(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
     ppb = blocks.pages_per_block_for(page_size, d, kv_pages.dtype.itemsize,
                                      page_indices.shape[1])
     page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))

@@ -38,6 +38,27 @@ def decode_layout(kv_lens, num_seqs):
     return seq, jnp.where(live, kv_lens - 1, 0), live
 
 
+def work_list(cu_q_lens, kv_lens, num_seqs, num_blocks: int, block_q: int):
+    """Cuts each live sequence's query rows into blocks of `block_q` (the blocked backends' unit
+    of work): `i32[num_blocks, 4]` rows (first query row, live rows, position of the first row,
+    sequence), plus each sequence's first block index `i32[S]`. `num_blocks` must be at least
+    `cdiv(T, block_q) + S`; blocks past the last are empty (0 live rows)."""
+    s = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    live = (jnp.arange(s) < jnp.reshape(num_seqs, ())) & (kv_lens > 0)
+    q_lens = jnp.where(live, q_lens, 0)
+    per_seq = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(per_seq)
+    starts = ends - per_seq
+    b = jnp.arange(num_blocks)
+    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), s - 1)
+    local = (b - starts[seq]) * block_q
+    n_rows = jnp.where(b < ends[-1], jnp.clip(q_lens[seq] - local, 0, block_q), 0)
+    pos0 = kv_lens[seq] - q_lens[seq] + local
+    work = jnp.stack([cu_q_lens[seq] + local, n_rows, pos0, seq], axis=1).astype(jnp.int32)
+    return work, starts
+
+
 def write_kv(kv_pages, k, v, seq, pos, live, page_indices):
     """Scatters new K/V (`[T, Hkv, D]`) into `kv_pages` at each live row's (page, offset)."""
     num_pages, page_size = kv_pages.shape[:2]
