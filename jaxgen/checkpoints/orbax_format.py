@@ -16,6 +16,7 @@ import jax
 
 from jaxgen.checkpoints.errors import CheckpointError
 from jaxgen.models import Model, ModelConfig
+from jaxgen.models.base import transposed_sharding
 
 # 2: fused `attn.qkv` and `mlp.gate_up` weights (1 had separate q/k/v and gate/up).
 FORMAT_VERSION = 2
@@ -105,13 +106,9 @@ def restore(directory: str, model: Model, mesh=None):
     shardings = model.param_shardings(mesh) if mesh is not None else jax.tree.map(
         lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
     if model.embed_major:  # stored vocab-major: restore that, then transpose
-        table, sharding = abstract["embed"], shardings["embed"]
+        table = abstract["embed"]
         abstract = {**abstract, "embed": jax.ShapeDtypeStruct(table.shape[::-1], table.dtype)}
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-            sharding = jax.sharding.NamedSharding(sharding.mesh,
-                                                  jax.sharding.PartitionSpec(*spec[::-1]))
-        shardings = {**shardings, "embed": sharding}
+        shardings = {**shardings, "embed": transposed_sharding(shardings["embed"])}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     path = os.path.join(os.path.abspath(directory), "params")

@@ -54,15 +54,18 @@ def resolve_embed_layout(layout: str, config: ModelConfig, platform: str | None 
     return "embed_major" if tied and cpu else "vocab_major"
 
 
+def transposed_sharding(sharding):
+    """The sharding of a 2-D array's transpose: a NamedSharding's two axes swapped."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[::-1]))
+
+
 def _transpose(table):
     """A 2-D table transposed; a device array keeps its sharding per logical axis."""
     if isinstance(table, jax.Array):
-        sharding = table.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-            sharding = jax.sharding.NamedSharding(sharding.mesh,
-                                                  jax.sharding.PartitionSpec(*spec[::-1]))
-        return jax.jit(jnp.transpose, out_shardings=sharding)(table)
+        return jax.jit(jnp.transpose, out_shardings=transposed_sharding(table.sharding))(table)
     return table.T
 
 
