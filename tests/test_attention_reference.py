@@ -45,7 +45,8 @@ def test_idle_row_reads_and_writes_nothing():
 
 
 def test_backend_validation():
-    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("auto", "cpu") == "xla"  # the blocked plain-XLA path
+    assert resolve_backend("auto", "metal") == "reference"  # any other platform
     with pytest.raises(ValueError, match="attention backend='nope'"):
         resolve_backend("nope")
 

@@ -82,8 +82,8 @@ def test_bench_tools_name_bad_input(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "shape='llama-9z': no such preset or file" in err and "llama-3.2-1b" in err
-    with pytest.raises(SystemExit) as e:  # "auto" is the reference on CPU: nothing to compare
-        check_backends.main(["--backends", "reference,auto", "--model", "unused"])
+    with pytest.raises(SystemExit) as e:  # "auto" is "xla" on CPU: nothing to compare
+        check_backends.main(["--backends", "xla,auto", "--model", "unused"])
     assert e.value.code == 2
     assert "need two distinct backends" in capsys.readouterr().err
 
