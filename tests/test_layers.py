@@ -2,8 +2,6 @@
 einsum, alone and through a whole batch-1 decode step of each model family; the embed-major
 embedding table (the CPU layout) gives the same logits as the checkpoint layout."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,14 +92,24 @@ def test_embed_major_table_gives_the_same_logits(cfg):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_embed_layout_auto_by_platform():
+def test_embed_layout_auto_is_checkpoint_order():
     from jaxgen.models.base import resolve_embed_layout
 
-    assert resolve_embed_layout("auto", TINY_GEMMA3, "cpu") == "embed_major"
-    assert resolve_embed_layout("auto", TINY_GEMMA3, "gpu") == "vocab_major"
-    assert resolve_embed_layout("auto", TINY_LLAMA, "tpu") == "vocab_major"
-    untied = dataclasses.replace(TINY_LLAMA, tie_embeddings=False)
-    assert resolve_embed_layout("auto", untied, "cpu") == "vocab_major"  # its lm_head is separate
-    assert resolve_embed_layout("embed_major", untied, "gpu") == "embed_major"
+    for platform in ("cpu", "gpu", "tpu"):
+        assert resolve_embed_layout("auto", TINY_GEMMA3, platform) == "vocab_major"
+    assert Model(TINY_LLAMA).embed_layout == "vocab_major"
+    assert resolve_embed_layout("embed_major", TINY_LLAMA, "gpu") == "embed_major"
     with pytest.raises(ValueError, match="embed_layout='rows'"):
         Model(TINY_LLAMA, embed_layout="rows")
+
+
+def test_embed_major_model_restores_and_saves_checkpoint_order(tmp_path):
+    from jaxgen.checkpoints import orbax_format
+
+    plain, moved = Model(TINY_LLAMA), Model(TINY_LLAMA, embed_layout="embed_major")
+    params = plain.init_random(seed=6)
+    orbax_format.save(str(tmp_path / "c"), TINY_LLAMA, params)
+    restored = orbax_format.restore(str(tmp_path / "c"), moved)
+    np.testing.assert_array_equal(np.asarray(restored["embed"]), np.asarray(params["embed"]).T)
+    with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(64, 256\)"):
+        orbax_format.save(str(tmp_path / "d"), TINY_LLAMA, restored)

@@ -79,9 +79,12 @@ def main() -> None:
                     help="jaxgen's page-table length (default: what `jaxgen serve` and "
                          "`jaxgen generate` use for this model)")
     ap.add_argument("--attn-backend", default="auto", help="auto (CPU: xla) | reference | xla")
+    ap.add_argument("--embed-layout", default="auto",
+                    help="auto (vocab_major) | embed_major (faster logits on CPU, see Model)")
     args = ap.parse_args()
 
-    loaded = checkpoints.load(args.model, attn_backend=args.attn_backend)
+    loaded = checkpoints.load(args.model, attn_backend=args.attn_backend,
+                              embed_layout=args.embed_layout)
     prompt_ids = loaded.tokenizer.encode(PROMPT)
     runner = RunnerConfig(num_slots=1, page_size=16,
                           max_model_len=max(args.max_model_len, len(prompt_ids) + args.new + 1),
@@ -102,7 +105,8 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"JAX {jax.__version__}, torch {torch.__version__}, float32, batch 1, greedy, "
           f"prompt {len(prompt_ids)} tokens, {args.new} decode tokens timed, jaxgen "
-          f"max_model_len {runner.max_model_len}, attention {resolve_backend(args.attn_backend)}\n")
+          f"max_model_len {runner.max_model_len}, attention {resolve_backend(args.attn_backend)}, "
+          f"embedding table {loaded.model.embed_layout}\n")
     print("| model | jaxgen tok/s | HF transformers tok/s | speed-up | same tokens |")
     print("|---|---|---|---|---|")
     agree = "yes" if same is None else f"first {same} of {args.new + 1}"

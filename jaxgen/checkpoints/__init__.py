@@ -37,7 +37,7 @@ class LoadedModel:
         return self.model.config
 
 
-def _load_source(path: str, dtype: str, mesh, attn_backend: str):
+def _load_source(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str = "auto"):
     """(model, params, tokenizer) from a GGUF file, HF dir or jaxgen dir."""
     from jaxgen import tokenizer as tok
 
@@ -45,19 +45,19 @@ def _load_source(path: str, dtype: str, mesh, attn_backend: str):
         if not path.endswith(".gguf"):
             raise CheckpointError(f"{path}: a model file must be a .gguf")
         reader = gguf_file.open_gguf(path)
-        model = Model(gguf_file.config_from_gguf(reader, path, dtype), attn_backend)
+        model = Model(gguf_file.config_from_gguf(reader, path, dtype), attn_backend, embed_layout)
         get, names = gguf_file.tensor_reader(reader, model.config, path)
         params = load_params(model, get, path, names, mesh)
         return model, params, tok.tokenizer_from_gguf(reader)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if orbax_format.is_jaxgen_checkpoint(path):
-        model = Model(orbax_format.read_config(path, dtype), attn_backend)
+        model = Model(orbax_format.read_config(path, dtype), attn_backend, embed_layout)
         params = orbax_format.restore(path, model, mesh)
         return model, params, tok.load_tokenizer(os.path.join(path, "tokenizer"))
     if hf_safetensors.is_hf_checkpoint(path):
         cfg = hf_safetensors.config_from_hf(hf_safetensors.read_config(path), path, dtype)
-        model = Model(cfg, attn_backend)
+        model = Model(cfg, attn_backend, embed_layout)
         get, names = hf_safetensors.tensor_reader(path)
         params = load_params(model, get, path, names, mesh)
         return model, params, tok.load_hf_tokenizer(path)
@@ -67,8 +67,10 @@ def _load_source(path: str, dtype: str, mesh, attn_backend: str):
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None,
-         cache: str | None = None, attn_backend: str = "auto") -> LoadedModel:
-    """Loads a bundled model by name, or a checkpoint by path, onto `mesh` (None: one device)."""
+         cache: str | None = None, attn_backend: str = "auto",
+         embed_layout: str = "auto") -> LoadedModel:
+    """Loads a bundled model by name, or a checkpoint by path, onto `mesh` (None: one device);
+    `embed_layout` as `Model`'s."""
     start = time.perf_counter()
     entry = bundled(name_or_path)
     converted = False
@@ -84,7 +86,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None
         raise CheckpointError(
             f"model {name_or_path!r}: not a bundled model ({', '.join(sorted(BUNDLED))}) "
             "and no such file or directory")
-    model, params, tokenizer = _load_source(path, dtype, mesh, attn_backend)
+    model, params, tokenizer = _load_source(path, dtype, mesh, attn_backend, embed_layout)
     return LoadedModel(model, params, tokenizer, path, time.perf_counter() - start, converted)
 
 

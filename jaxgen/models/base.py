@@ -43,15 +43,15 @@ EMBED_LAYOUTS = ("auto", "vocab_major", "embed_major")
 
 
 def resolve_embed_layout(layout: str, config: ModelConfig, platform: str | None = None) -> str:
-    """"auto": "embed_major" for a tied table on CPU (see `layers.embedding_table`), else
-    "vocab_major" (checkpoint order; GPU and TPU GEMMs read either order at full speed)."""
+    """"auto" is "vocab_major" (checkpoint order) on every platform. "embed_major" is faster
+    for a tied table on CPU (see `layers.embedding_table`: Gemma 3 270M 10.1 -> 11.7 tok/s on
+    the 2-core box) but sums the logits in another order: on Gemma 3 270M's 1,097-token parity
+    prompt that moved them 1.9e-4 of their scale from HF's, past the 1e-4 the parity test
+    allows, so it is opt-in until the logits are summed in the reference's order."""
+    del config, platform
     if layout not in EMBED_LAYOUTS:
         raise ValueError(f"embed_layout={layout!r}: must be one of {', '.join(EMBED_LAYOUTS)}")
-    if layout != "auto":
-        return layout
-    tied = config.tie_embeddings or config.architecture == "gemma3"
-    cpu = (platform or jax.default_backend()) == "cpu"
-    return "embed_major" if tied and cpu else "vocab_major"
+    return "vocab_major" if layout == "auto" else layout
 
 
 def transposed_sharding(sharding):
