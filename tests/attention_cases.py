@@ -9,6 +9,30 @@ import numpy as np
 from pallas_kernels import ragged_paged_attention
 
 
+# Shared step shapes: decode rows, a fresh prefill, a chunk on top of context, a 1-token
+# prompt, lengths that end mid-page and on page boundaries; GQA 1, 4, 8 and MQA.
+MIXED = [(37, 1), (0, 21), (16, 16), (0, 1), (5, 1), (31, 9)]
+DECODE = [(0, 1), (15, 1), (16, 1), (70, 1), (33, 1)]
+HEADS = [(4, 4), (16, 4), (16, 2), (8, 1)]
+# (window, soft_cap) against 70-130-token contexts: whole key blocks fall outside the window.
+WINDOW_SOFTCAP = [(None, None), (7, None), (None, 20.0), (40, 30.0)]
+
+
+def window_seqs(decode_only: bool):
+    return [(130, 1), (0, 1), (50, 1)] if decode_only else [(130, 1), (0, 40), (50, 13), (3, 1)]
+
+
+def block_seqs(decode_only: bool):
+    """(seqs, window) of the block-size tests: long and short contexts, a window on mixed."""
+    if decode_only:
+        return [(200, 1), (7, 1), (64, 1)], None
+    return [(200, 1), (0, 45), (64, 33)], 50
+
+
+def bf16_seqs(decode_only: bool):
+    return [(40, 1), (90, 1)] if decode_only else [(40, 1), (0, 18), (17, 3)]
+
+
 def dense_oracle(q, k_ctx, v_ctx, q_pos, sm_scale, window, soft_cap):
     """q `[Q, Hq, D]` at positions `q_pos`, context `[L, Hkv, D]` -> `[Q, Hq, D]` (float64)."""
     hq, hkv = q.shape[1], k_ctx.shape[1]

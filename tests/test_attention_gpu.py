@@ -11,13 +11,9 @@ import pytest
 
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.gpu import GpuBlockSizes
-from tests.attention_cases import check, make_case
+from tests.attention_cases import (DECODE, HEADS, MIXED, WINDOW_SOFTCAP, bf16_seqs, block_seqs,
+                                   check, make_case, window_seqs)
 
-# Decode rows, a fresh prefill, a chunk on top of context, a 1-token prompt, lengths that end
-# mid-page and on page boundaries.
-MIXED = [(37, 1), (0, 21), (16, 16), (0, 1), (5, 1), (31, 9)]
-DECODE = [(0, 1), (15, 1), (16, 1), (70, 1), (33, 1)]
-HEADS = [(4, 4), (16, 4), (16, 2), (8, 1)]  # GQA 1, 4, 8 and MQA
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)
@@ -33,13 +29,11 @@ def test_decode(hq, hkv, d):
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
-@pytest.mark.parametrize("window,soft_cap", [(None, None), (7, None), (None, 20.0), (40, 30.0)])
+@pytest.mark.parametrize("window,soft_cap", WINDOW_SOFTCAP)
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_window_and_softcap(page_size, window, soft_cap, decode_only):
-    # Window 7 and 40 against 70-130-token contexts: whole blocks fall outside and are skipped.
-    seqs = [(130, 1), (0, 1), (50, 1)] if decode_only else [(130, 1), (0, 40), (50, 13), (3, 1)]
-    check(seqs, 8, 2, 64, page_size, window=window, soft_cap=soft_cap, seed=page_size,
-          backend="gpu", decode_only=decode_only)
+    check(window_seqs(decode_only), 8, 2, 64, page_size, window=window, soft_cap=soft_cap,
+          seed=page_size, backend="gpu", decode_only=decode_only)
 
 
 @pytest.mark.parametrize("blocks", [
@@ -49,15 +43,14 @@ def test_window_and_softcap(page_size, window, soft_cap, decode_only):
 ])
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_block_sizes(blocks, decode_only):
-    seqs = [(200, 1), (7, 1), (64, 1)] if decode_only else [(200, 1), (0, 45), (64, 33)]
-    check(seqs, 8, 2, 64, 16, window=None if decode_only else 50, seed=3, backend="gpu",
+    seqs, window = block_seqs(decode_only)
+    check(seqs, 8, 2, 64, 16, window=window, seed=3, backend="gpu",
           decode_only=decode_only, block_sizes=blocks)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_bf16_pool(decode_only):
-    seqs = [(40, 1), (90, 1)] if decode_only else [(40, 1), (0, 18), (17, 3)]
-    check(seqs, 8, 1, 128, 16, window=24, dtype=jnp.bfloat16, backend="gpu",
+    check(bf16_seqs(decode_only), 8, 1, 128, 16, window=24, dtype=jnp.bfloat16, backend="gpu",
           decode_only=decode_only)
 
 

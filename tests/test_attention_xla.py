@@ -9,11 +9,9 @@ import pytest
 
 from pallas_kernels import ragged_paged_attention, resolve_backend
 from pallas_kernels.ragged_paged_attention.xla import XlaBlockSizes
-from tests.attention_cases import check, make_case
+from tests.attention_cases import (DECODE, HEADS, MIXED, WINDOW_SOFTCAP, bf16_seqs, block_seqs,
+                                   check, make_case, window_seqs)
 
-MIXED = [(37, 1), (0, 21), (16, 16), (0, 1), (5, 1), (31, 9)]
-DECODE = [(0, 1), (15, 1), (16, 1), (70, 1), (33, 1)]
-HEADS = [(4, 4), (16, 4), (16, 2), (8, 1)]  # GQA 1, 4, 8 and MQA
 
 
 def test_auto_picks_it_on_cpu():
@@ -30,27 +28,24 @@ def test_heads_and_dims(hq, hkv, d, decode_only):
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
-@pytest.mark.parametrize("window,soft_cap", [(None, None), (7, None), (None, 20.0), (40, 30.0)])
+@pytest.mark.parametrize("window,soft_cap", WINDOW_SOFTCAP)
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_window_and_softcap(page_size, window, soft_cap, decode_only):
-    # Windows of 7 and 40 tokens against 70-130-token contexts: whole key blocks are skipped.
-    seqs = [(130, 1), (0, 1), (50, 1)] if decode_only else [(130, 1), (0, 40), (50, 13), (3, 1)]
-    check(seqs, 8, 2, 64, page_size, window=window, soft_cap=soft_cap, seed=page_size,
-          backend="xla", decode_only=decode_only)
+    check(window_seqs(decode_only), 8, 2, 64, page_size, window=window, soft_cap=soft_cap,
+          seed=page_size, backend="xla", decode_only=decode_only)
 
 
 @pytest.mark.parametrize("blocks", [XlaBlockSizes(1, 1), XlaBlockSizes(2, 7), XlaBlockSizes(16, 64)])
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_block_sizes(blocks, decode_only):
-    seqs = [(200, 1), (7, 1), (64, 1)] if decode_only else [(200, 1), (0, 45), (64, 33)]
-    check(seqs, 8, 2, 64, 16, window=None if decode_only else 50, seed=3, backend="xla",
+    seqs, window = block_seqs(decode_only)
+    check(seqs, 8, 2, 64, 16, window=window, seed=3, backend="xla",
           decode_only=decode_only, block_sizes=blocks)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_bf16_pool(decode_only):
-    seqs = [(40, 1), (90, 1)] if decode_only else [(40, 1), (0, 18), (17, 3)]
-    check(seqs, 8, 1, 128, 16, window=24, dtype=jnp.bfloat16, backend="xla",
+    check(bf16_seqs(decode_only), 8, 1, 128, 16, window=24, dtype=jnp.bfloat16, backend="xla",
           decode_only=decode_only)
 
 

@@ -93,12 +93,8 @@ def test_embed_major_table_gives_the_same_logits(cfg):
 
 
 def test_embed_layout_auto_is_checkpoint_order():
-    from jaxgen.models.base import resolve_embed_layout
-
-    for platform in ("cpu", "gpu", "tpu"):
-        assert resolve_embed_layout("auto", TINY_GEMMA3, platform) == "vocab_major"
-    assert Model(TINY_LLAMA).embed_layout == "vocab_major"
-    assert resolve_embed_layout("embed_major", TINY_LLAMA, "gpu") == "embed_major"
+    assert Model(TINY_GEMMA3).embed_layout == Model(TINY_LLAMA).embed_layout == "vocab_major"
+    assert Model(TINY_LLAMA, embed_layout="embed_major").embed_major
     with pytest.raises(ValueError, match="embed_layout='rows'"):
         Model(TINY_LLAMA, embed_layout="rows")
 

@@ -42,13 +42,12 @@ class AttentionMetadata:
 EMBED_LAYOUTS = ("auto", "vocab_major", "embed_major")
 
 
-def resolve_embed_layout(layout: str, config: ModelConfig, platform: str | None = None) -> str:
+def resolve_embed_layout(layout: str) -> str:
     """"auto" is "vocab_major" (checkpoint order) on every platform. "embed_major" is faster
     for a tied table on CPU (see `layers.embedding_table`: Gemma 3 270M 10.1 -> 11.7 tok/s on
     the 2-core box) but sums the logits in another order: on Gemma 3 270M's 1,097-token parity
     prompt that moved them 1.9e-4 of their scale from HF's, past the 1e-4 the parity test
     allows, so it is opt-in until the logits are summed in the reference's order."""
-    del config, platform
     if layout not in EMBED_LAYOUTS:
         raise ValueError(f"embed_layout={layout!r}: must be one of {', '.join(EMBED_LAYOUTS)}")
     return "vocab_major" if layout == "auto" else layout
@@ -81,7 +80,7 @@ class Model:
                  embed_layout: str = "auto"):
         self.config = config
         self.attn_backend = attn_backend
-        self.embed_layout = resolve_embed_layout(embed_layout, config)
+        self.embed_layout = resolve_embed_layout(embed_layout)
         module = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, self._abstract_state = nnx.split(module)
 
@@ -94,16 +93,13 @@ class Model:
                                                      self.embed_major)
 
     def canonical_params(self, params):
-        """`params` with the embedding table in checkpoint order (`[vocab, embed]`)."""
+        """`params` with the embedding table in checkpoint order (`[vocab, embed]`). Its own
+        inverse (a transpose), so it is also `from_canonical`."""
         if not self.embed_major:
             return params
         return {**params, "embed": _transpose(params["embed"])}
 
-    def from_canonical(self, params):
-        """Inverse of `canonical_params`: checkpoint-order params into this model's layout."""
-        if not self.embed_major:
-            return params
-        return {**params, "embed": _transpose(params["embed"])}
+    from_canonical = canonical_params  # checkpoint-order params into this model's layout
 
     @property
     def abstract_params(self):
