@@ -159,7 +159,7 @@ def main() -> None:
                             blocks = parse_blocks(spec) if backend == "gpu" else None
                             err = (0.0 if backend == "reference" else check_against_reference(
                                 backend, pools, qkv, md, decode, blocks))
-                            inner = max(1, min(50, int(2e9 // max(moved * copies, 1))))
+                            inner = max(1, min(400, int(8e9 // max(moved * copies, 1))))
                             sec, pools = time_backend(backend, pools, qkv, md, decode_only=decode,
                                                       reps=args.reps, inner=inner,
                                                       block_sizes=blocks)

@@ -2,8 +2,10 @@
 
 Why Triton and not Mosaic GPU: a paged gather needs a data-dependent address per page (the page
 id is read from the page table inside the kernel). Pallas' Triton backend expresses that as a
-gather load `k_ref[page_ids]` that Triton turns into coalesced, software-pipelined `cp.async`
-copies. Pallas Mosaic GPU (JAX 0.10-0.11) moves data with TMA / `emit_pipeline`, whose block
+gather load: one page id per key row and `k_ref[page_of_row, row_in_page, 0:D]`, contiguous
+along D, which Triton turns into 16-byte, software-pipelined `cp.async` copies (a gather of whole
+`[pages, page_size, D]` tiles followed by a reshape ran at 50-60% of copy bandwidth at decode;
+the row gather reaches 76-102%, `docs/benchmarks.md`). Pallas Mosaic GPU (JAX 0.10-0.11) moves data with TMA / `emit_pipeline`, whose block
 index maps cannot read a page table, and offers no per-page gather into shared memory; building
 one by hand (a TMA descriptor per page, barriers per copy) is a research project, not a kernel.
 The Triton backend is deprecated from JAX 0.11 but still ships and runs on 0.11.2; when Mosaic
@@ -23,9 +25,9 @@ Two kernels, one per step shape (`decode_only` picks):
 Both read K and V through two views of the one pool (`[pages, page_size, D]` at row `2h` and
 `2h + 1`), so the interleaved layout needs no copy. Blocks outside the sliding window and past
 `kv_lens` are never loaded; keys that are loaded but not visible (the tail of a last page, a
-foreign token in a shared block) are masked by selection, and their V rows zeroed, so NaN or
-another tenant's data can never reach an output. The step's new K/V are written first by an
-in-place scatter in the same jitted call (the pool is donated by callers), so the kernels see
+foreign token in a shared block) are masked by selection, and their V rows zero-filled by the
+masked load, so NaN or another tenant's data can never reach an output. The step's new K/V are
+written first by an in-place scatter in the same jitted call (the pool is donated by callers), so the kernels see
 them like any other token.
 
 On a platform other than GPU the kernels run in Pallas interpret mode (the CPU tests).
@@ -54,7 +56,7 @@ class GpuBlockSizes:
 
     pages_per_block: int = 4  # pages loaded per iteration (keys per block = this x page_size)
     num_splits: int | None = None  # decode split-KV factor
-    target_programs: int = 528  # ~4 programs per SM on an H100 (132 SMs)
+    target_programs: int = 1056  # ~8 programs per SM on an H100 / H200 (132 SMs)
     block_q: int = 16  # mixed kernel: query tokens per work block
     num_warps: int = 4
     num_stages: int = 3
@@ -72,6 +74,23 @@ class GpuBlockSizes:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _load_kv(k_ref, v_ref, page_at, first, pages_per_block, ok):
+    """K and V rows of page-table entries `first .. first + pages_per_block` -> `[block_k, D]`
+    each, V rows where `ok` is False zero. `page_at(i)` reads the sequence's page-table entries.
+
+    One page id per key row and a 2-D gather straight into `[block_k, D]`: contiguous along D,
+    so Triton issues 16-byte `cp.async` copies and pipelines them, with no reshape of a
+    `[pages, page_size, D]` tile (a layout shuffle through shared memory each block). V's
+    invisible rows are zero-filled by the copy itself (masked load): unwritten rows may hold
+    NaN, and 0 x NaN would poison the P.V product.
+    """
+    page_size, d = k_ref.shape[1], k_ref.shape[2]
+    r = jnp.arange(pages_per_block * page_size)
+    idx = (page_at(first + r // page_size)[:, None], (r % page_size)[:, None],
+           jnp.arange(d)[None, :])
+    return k_ref[idx], pltr.load(v_ref.at[idx], mask=ok[:, None], other=0.0)
 
 
 def _empty_carry(rows: int, d: int):
@@ -98,7 +117,7 @@ def _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap):
 
 
 def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   sm_scale, soft_cap, window, pages_per_block, pages_per_split):
+                   sm_scale, soft_cap, window, pages_per_block, pages_per_split, group):
     split = pl.program_id(2)
     page_size = k_ref.shape[1]
     block_k = pages_per_block * page_size
@@ -111,22 +130,22 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
 
     def body(i, carry):
         first = start + i * pages_per_block
-        pages = pages_ref[pl.ds(first, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, -1)
-        v = v_ref[pages].reshape(block_k, -1)
         pos = first * page_size + jnp.arange(block_k)
         # Keys past `end` belong to the next split. Unwritten rows may hold NaN: zero V there
         # (0 x NaN would poison the product) and mask the scores.
         ok = (pos < kv_len) & (pos < end * page_size) & (pos >= lo)
-        v = jnp.where(ok[:, None], v, jnp.zeros_like(v))
+        k, v = _load_kv(k_ref, v_ref, lambda i: pages_ref[i], first, pages_per_block, ok)
         visible = jnp.broadcast_to(ok[None, :], (q.shape[0], block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
     n = jnp.maximum(pl.cdiv(end - start, pages_per_block), 0)
     o, m, l = jax.lax.fori_loop(0, n, body, _empty_carry(*q.shape))
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    # Only the G real query rows are stored (the rest is tensor-core padding): the split
+    # results are re-read by the combine, and at small batch they are ~1/8 of the K/V bytes.
+    real = jnp.arange(q.shape[0]) < group
+    pltr.store(o_ref, o, mask=real[:, None])
+    pltr.store(m_ref, m, mask=real)
+    pltr.store(l_ref, l, mask=real)
 
 
 def _combine(o, m, l):
@@ -161,7 +180,7 @@ def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, sof
     num_pages = kv_pages.shape[0]
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
-        pages_per_block=ppb, pages_per_split=pages_per_split)
+        pages_per_block=ppb, pages_per_split=pages_per_split, group=g)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(s, hkv, splits),
@@ -187,7 +206,7 @@ def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, sof
         interpret=interpret,
         name="rpa_decode",
     )(kv_lens, page_indices, qg.astype(kv_pages.dtype), kv_pages, kv_pages)
-    out = _combine(o, m, l)[:, :, :g]
+    out = _combine(o[..., :g, :], m[..., :g], l[..., :g])  # padding rows were never written
     return out.reshape(s, hq, d).astype(q.dtype)
 
 
@@ -208,11 +227,9 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
 
     def body(i, carry):
         first = first_page + i * pages_per_block
-        pages = pages_ref[seq, pl.ds(first, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, -1)
-        v = v_ref[pages].reshape(block_k, -1)
         pos = first * page_size + jnp.arange(block_k)
-        v = jnp.where(((pos >= lo) & (pos < hi))[:, None], v, jnp.zeros_like(v))
+        k, v = _load_kv(k_ref, v_ref, lambda i: pages_ref[seq, i], first, pages_per_block,
+                        (pos >= lo) & (pos < hi))
         visible = (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         if window is not None:
             visible &= pos[None, :] > q_pos[:, None] - window
