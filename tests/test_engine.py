@@ -75,36 +75,6 @@ def test_small_pool_preempts_and_still_matches(tiny):
     assert engine.scheduler.num_running == 0 and engine.scheduler.num_pages_used == 0
 
 
-def test_empty_rows_past_the_slots_change_nothing(tiny):
-    """`min_rows` (2 on GPU by default) gives the device state rows no slot uses: one slot run
-    as three rows outputs the same greedy and seeded tokens, logprobs included."""
-    ps = prompts(3, seed=6)
-    params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=9, logprobs=2),
-              SamplingParams(max_tokens=12, temperature=1.1, repetition_penalty=1.3, seed=4)]
-    runs = {}
-    for rows in (1, 3):
-        engine = engine_for(*tiny, ByteTokenizer(), num_slots=1, min_rows=rows)
-        assert engine.runner.rows == rows and engine.runner.state.tokens.shape == (rows,)
-        assert engine.scheduler.config.num_slots == 1
-        runs[rows] = engine.generate(ps, params)
-    for one, many in zip(runs[1], runs[3]):
-        assert one.token_ids == many.token_ids
-        np.testing.assert_allclose([lp.logprob for lp in one.logprobs or ()],
-                                   [lp.logprob for lp in many.logprobs or ()], rtol=1e-5)
-    assert list(runs[1][0].token_ids) == expected(tiny, ps[0])
-
-
-def test_min_rows_default_by_platform(monkeypatch):
-    import jax
-
-    assert RunnerConfig(num_slots=1).rows == (2 if jax.default_backend() == "gpu" else 1)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert RunnerConfig(num_slots=1).rows == 2 and RunnerConfig(num_slots=5).rows == 5
-    assert RunnerConfig(num_slots=1, min_rows=1).rows == 1
-    with pytest.raises(ValueError, match="min_rows=0"):
-        RunnerConfig(min_rows=0)
-
-
 def test_seeded_sampling_ignores_batch_mates(tiny):
     """Also across sampling levels: `plain` runs at DRAW alone and at FILTER beside `params`."""
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)

@@ -90,7 +90,7 @@ def bench(name: str, batch: int, args, bandwidth: float) -> dict:
     runner = RunnerConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,
                           decode_steps=args.decode_steps,
                           max_prefill_tokens=min(args.max_prefill_tokens, args.prompt * batch),
-                          memory_fraction=0.6, min_rows=args.min_rows)
+                          memory_fraction=0.6)
     engine = Engine(model, params, RandomTokenTokenizer(), EngineConfig(runner=runner, warmup=True))
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
@@ -118,15 +118,12 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--attn-backend", default="auto", help="auto | reference | gpu | tpu")
-    ap.add_argument("--min-rows", type=int, default=None,
-                    help="RunnerConfig.min_rows (default: by platform, 2 on GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, copy {bandwidth:.0f} GB/s, "
-          f"attention {resolve_backend(args.attn_backend)}, "
-          f"min rows {RunnerConfig(num_slots=1, min_rows=args.min_rows).rows}", flush=True)
+          f"attention {resolve_backend(args.attn_backend)}", flush=True)
     print("| model | batch | prompt | new | tok/s | step ms | MBU | recompiles |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.models.split(","):

@@ -72,8 +72,7 @@ def project(spec: str, x: jax.Array, w: jax.Array, *, one_row: str | None = None
     is Llama-3.2-1B's Q/K/V and output projections and every projection of Gemma 3 270M. Two
     rows are a matrix, so a one-row `x` runs as two (the second row zero) and the first row of
     the result is kept: the same numbers, read through a GEMM. `one_row` (default `ONE_ROW`)
-    picks where. The engine's runner keeps at least two rows on GPU (`RunnerConfig.min_rows`),
-    so its steps never pay these pads; this covers any other one-row call of the model.
+    picks where.
     """
     mode = ONE_ROW if one_row is None else one_row
     if mode not in _ONE_ROW_MODES:

@@ -40,11 +40,6 @@ class RunnerConfig:
     max_prefill_tokens: int = 512  # largest prefill bucket = per-step prefill token budget
     num_pages: int | None = None  # None: from free device memory
     memory_fraction: float = 0.5  # share of free device memory for the page pool
-    # Rows the device state and every step have at least (slots past num_slots stay empty).
-    # None: 2 on GPU, where a one-row decode step's projections would be vector x matrix
-    # products, which XLA GPU runs as slow multiply + reduce fusions (see
-    # `jaxgen.models.layers.project`); two rows are GEMMs without a pad per projection. 1 else.
-    min_rows: int | None = None
 
     def __post_init__(self):
         def positive(name):
@@ -58,15 +53,6 @@ class RunnerConfig:
             raise ValueError(f"num_pages={self.num_pages}: must be >= 2 (page 0 is reserved)")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction={self.memory_fraction}: must be in (0, 1]")
-        if self.min_rows is not None and self.min_rows < 1:
-            raise ValueError(f"min_rows={self.min_rows}: must be >= 1 (or None)")
-
-    @property
-    def rows(self) -> int:
-        """Rows of the device state: `num_slots`, raised to `min_rows` (default by platform)."""
-        floor = self.min_rows if self.min_rows is not None else (
-            2 if jax.default_backend() == "gpu" else 1)
-        return max(self.num_slots, floor)
 
     @property
     def pages_per_seq(self) -> int:
@@ -119,12 +105,10 @@ class ModelRunner:
         kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)
         self.params, self.kv_pages = (params, kv_pages) if mesh is not None else \
             self._put((params, kv_pages))
-        # Slots past cfg.num_slots (up to cfg.rows) are never assigned: always empty rows.
-        self.rows = cfg.rows
-        self.state = self._put(DecodeState.create(self.rows, cfg.pages_per_seq,
+        self.state = self._put(DecodeState.create(cfg.num_slots, cfg.pages_per_seq,
                                                   model.config.vocab_size))
-        self._page_table = np.zeros((self.rows, cfg.pages_per_seq), np.int32)
-        self._slot_levels = np.full(self.rows, GREEDY, np.int32)  # of the request placed there
+        self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
+        self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
         self._prefill = make_prefill(model)
         self._generate = make_generate(model, cfg.decode_steps)
         self._insert = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
@@ -145,7 +129,7 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
         with no-op inputs."""
-        s = self.rows
+        s = self.cfg.num_slots
         self.state = self._insert(self.state, *self._put((np.full(s, s, np.int32),
                                   SamplingRows.zeros(s), np.zeros(s, np.int32))))
         for level in SAMPLING_LEVELS:
@@ -231,7 +215,7 @@ class ModelRunner:
                                          page_table=self._put(self._page_table.copy()))
 
     def _assign(self, plan: StepPlan) -> None:
-        s = self.rows
+        s = self.cfg.num_slots
         slots = np.full(s, s, np.int32)
         cols = {f.name: np.zeros(s, np.float32) for f in dataclasses.fields(SamplingRows)}
         cols["top_k"] = np.zeros(s, np.int32)
@@ -249,7 +233,7 @@ class ModelRunner:
         self.state = self._insert(self.state, *self._put((slots, rows, prompt_len)))
 
     def _prefill_chunks(self, plan: StepPlan):
-        s = self.rows
+        s = self.cfg.num_slots
         total = plan.num_prefill_tokens
         bucket = next((b for b in self.cfg.prefill_buckets if b >= total), None)
         if bucket is None:
@@ -289,8 +273,8 @@ class ModelRunner:
         if plan.num_steps != self.cfg.decode_steps:
             raise ValueError(f"plan.num_steps={plan.num_steps}: this runner decodes "
                              f"{self.cfg.decode_steps} per call")
-        positions = np.zeros(self.rows, np.int32)
-        active = np.zeros(self.rows, bool)
+        positions = np.zeros(self.cfg.num_slots, np.int32)
+        active = np.zeros(self.cfg.num_slots, bool)
         positions[list(plan.decode_slots)] = plan.decode_positions
         active[list(plan.decode_slots)] = True
         out, self.kv_pages, self.state = self._generate(
