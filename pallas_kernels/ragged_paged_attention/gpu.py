@@ -3,11 +3,12 @@
 Why Triton and not Mosaic GPU: a paged gather needs a data-dependent address per page (the page
 id is read from the page table inside the kernel). Pallas' Triton backend expresses that as a
 gather load: one page id per key row and `k_ref[page_of_row, row_in_page, 0:D]`, contiguous
-along D, which Triton turns into 16-byte, software-pipelined `cp.async` copies (a gather of whole
-`[pages, page_size, D]` tiles followed by a reshape ran at 50-60% of copy bandwidth at decode;
-the row gather reaches 76-102%, `docs/benchmarks.md`). Pallas Mosaic GPU (JAX 0.10-0.11) moves data with TMA / `emit_pipeline`, whose block
-index maps cannot read a page table, and offers no per-page gather into shared memory; building
-one by hand (a TMA descriptor per page, barriers per copy) is a research project, not a kernel.
+along D, which Triton turns into 16-byte, software-pipelined `cp.async` copies (a gather of
+whole `[pages, page_size, D]` tiles followed by a reshape ran at 50-80% of copy bandwidth at
+decode; the row gather at 76-108%, `docs/benchmarks.md`). Pallas Mosaic GPU (JAX 0.10-0.11)
+moves data with TMA / `emit_pipeline`, whose block index maps cannot read a page table, and
+offers no per-page gather into shared memory; building one by hand (a TMA descriptor per page,
+barriers per copy) is a research project, not a kernel.
 The Triton backend is deprecated from JAX 0.11 but still ships and runs on 0.11.2; when Mosaic
 GPU grows indexed async copies this module is where a port goes, behind the same function.
 
@@ -27,8 +28,8 @@ Both read K and V through two views of the one pool (`[pages, page_size, D]` at 
 `kv_lens` are never loaded; keys that are loaded but not visible (the tail of a last page, a
 foreign token in a shared block) are masked by selection, and their V rows zero-filled by the
 masked load, so NaN or another tenant's data can never reach an output. The step's new K/V are
-written first by an in-place scatter in the same jitted call (the pool is donated by callers), so the kernels see
-them like any other token.
+written first by an in-place scatter in the same jitted call (the pool is donated by callers),
+so the kernels see them like any other token.
 
 On a platform other than GPU the kernels run in Pallas interpret mode (the CPU tests).
 """
