@@ -88,6 +88,24 @@ def test_bench_tools_name_bad_input(capsys):
     assert "need two distinct backends" in capsys.readouterr().err
 
 
+def test_bench_attention_block_specs(capsys):
+    import pytest
+
+    import bench_attention
+
+    blocks = bench_attention.parse_blocks("ppb=8,stages=2,splits=4")
+    assert (blocks.pages_per_block, blocks.num_stages, blocks.num_splits) == (8, 2, 4)
+    assert bench_attention.parse_blocks("") == bench_attention.parse_blocks("warps=4")
+    for spec, bad in [("ppb=8,stage=2", "'stage=2'"), ("ppb=x", "'ppb=x'"), ("ppb=0", "'ppb=0'"),
+                      ("ppb", "'ppb'")]:
+        with pytest.raises(SystemExit) as e:  # before any device work
+            bench_attention.main(["--gpu-blocks", f"ppb=4;{spec}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--gpu-blocks {spec!r}: bad item {bad}" in err and "pages_per_block" not in err
+        assert "ppb, stages, warps, programs, splits, bq" in err
+
+
 def test_bench_projections_names_the_matmul_kernels():
     import bench_projections
 

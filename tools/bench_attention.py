@@ -59,14 +59,23 @@ def bytes_moved(batch, context, chunk, hq, hkv, d, window=None):
     return kv_read + kv_write + q_out
 
 
+BLOCK_FIELDS = dict(ppb="pages_per_block", stages="num_stages", warps="num_warps",
+                    programs="target_programs", splits="num_splits", bq="block_q")
+
+
 def parse_blocks(spec: str):
-    """'ppb=2,stages=3,warps=4,programs=528,bq=16' -> GpuBlockSizes ('' -> defaults)."""
+    """'ppb=2,stages=3,warps=4,programs=528,bq=16' -> GpuBlockSizes ('' -> defaults); a
+    ValueError naming the spec and the bad item otherwise."""
     from pallas_kernels.ragged_paged_attention.gpu import GpuBlockSizes
 
-    names = dict(ppb="pages_per_block", stages="num_stages", warps="num_warps",
-                 programs="target_programs", splits="num_splits", bq="block_q")
-    fields = dict(kv.split("=") for kv in spec.split(",") if kv)
-    return GpuBlockSizes(**{names[k]: int(v) for k, v in fields.items()})
+    fields = {}
+    for item in (kv for kv in spec.split(",") if kv):
+        key, _, value = item.partition("=")
+        if key not in BLOCK_FIELDS or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--gpu-blocks {spec!r}: bad item {item!r}; expected NAME=N with N "
+                             f">= 1 and NAME one of {', '.join(BLOCK_FIELDS)}")
+        fields[BLOCK_FIELDS[key]] = int(value)
+    return GpuBlockSizes(**fields)
 
 
 def time_backend(backend, pools, qkv, md, *, decode_only, reps, inner, block_sizes=None):
@@ -114,7 +123,7 @@ def parse_ints(s):
     return [int(x) for x in s.split(",") if x]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", default="decode,prefill")
     ap.add_argument("--batches", default="1,8,32,128")
@@ -130,7 +139,12 @@ def main() -> None:
                     help="';'-separated GPU block sizes to compare, e.g. 'ppb=2,stages=3;ppb=4'")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", help="also write JSON lines here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:  # bad block specs fail before any device work
+        for spec in args.gpu_blocks.split(";") if args.gpu_blocks else []:
+            parse_blocks(spec)
+    except ValueError as e:
+        ap.error(str(e))
 
     bandwidth = copy_bandwidth()
     print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, copy {bandwidth:,.0f} GB/s")

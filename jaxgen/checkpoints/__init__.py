@@ -37,7 +37,7 @@ class LoadedModel:
         return self.model.config
 
 
-def _load_source(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str = "auto"):
+def _load_source(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str):
     """(model, params, tokenizer) from a GGUF file, HF dir or jaxgen dir."""
     from jaxgen import tokenizer as tok
 
@@ -94,5 +94,5 @@ def convert(src: str, dst: str, dtype: str = "float32") -> None:
     """Writes `src` (bundled name, GGUF, HF dir, jaxgen dir) as a jaxgen checkpoint at `dst`."""
     entry = bundled(src)
     path = entry.locate_gguf() if entry is not None else src
-    model, params, tokenizer = _load_source(path, dtype, None, "auto")
+    model, params, tokenizer = _load_source(path, dtype, None, "auto", "vocab_major")
     orbax_format.save(dst, model.config, model.canonical_params(params), tokenizer)

@@ -132,8 +132,8 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
     def body(i, carry):
         first = start + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        # Keys past `end` belong to the next split. Unwritten rows may hold NaN: zero V there
-        # (0 x NaN would poison the product) and mask the scores.
+        # Keys past `end` belong to the next split; rows past kv_len may hold NaN. Both are
+        # masked in the scores, and `_load_kv` zero-fills their V rows.
         ok = (pos < kv_len) & (pos < end * page_size) & (pos >= lo)
         k, v = _load_kv(k_ref, v_ref, lambda i: pages_ref[i], first, pages_per_block, ok)
         visible = jnp.broadcast_to(ok[None, :], (q.shape[0], block_k))
