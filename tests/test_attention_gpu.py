@@ -40,6 +40,8 @@ def test_window_and_softcap(page_size, window, soft_cap, decode_only):
     GpuBlockSizes(pages_per_block=1, num_splits=1, block_q=16),
     GpuBlockSizes(pages_per_block=2, num_splits=3, block_q=32),
     GpuBlockSizes(pages_per_block=4, num_splits=16, block_q=8),
+    GpuBlockSizes(pages_per_block=1, num_splits=5, min_split_blocks=1),  # uneven, some empty
+    GpuBlockSizes(pages_per_block=2, num_splits=16, min_split_blocks=3),
 ])
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_block_sizes(blocks, decode_only):
@@ -54,15 +56,30 @@ def test_bf16_pool(decode_only):
           decode_only=decode_only)
 
 
-def test_equals_reference_bitwise_pool_and_close_outputs():
-    """The fused write is the same scatter on every backend: pools must match exactly."""
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_equals_reference_bitwise_pool_and_close_outputs(decode_only):
+    """The fused write (an XLA scatter in mixed steps, the decode kernel's own stores) writes
+    the same pool as the reference, bit for bit: the new rows and nothing else."""
     rng = np.random.default_rng(5)
-    args, _ = make_case(rng, MIXED, 8, 2, 64, 16, jnp.float32)
-    outs = {b: ragged_paged_attention(*args, sm_scale=0.125, backend=b)
+    args, _ = make_case(rng, DECODE if decode_only else MIXED, 8, 2, 64, 16, jnp.float32,
+                        pad_rows=1 if decode_only else 3)
+    if decode_only:
+        args[6] = jnp.arange(len(DECODE) + 2, dtype=jnp.int32)
+    outs = {b: ragged_paged_attention(*args, sm_scale=0.125, backend=b, decode_only=decode_only)
             for b in ("reference", "gpu")}
     np.testing.assert_array_equal(np.asarray(outs["gpu"][1]), np.asarray(outs["reference"][1]))
     np.testing.assert_allclose(np.asarray(outs["gpu"][0]), np.asarray(outs["reference"][0]),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_splits_follow_the_context_not_the_table(window):
+    """Splits are cut from each sequence's visible blocks: a page table far wider than any
+    context (the engine's max_model_len) and a window that starts mid-sequence still cover
+    every visible key exactly once."""
+    check([(300, 1), (5, 1), (97, 1)], 8, 2, 64, 16, window=window, seed=11, backend="gpu",
+          decode_only=True, pages_per_seq=64,
+          block_sizes=GpuBlockSizes(pages_per_block=1, num_splits=7, min_split_blocks=2))
 
 
 def test_engine_greedy_identical_across_backends():

@@ -32,8 +32,10 @@ from pallas_kernels import ragged_paged_attention
 L2_BYTES = 256 << 20  # rotate pools until this much is touched per round
 
 
-def make_inputs(key, batch, context, chunk, hq, hkv, d, page_size, copies):
-    """Random bf16 pools (scattered pages, page 0 null) and one step's metadata."""
+def make_inputs(key, batch, context, chunk, hq, hkv, d, page_size, copies, table_len=0):
+    """Random bf16 pools (scattered pages, page 0 null) and one step's metadata. The page
+    table covers `max(table_len, context + chunk)` tokens, entries past the context on the null
+    page (as in the engine, whose table covers max_model_len)."""
     kv_len = context + chunk
     pages_per_seq = -(-kv_len // page_size)
     num_pages = 1 + batch * pages_per_seq
@@ -41,7 +43,10 @@ def make_inputs(key, batch, context, chunk, hq, hkv, d, page_size, copies):
     pools = tuple(jax.random.normal(keys[i], (num_pages, page_size, 2 * hkv, d), jnp.bfloat16)
                   for i in range(copies))
     perm = np.random.default_rng(0).permutation(np.arange(1, num_pages))
-    page_indices = jnp.asarray(perm.reshape(batch, pages_per_seq), jnp.int32)
+    table = perm.reshape(batch, pages_per_seq)
+    width = max(pages_per_seq, -(-table_len // page_size))
+    table = np.pad(table, ((0, 0), (0, width - pages_per_seq)))
+    page_indices = jnp.asarray(table, jnp.int32)
     t = batch * chunk
     q = jax.random.normal(keys[-1], (t, hq, d), jnp.bfloat16)
     k = jax.random.normal(keys[-2], (t, hkv, d), jnp.bfloat16)
@@ -60,11 +65,12 @@ def bytes_moved(batch, context, chunk, hq, hkv, d, window=None):
 
 
 BLOCK_FIELDS = dict(ppb="pages_per_block", stages="num_stages", warps="num_warps",
-                    programs="target_programs", splits="num_splits", bq="block_q")
+                    programs="target_programs", splits="num_splits", bq="block_q",
+                    minblocks="min_split_blocks")
 
 
 def parse_blocks(spec: str):
-    """'ppb=2,stages=3,warps=4,programs=528,bq=16' -> GpuBlockSizes ('' -> defaults); a
+    """'ppb=2,stages=3,warps=4,programs=528,minblocks=4,bq=16' -> GpuBlockSizes ('' -> defaults); a
     ValueError naming the spec and the bad item otherwise."""
     from pallas_kernels.ragged_paged_attention.gpu import GpuBlockSizes
 
@@ -132,6 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--page-sizes", default="16,32")
     ap.add_argument("--chunk", type=int, default=512, help="new tokens per sequence (prefill)")
     ap.add_argument("--prefill-batches", default="1,4")
+    ap.add_argument("--table-len", type=int, default=0,
+                    help="tokens each page table covers (the engine's max_model_len); default "
+                         "just the context")
     ap.add_argument("--backends", default="gpu,reference")
     ap.add_argument("--reference-max-bytes", type=float, default=2e9,
                     help="skip timing the reference above this much K/V (it is slow)")
@@ -161,7 +170,7 @@ def main(argv=None) -> None:
                         copies = max(1, min(8, -(-L2_BYTES // kv_bytes)))
                         pools, qkv, md = make_inputs(jax.random.key(batch + context), batch,
                                                      context, chunk, hq, hkv, d, page_size,
-                                                     copies)
+                                                     copies, args.table_len)
                         moved = bytes_moved(batch, context, chunk, hq, hkv, d)
                         variants = [(b, "") for b in args.backends.split(",")]
                         if args.gpu_blocks:

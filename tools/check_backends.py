@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--max-prefill-tokens", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="page-table length in tokens (default: just what the prompts need); "
+                         "a serving size such as 4096 makes tables far wider than contexts")
     ap.add_argument("--matmul-precision", default="highest",
                     help="jax_default_matmul_precision for the model's own matmuls (default "
                     "highest: no TF32 on GPU, so the backends are compared, not the matmuls)")
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         loaded = checkpoints.load(name, dtype=args.dtype)
         prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
         longest = max(map(len, prompts))
-        max_len = longest + args.max_tokens + 16
+        max_len = max(longest + args.max_tokens + 16, args.max_model_len)
         results = run_backends(
             loaded.config, loaded.params, loaded.tokenizer, backends, prompts, args.max_tokens,
             num_slots=args.slots, page_size=16, decode_steps=args.decode_steps,

@@ -14,22 +14,28 @@ GPU grows indexed async copies this module is where a port goes, behind the same
 
 Two kernels, one per step shape (`decode_only` picks):
 - decode: one query token per sequence. Grid `(S, Hkv, splits)`; a program holds the `G = Hq /
-  Hkv` query heads of one KV head (padded to 16 rows for the tensor-core dot) and streams its
-  split of the sequence's pages, `pages_per_block` pages per iteration, with an online softmax in
-  f32. Split-KV keeps the GPU full at small batch and long context: each split returns its
-  unnormalised output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32).
+  Hkv` query heads of one KV head (gathered as 16 rows for the tensor-core dot) and streams its
+  split of the sequence's visible blocks, `pages_per_block` pages per iteration, with an online
+  softmax in f32. Split-KV keeps the GPU full at small batch and long context; splits are cut
+  from each sequence's own visible blocks (window start to last live page, not the page
+  table's width), at least `min_split_blocks` each. Each split returns its unnormalised
+  output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32). The kernel
+  also writes the step's new K/V into their pages (the pool is aliased in place) and takes the
+  new row from registers wherever it reads that position, so there is no separate scatter
+  and no ordering between the write and any read.
 - mixed (prefill chunks and decode rows together): the packed query rows are cut into work
   blocks of `block_q` tokens of one sequence (a work list built in XLA from `cu_q_lens`); grid
   `(work blocks, Hkv)`; a program's rows are `block_q x G` (GQA packed), its keys run from the
   sliding-window start to its last query's position (causal), nothing else is read.
 
-Both read K and V through two views of the one pool (`[pages, page_size, D]` at row `2h` and
-`2h + 1`), so the interleaved layout needs no copy. Blocks outside the sliding window and past
+Both gather K and V rows (pool rows `2h` and `2h + 1`) straight from the one interleaved pool,
+so the layout needs no copy and the pool is a single operand (which the decode kernel aliases
+to its output: one operand read twice and aliased once would make XLA copy the pool). Blocks outside the sliding window and past
 `kv_lens` are never loaded; keys that are loaded but not visible (the tail of a last page, a
 foreign token in a shared block) are masked by selection, and their V rows zero-filled by the
-masked load, so NaN or another tenant's data can never reach an output. The step's new K/V are
-written first by an in-place scatter in the same jitted call (the pool is donated by callers),
-so the kernels see them like any other token.
+masked load, so NaN or another tenant's data can never reach an output. In mixed steps the new
+K/V are written first by an in-place scatter in the same jitted call (the pool is donated by
+callers), so the kernel sees them like any other token.
 
 On a platform other than GPU the kernels run in Pallas interpret mode (the CPU tests).
 """
@@ -56,8 +62,11 @@ class GpuBlockSizes:
     """Kernel tiling. `num_splits=None` picks enough splits to give `target_programs` programs."""
 
     pages_per_block: int = 4  # pages loaded per iteration (keys per block = this x page_size)
-    num_splits: int | None = None  # decode split-KV factor
+    num_splits: int | None = None  # decode split-KV factor (the grid's; see min_split_blocks)
     target_programs: int = 1056  # ~8 programs per SM on an H100 / H200 (132 SMs)
+    # Decode: a sequence uses fewer of the grid's splits than would leave a split under this
+    # many blocks of its own visible context (the rest of its programs exit at once).
+    min_split_blocks: int = 8
     block_q: int = 16  # mixed kernel: query tokens per work block
     num_warps: int = 4
     num_stages: int = 3
@@ -77,9 +86,10 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _load_kv(k_ref, v_ref, page_at, first, pages_per_block, ok):
-    """K and V rows of page-table entries `first .. first + pages_per_block` -> `[block_k, D]`
-    each, V rows where `ok` is False zero. `page_at(i)` reads the sequence's page-table entries.
+def _load_kv(pool_ref, k_row, page_at, first, pages_per_block, ok):
+    """K and V rows (pool rows `k_row` and `k_row + 1` of page-table entries `first .. first +
+    pages_per_block`) -> `[block_k, D]` each, V rows where `ok` is False zero. `page_at(i)`
+    reads the sequence's page-table entries.
 
     One page id per key row and a 2-D gather straight into `[block_k, D]`: contiguous along D,
     so Triton issues 16-byte `cp.async` copies and pipelines them, with no reshape of a
@@ -87,11 +97,12 @@ def _load_kv(k_ref, v_ref, page_at, first, pages_per_block, ok):
     invisible rows are zero-filled by the copy itself (masked load): unwritten rows may hold
     NaN, and 0 x NaN would poison the P.V product.
     """
-    page_size, d = k_ref.shape[1], k_ref.shape[2]
+    page_size, d = pool_ref.shape[1], pool_ref.shape[3]
     r = jnp.arange(pages_per_block * page_size)
-    idx = (page_at(first + r // page_size)[:, None], (r % page_size)[:, None],
-           jnp.arange(d)[None, :])
-    return k_ref[idx], pltr.load(v_ref.at[idx], mask=ok[:, None], other=0.0)
+    page, offset = page_at(first + r // page_size)[:, None], (r % page_size)[:, None]
+    col = jnp.arange(d)[None, :]
+    return (pool_ref[page, offset, k_row, col],
+            pltr.load(pool_ref.at[page, offset, k_row + 1, col], mask=ok[:, None], other=0.0))
 
 
 def _empty_carry(rows: int, d: int):
@@ -117,33 +128,60 @@ def _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap):
     return o, m_new, alpha * l + p.sum(axis=-1)
 
 
-def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   sm_scale, soft_cap, window, pages_per_block, pages_per_split, group):
-    split = pl.program_id(2)
-    page_size = k_ref.shape[1]
+def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref, o_ref, m_ref,
+                   l_ref, pool_out_ref, *, sm_scale, soft_cap, window, pages_per_block,
+                   min_split_blocks, group):
+    head, split = pl.program_id(1), pl.program_id(2)
+    num_splits = pl.num_programs(2)
+    page_size, d = pool_ref.shape[1], pool_ref.shape[3]
+    rows = o_ref.shape[0]
     block_k = pages_per_block * page_size
     kv_len = kv_len_ref[0]
-    q = q_ref[...]
-    start = split * pages_per_split
-    end = jnp.minimum(start + pages_per_split, pl.cdiv(kv_len, page_size))
+    last = jnp.maximum(kv_len - 1, 0)  # the new token's position
+    k_new = k_new_ref[...].astype(pool_ref.dtype)
+    v_new = v_new_ref[...].astype(pool_ref.dtype)
+
+    # Fused K/V write: split 0 of each (sequence, KV head) stores the new row into its page.
+    # No program reads it back from memory (the loop takes it from registers), so the write
+    # needs no ordering against the other programs' loads.
+    page, offset = pages_ref[last // page_size], last % page_size
+    write = jnp.full((d,), (split == 0) & (kv_len > 0))
+    pltr.store(pool_out_ref.at[page, offset, 2 * head, :], k_new, mask=write)
+    pltr.store(pool_out_ref.at[page, offset, 2 * head + 1, :], v_new, mask=write)
+
+    # This KV head's G query heads, gathered as `rows` rows (the tensor-core M): rows past G
+    # repeat the last head and are never stored.
+    r = jnp.minimum(jnp.arange(rows), group - 1)
+    q = q_ref[head * group + r[:, None], jnp.arange(d)[None, :]].astype(pool_ref.dtype)
+
+    # Split by the sequence's own visible blocks (not the page table's width): from the
+    # window's first page to its last live page, at least `min_split_blocks` blocks a split
+    # (a short split spends its time filling the pipeline); splits past that stay empty.
     lo = 0 if window is None else jnp.maximum(kv_len - window, 0)  # first visible key
-    start = jnp.maximum(start, lo // page_size)
+    first_page = lo // page_size
+    n_blocks = pl.cdiv(pl.cdiv(kv_len, page_size) - first_page, pages_per_block)
+    used = jnp.clip(pl.cdiv(n_blocks, min_split_blocks), 1, num_splits)
+    per_split = pl.cdiv(n_blocks, used)
+    first_block = split * per_split
+    start = first_page + first_block * pages_per_block
 
     def body(i, carry):
         first = start + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        # Keys past `end` belong to the next split; rows past kv_len may hold NaN. Both are
-        # masked in the scores, and `_load_kv` zero-fills their V rows.
-        ok = (pos < kv_len) & (pos < end * page_size) & (pos >= lo)
-        k, v = _load_kv(k_ref, v_ref, lambda i: pages_ref[i], first, pages_per_block, ok)
-        visible = jnp.broadcast_to(ok[None, :], (q.shape[0], block_k))
+        # Rows past kv_len (or before the window) may hold NaN or another tenant's keys: masked
+        # in the scores, and `_load_kv` zero-fills their V rows.
+        ok = (pos < kv_len) & (pos >= lo)
+        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[i], first, pages_per_block, ok)
+        new = (pos == kv_len - 1)[:, None]  # not in memory yet: the fused write races it
+        k, v = jnp.where(new, k_new[None, :], k), jnp.where(new, v_new[None, :], v)
+        visible = jnp.broadcast_to(ok[None, :], (rows, block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
-    n = jnp.maximum(pl.cdiv(end - start, pages_per_block), 0)
-    o, m, l = jax.lax.fori_loop(0, n, body, _empty_carry(*q.shape))
+    n = jnp.clip(n_blocks - first_block, 0, per_split)
+    o, m, l = jax.lax.fori_loop(0, n, body, _empty_carry(rows, d))
     # Only the G real query rows are stored (the rest is tensor-core padding): the split
     # results are re-read by the combine, and at small batch they are ~1/8 of the K/V bytes.
-    real = jnp.arange(q.shape[0]) < group
+    real = jnp.arange(rows) < group
     pltr.store(o_ref, o, mask=real[:, None])
     pltr.store(m_ref, m, mask=real)
     pltr.store(l_ref, l, mask=real)
@@ -161,8 +199,9 @@ def _normalise(o, l):
     return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
-def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap,
+def _decode(q, k, v, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, soft_cap,
             blocks: GpuBlockSizes, interpret: bool):
+    """Decode attention with the step's K/V written by the kernel: `(out, kv_pages)`."""
     s, hq, d = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     hkv = two_hkv // 2
@@ -170,52 +209,52 @@ def _decode(q, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_window, sof
     rows = max(_MIN_ROWS, _pow2(g))
     ppb = blocks.pages_per_block_for(page_size, d, kv_pages.dtype.itemsize,
                                      page_indices.shape[1])
-    max_blocks = pl.cdiv(page_indices.shape[1], ppb)
     splits = blocks.num_splits or pl.cdiv(blocks.target_programs, s * hkv)
-    splits = max(1, min(splits, max_blocks))
-    pages_per_split = pl.cdiv(max_blocks, splits) * ppb
-    # Pad the page table so every block read stays in bounds (page 0 is never unmasked).
-    pad = splits * pages_per_split + ppb - page_indices.shape[1]
-    page_indices = jnp.pad(page_indices, ((0, 0), (0, pad)))
-    qg = jnp.pad(q.reshape(s, hkv, g, d), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
-    num_pages = kv_pages.shape[0]
+    splits = max(1, min(splits, pl.cdiv(page_indices.shape[1], ppb)))
+    # A sequence's blocks start on its window's first page: pad so the last one stays in bounds.
+    page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
-        pages_per_block=ppb, pages_per_split=pages_per_split, group=g)
-    o, m, l = pl.pallas_call(
+        pages_per_block=ppb, min_split_blocks=blocks.min_split_blocks, group=g)
+    whole_pool = pl.BlockSpec(kv_pages.shape, lambda b, h, i: (0, 0, 0, 0))
+    new_row = pl.BlockSpec((None, None, d), lambda b, h, i: (b, h, 0))
+    o, m, l, kv_pages = pl.pallas_call(
         kernel,
         grid=(s, hkv, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, i: (b,)),
             pl.BlockSpec((None, page_indices.shape[1]), lambda b, h, i: (b, 0)),
-            pl.BlockSpec((None, None, rows, d), lambda b, h, i: (b, h, 0, 0)),
-            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i: (0, 0, 2 * h, 0)),
-            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i: (0, 0, 2 * h + 1, 0)),
+            pl.BlockSpec((None, hq, d), lambda b, h, i: (b, 0, 0)),
+            new_row, new_row, whole_pool,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, d), lambda b, h, i: (i, b, h, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, i: (i, b, h, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, i: (i, b, h, 0)),
+            whole_pool,
         ],
         out_shape=[
             jax.ShapeDtypeStruct((splits, s, hkv, rows, d), jnp.float32),
             jax.ShapeDtypeStruct((splits, s, hkv, rows), jnp.float32),
             jax.ShapeDtypeStruct((splits, s, hkv, rows), jnp.float32),
+            jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
         ],
+        input_output_aliases={5: 3},  # the pool is written in place (callers donate it)
         compiler_params=pltr.CompilerParams(num_warps=blocks.num_warps,
                                             num_stages=blocks.num_stages),
         interpret=interpret,
         name="rpa_decode",
-    )(kv_lens, page_indices, qg.astype(kv_pages.dtype), kv_pages, kv_pages)
+    )(kv_lens, page_indices, q, k, v, kv_pages)
     out = _combine(o[..., :g, :], m[..., :g], l[..., :g])  # padding rows were never written
-    return out.reshape(s, hq, d).astype(q.dtype)
+    return out.reshape(s, hq, d).astype(q.dtype), kv_pages
 
 
-def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
+def _mixed_kernel(work_ref, pages_ref, q_ref, pool_ref, o_ref, *,
                   sm_scale, soft_cap, window, pages_per_block, group, block_q):
     # work row: (first query row, live rows, position of the first row, sequence)
     q_start, n_rows, pos0, seq = work_ref[0], work_ref[1], work_ref[2], work_ref[3]
-    page_size = k_ref.shape[1]
+    head = pl.program_id(1)
+    page_size = pool_ref.shape[1]
     block_k = pages_per_block * page_size
     q = q_ref[pl.ds(q_start, block_q)]
     q = q.reshape(block_q * group, q.shape[-1])
@@ -229,7 +268,7 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
     def body(i, carry):
         first = first_page + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        k, v = _load_kv(k_ref, v_ref, lambda i: pages_ref[seq, i], first, pages_per_block,
+        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[seq, i], first, pages_per_block,
                         (pos >= lo) & (pos < hi))
         visible = (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         if window is not None:
@@ -260,7 +299,6 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
     page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))
     qh = q.reshape(t, hkv, g, d).transpose(1, 0, 2, 3)
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0))).astype(kv_pages.dtype)
-    num_pages = kv_pages.shape[0]
     kernel = functools.partial(
         _mixed_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
         pages_per_block=ppb, group=gp, block_q=bq)
@@ -271,8 +309,7 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
             pl.BlockSpec((None, 4), lambda b, h: (b, 0)),
             pl.BlockSpec(page_indices.shape, lambda b, h: (0, 0)),
             pl.BlockSpec((None, t + bq, gp, d), lambda b, h: (h, 0, 0, 0)),
-            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h: (0, 0, 2 * h, 0)),
-            pl.BlockSpec((num_pages, page_size, None, d), lambda b, h: (0, 0, 2 * h + 1, 0)),
+            pl.BlockSpec(kv_pages.shape, lambda b, h: (0, 0, 0, 0)),  # gathered by page id
         ],
         out_specs=pl.BlockSpec((None, None, bq, gp, d), lambda b, h: (h, b, 0, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((hkv, num_blocks, bq, gp, d), q.dtype),
@@ -280,7 +317,7 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
                                             num_stages=blocks.num_stages),
         interpret=interpret,
         name="rpa_mixed",
-    )(work, page_indices, qh, kv_pages, kv_pages)
+    )(work, page_indices, qh, kv_pages)
     # Back to packed rows: token t of sequence s sits in block starts[s] + local // bq.
     local = jnp.arange(t) - cu_q_lens[seq]
     blk = jnp.where(live, starts[seq] + local // bq, 0)
@@ -296,18 +333,14 @@ def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, 
     """GPU backend; see `pallas_kernels.ragged_paged_attention` for the contract."""
     blocks = block_sizes or GpuBlockSizes()
     interpret = jax.default_backend() != "gpu"
-    if decode_only:
-        layout = decode_layout(kv_lens, num_seqs)
-    else:
-        layout = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
-    seq, pos, live = layout
-    kv_pages = write_kv(kv_pages, k, v, seq, pos, live, page_indices)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   blocks=blocks, interpret=interpret)
     if decode_only:
-        # Idle slots (kv_len 0) and rows past num_seqs get kv_len 0: nothing read, output 0.
-        out = _decode(q, kv_pages, jnp.where(live, kv_lens, 0), page_indices, **common)
-    else:
-        out = _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live,
-                     **common)
+        # Idle slots (kv_len 0) and rows past num_seqs get kv_len 0: nothing read or written,
+        # output 0. The kernel writes the new K/V itself.
+        _, _, live = decode_layout(kv_lens, num_seqs)
+        return _decode(q, k, v, kv_pages, jnp.where(live, kv_lens, 0), page_indices, **common)
+    seq, pos, live = token_layout(cu_q_lens, kv_lens, num_seqs, q.shape[0])
+    kv_pages = write_kv(kv_pages, k, v, seq, pos, live, page_indices)
+    out = _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, **common)
     return out, kv_pages
