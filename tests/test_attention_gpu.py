@@ -28,6 +28,13 @@ def test_decode(hq, hkv, d):
     check(DECODE, hq, hkv, d, page_size=16, seed=d + hq, backend="gpu", decode_only=True)
 
 
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_group_not_a_power_of_two(decode_only):
+    """G = 3 (SmolLM2's 9/3 heads): the query rows are padded to the tensor-core M."""
+    seqs = DECODE if decode_only else MIXED
+    check(seqs, 9, 3, 64, 16, seed=9, backend="gpu", decode_only=decode_only)
+
+
 @pytest.mark.parametrize("page_size", [16, 32])
 @pytest.mark.parametrize("window,soft_cap", WINDOW_SOFTCAP)
 @pytest.mark.parametrize("decode_only", [False, True])

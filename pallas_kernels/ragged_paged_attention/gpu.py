@@ -20,9 +20,9 @@ Two kernels, one per step shape (`decode_only` picks):
   from each sequence's own visible blocks (window start to last live page, not the page
   table's width), at least `min_split_blocks` each. Each split returns its unnormalised
   output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32). The kernel
-  also writes the step's new K/V into their pages (the pool is aliased in place) and takes the
-  new row from registers wherever it reads that position, so there is no separate scatter
-  and no ordering between the write and any read.
+  also writes the step's new K/V into their pages (the pool is aliased in place): the loop
+  covers the context before the new token and split 0 attends to the new row from registers,
+  so there is no separate scatter and no ordering between the write and any read.
 - mixed (prefill chunks and decode rows together): the packed query rows are cut into work
   blocks of `block_q` tokens of one sequence (a work list built in XLA from `cu_q_lens`); grid
   `(work blocks, Hkv)`; a program's rows are `block_q x G` (GQA packed), its keys run from the
@@ -66,7 +66,7 @@ class GpuBlockSizes:
     target_programs: int = 1056  # ~8 programs per SM on an H100 / H200 (132 SMs)
     # Decode: a sequence uses fewer of the grid's splits than would leave a split under this
     # many blocks of its own visible context (the rest of its programs exit at once).
-    min_split_blocks: int = 8
+    min_split_blocks: int = 2
     block_q: int = 16  # mixed kernel: query tokens per work block
     num_warps: int = 4
     num_stages: int = 3
@@ -142,8 +142,8 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
     v_new = v_new_ref[...].astype(pool_ref.dtype)
 
     # Fused K/V write: split 0 of each (sequence, KV head) stores the new row into its page.
-    # No program reads it back from memory (the loop takes it from registers), so the write
-    # needs no ordering against the other programs' loads.
+    # Nothing reads it back from memory in this call (split 0 attends to it from registers,
+    # below), so the write needs no ordering against any program's loads.
     page, offset = pages_ref[last // page_size], last % page_size
     write = jnp.full((d,), (split == 0) & (kv_len > 0))
     pltr.store(pool_out_ref.at[page, offset, 2 * head, :], k_new, mask=write)
@@ -154,12 +154,14 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
     r = jnp.minimum(jnp.arange(rows), group - 1)
     q = q_ref[head * group + r[:, None], jnp.arange(d)[None, :]].astype(pool_ref.dtype)
 
-    # Split by the sequence's own visible blocks (not the page table's width): from the
-    # window's first page to its last live page, at least `min_split_blocks` blocks a split
-    # (a short split spends its time filling the pipeline); splits past that stay empty.
+    # The loop covers the context before the new token, split by the sequence's own visible
+    # blocks (not the page table's width): from the window's first page to the last context
+    # page, at least `min_split_blocks` blocks a split (a short split spends its time filling
+    # the pipeline); splits past that stay empty.
+    ctx = kv_len - 1
     lo = 0 if window is None else jnp.maximum(kv_len - window, 0)  # first visible key
     first_page = lo // page_size
-    n_blocks = pl.cdiv(pl.cdiv(kv_len, page_size) - first_page, pages_per_block)
+    n_blocks = pl.cdiv(jnp.maximum(pl.cdiv(ctx, page_size) - first_page, 0), pages_per_block)
     used = jnp.clip(pl.cdiv(n_blocks, min_split_blocks), 1, num_splits)
     per_split = pl.cdiv(n_blocks, used)
     first_block = split * per_split
@@ -168,23 +170,39 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
     def body(i, carry):
         first = start + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        # Rows past kv_len (or before the window) may hold NaN or another tenant's keys: masked
-        # in the scores, and `_load_kv` zero-fills their V rows.
-        ok = (pos < kv_len) & (pos >= lo)
+        # Rows at or past the new token's may hold NaN, another tenant's keys, or the row the
+        # fused write is storing: masked in the scores, and `_load_kv` zero-fills their V rows.
+        ok = (pos < ctx) & (pos >= lo)
         k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[i], first, pages_per_block, ok)
-        new = (pos == kv_len - 1)[:, None]  # not in memory yet: the fused write races it
-        k, v = jnp.where(new, k_new[None, :], k), jnp.where(new, v_new[None, :], v)
         visible = jnp.broadcast_to(ok[None, :], (rows, block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
     n = jnp.clip(n_blocks - first_block, 0, per_split)
-    o, m, l = jax.lax.fori_loop(0, n, body, _empty_carry(rows, d))
+    carry = jax.lax.fori_loop(0, n, body, _empty_carry(rows, d))
+    # The new token itself (always visible to its own query), in split 0. Kept out of the loop:
+    # an elementwise step between the pipelined loads and the dots cost ~15% there.
+    o, m, l = _attend_new_key(q, k_new, v_new, carry, (split == 0) & (kv_len > 0), sm_scale,
+                              soft_cap)
     # Only the G real query rows are stored (the rest is tensor-core padding): the split
     # results are re-read by the combine, and at small batch they are ~1/8 of the K/V bytes.
     real = jnp.arange(rows) < group
     pltr.store(o_ref, o, mask=real[:, None])
     pltr.store(m_ref, m, mask=real)
     pltr.store(l_ref, l, mask=real)
+
+
+def _attend_new_key(q, k, v, carry, take, sm_scale, soft_cap):
+    """The online-softmax step of one key row `k`, `v` `[D]` (in registers) for q `[M, D]`;
+    the carry unchanged where `take` is False."""
+    o, m, l = carry
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=-1) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    m_new = jnp.maximum(m, s)
+    alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
+    o_new = alpha[:, None] * o + p[:, None] * v.astype(jnp.float32)[None, :]
+    return (jnp.where(take, o_new, o), jnp.where(take, m_new, m),
+            jnp.where(take, alpha * l + p, l))
 
 
 def _combine(o, m, l):
