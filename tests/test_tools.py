@@ -117,3 +117,25 @@ def test_bench_projections_names_the_matmul_kernels():
 """
     assert bench_projections.kernel_kinds(hlo) == "input_reduce_fusion x2, gemm_fusion_dot x1"
     assert bench_projections.kernel_kinds("%loop_add_fusion = f32[2]{0} fusion(%a)") == "-"
+
+
+def test_bench_serving_step_stats_observe_an_engine():
+    """The offline side of bench_serving reports what /metrics reports of the steps."""
+    import bench_serving
+    from jaxgen.models import Model
+    from jaxgen.sampling_params import SamplingParams
+    from tests.helpers import TINY_LLAMA, ByteTokenizer, engine_for
+
+    model = Model(TINY_LLAMA)
+    engine = engine_for(model, model.init_random(seed=0), ByteTokenizer())
+    stats = bench_serving.StepStats()
+    engine.observers.append(stats)
+    out = engine.generate([list(b"hello"), list(b"a longer prompt")],
+                          SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
+    summary = stats.summary()
+    assert sum(len(c.token_ids) for c in out) == 18
+    # A prefill step, then decode steps of 4 tokens launched ahead of the previous read.
+    assert summary["steps"] >= 3 and summary["mean_step_s"] > 0
+    assert 1 <= summary["launched_ahead"] <= summary["steps"]
+    assert 0 <= summary["launched_on_drained_device"] <= summary["launched_ahead"]
+    assert summary["mean_launch_s"] > 0

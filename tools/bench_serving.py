@@ -163,9 +163,37 @@ async def amain(args) -> dict:
                 max_output_tokens=args.max_output_tokens, seed=args.seed, runs=runs)
 
 
-def offline_throughput(preset: str, items) -> float:
+class StepStats:
+    """Engine observer (the `EngineObserver` methods): what `/metrics` reports of the steps,
+    for an in-process engine: steps, their mean launch-to-tokens time, steps launched ahead and
+    on a drained device, the mean dispatch time."""
+
+    def __init__(self):
+        self.steps, self.step_seconds = 0, 0.0
+        self.launched_ahead, self.drained, self.launch_seconds = 0, 0, 0.0
+
+    def on_step(self, step_seconds, host_gap_seconds):
+        self.steps += 1
+        self.step_seconds += step_seconds
+
+    def on_launch(self, device_drained, launch_seconds):
+        self.launched_ahead += 1
+        self.drained += bool(device_drained)
+        self.launch_seconds += launch_seconds
+
+    def on_finish(self, finished):
+        pass
+
+    def summary(self) -> dict:
+        return dict(steps=self.steps, mean_step_s=self.step_seconds / max(self.steps, 1),
+                    launched_ahead=self.launched_ahead, launched_on_drained_device=self.drained,
+                    mean_launch_s=self.launch_seconds / max(self.launched_ahead, 1))
+
+
+def offline_throughput(preset: str, items, stats: StepStats | None = None) -> float:
     """Output tok/s of the same workload through an in-process engine built from the serving
-    preset the server runs (`jaxgen serve --config PRESET`): the ceiling serving is held to."""
+    preset the server runs (`jaxgen serve --config PRESET`): the ceiling serving is held to.
+    `stats`, if given, observes the timed run's steps."""
     from jaxgen import cli
     from jaxgen.sampling_params import SamplingParams
     from jaxgen.server import cli as server_cli
@@ -180,6 +208,8 @@ def offline_throughput(preset: str, items) -> float:
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in items]
     prompts = [p for p, _ in items]
     engine.generate(prompts[:2], params[:2])  # first use of the shapes outside the timing
+    if stats is not None:
+        engine.observers.append(stats)
     start = time.perf_counter()
     out = engine.generate(prompts, params)
     return sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
@@ -241,8 +271,11 @@ def main(argv=None) -> int:
         items = workload(args.num_requests, args.seed + i, report["vocab_size"],
                          report["max_context_length"], args.max_prompt_tokens,
                          args.max_output_tokens)
-        offline = offline_throughput(args.offline_config, items)
+        stats = StepStats()
+        offline = offline_throughput(args.offline_config, items, stats)
         report["offline_output_token_throughput"] = offline
+        report["offline_steps"] = stats.summary()
+        print(f"offline steps: {json.dumps(report['offline_steps'])}")
         print(f"offline engine on the last run's workload: {offline:.1f} tok/s; serving "
               f"{last['output_token_throughput']:.1f} tok/s = "
               f"{last['output_token_throughput'] / offline:.0%} of offline")

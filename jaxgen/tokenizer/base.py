@@ -108,9 +108,10 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text for `ids`; special tokens appear as their strings unless `skip_special_tokens`."""
         ids = [int(i) for i in ids]
+        size = self.vocab_size
         for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i}: must be in [0, vocab_size={self.vocab_size})")
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i}: must be in [0, vocab_size={size})")
         return self._decode_ids(ids, skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

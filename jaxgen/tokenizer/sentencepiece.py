@@ -15,6 +15,7 @@ It knows nothing about GGUF or chat templates.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -76,17 +77,30 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.extend(self._processor.encode(part, out_type=int))
         return ids
 
+    @functools.cached_property
+    def _decode_tables(self) -> tuple[list[str], dict[int, int]]:
+        """Each id's text (its piece with "▁" as a space) and the byte of each `<0xNN>` id.
+        Built on the first decode: the serving loop decodes every generated token (several
+        times, in windows), and a lookup here is ~10x cheaper than asking the processor."""
+        pieces = [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
+        byte_of = {i: int(pieces[i][3:5], 16) for i in range(self.vocab_size)
+                   if self._processor.is_byte(i)}
+        return [p.replace(WHITESPACE, " ") for p in pieces], byte_of
+
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
+        text_of, byte_of = self._decode_tables
+        special = self._special_ids
         out: list[str] = []
         byte_run = bytearray()
         for id in ids:
-            if id in self._special_ids and skip_special_tokens:
+            if skip_special_tokens and id in special:
                 continue  # skipped before byte runs are joined, as HF does
-            if self._processor.is_byte(id):
-                byte_run.append(int(self._processor.id_to_piece(id)[3:5], 16))
+            byte = byte_of.get(id)
+            if byte is not None:
+                byte_run.append(byte)
                 continue
             _flush_bytes(byte_run, out)
-            out.append(self._processor.id_to_piece(id).replace(WHITESPACE, " "))
+            out.append(text_of[id])
         _flush_bytes(byte_run, out)
         text = "".join(out)
         return text[1:] if self._strip_leading_space and text.startswith(" ") else text
