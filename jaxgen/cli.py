@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled per step (longer prompts are chunked)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every shape before serving (always on for `serve`)")
+    p.add_argument("--overlap-launch", action="store_true",
+                   help="dispatch device steps from a launcher thread, overlapping the host's "
+                        "per-step work (GPU: a step's kernels are launched by the dispatch)")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="persistent XLA compilation cache (default: $JAXGEN_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxgen/xla); 'off' disables it")
@@ -109,7 +112,7 @@ def build_engine(args, loaded, longest: int, mesh=None, **engine_config):
     runner = RunnerConfig(num_slots=args.slots, page_size=args.page_size, max_model_len=max_len,
                           decode_steps=args.decode_steps, num_pages=args.num_pages,
                           max_prefill_tokens=args.max_prefill_tokens)
-    config = dict(warmup=args.warmup)
+    config = dict(warmup=args.warmup, overlap_launch=args.overlap_launch)
     config.update(engine_config)
     return Engine(loaded.model, loaded.params, loaded.tokenizer,
                   EngineConfig(runner=runner, **config), mesh=mesh)

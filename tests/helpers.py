@@ -85,7 +85,7 @@ class ByteTokenizer:
 
 
 def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_cache: bool = True,
-               **runner):
+               overlap_launch: bool = False, **runner):
     """An Engine with test-sized defaults (overridable via RunnerConfig fields)."""
     from jaxgen.engine import Engine, EngineConfig
     from jaxgen.runtime.runner import RunnerConfig
@@ -94,4 +94,5 @@ def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_
                     max_prefill_tokens=32, num_pages=64)
     defaults.update(runner)
     return Engine(model, params, tokenizer, EngineConfig(
-        runner=RunnerConfig(**defaults), warmup=warmup, enable_prefix_cache=prefix_cache))
+        runner=RunnerConfig(**defaults), warmup=warmup, enable_prefix_cache=prefix_cache,
+        overlap_launch=overlap_launch))

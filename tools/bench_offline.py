@@ -91,7 +91,8 @@ def bench(name: str, batch: int, args, bandwidth: float) -> dict:
                           decode_steps=args.decode_steps,
                           max_prefill_tokens=min(args.max_prefill_tokens, args.prompt * batch),
                           memory_fraction=0.6)
-    engine = Engine(model, params, RandomTokenTokenizer(), EngineConfig(runner=runner, warmup=True))
+    engine = Engine(model, params, RandomTokenTokenizer(),
+                    EngineConfig(runner=runner, warmup=True, overlap_launch=args.overlap_launch))
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
     run(engine, prompts, args.decode_steps + 1)  # first use of every shape
@@ -102,7 +103,7 @@ def bench(name: str, batch: int, args, bandwidth: float) -> dict:
     context = args.prompt + (args.new + 1) / 2
     moved = step_bytes(cfg, params, batch, context)
     return dict(model=name, batch=batch, prompt=args.prompt, new=args.new,
-                decode_steps=args.decode_steps, tok_s=batch * args.new / decode,
+                decode_steps=args.decode_steps, overlap_launch=args.overlap_launch, tok_s=batch * args.new / decode,
                 step_ms=step * 1e3, mbu=moved / step / 1e9 / bandwidth,
                 compilations_after_warmup=engine.runner.compilations_after_warmup,
                 pages=engine.runner.num_pages)
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--attn-backend", default="auto", help="auto | reference | gpu | tpu")
+    ap.add_argument("--overlap-launch", action="store_true",
+                    help="EngineConfig.overlap_launch: steps dispatched from a launcher thread")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bandwidth = copy_bandwidth()

@@ -1,0 +1,128 @@
+"""The engine with `overlap_launch`: steps dispatched from a launcher thread, in launch order,
+while the engine thread reads, updates and delivers the previous ones. Its outputs and failure
+handling must be those of the inline dispatch (tests/test_engine.py), its slow twin."""
+
+import threading
+
+import pytest
+
+from jaxgen.engine import EngineObserver
+from jaxgen.models import Model
+from jaxgen.sampling_params import SamplingParams
+from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, engine_for
+from tests.test_engine import GREEDY, expected, prompts
+
+
+@pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
+def tiny(request):
+    model = Model(request.param)
+    return model, model.init_random(seed=11)
+
+
+def overlapped(tiny, **runner):
+    return engine_for(*tiny, ByteTokenizer(), warmup=True, overlap_launch=True, **runner)
+
+
+def test_outputs_equal_naive_greedy_and_dispatch_runs_on_the_launcher(tiny):
+    engine = overlapped(tiny)
+    threads = set()
+    real = engine.runner.launch
+
+    def launch(plan):
+        threads.add(threading.current_thread().name)
+        return real(plan)
+
+    engine.runner.launch = launch
+    ps = prompts(10)  # more requests than slots, chunked prompts, steps launched ahead
+    got = engine.generate(ps, [SamplingParams(max_tokens=4 + i % 9, temperature=0.0)
+                               for i in range(10)])
+    for i, (p, c) in enumerate(zip(ps, got)):
+        assert list(c.token_ids) == expected(tiny, p, 4 + i % 9), i
+    assert len(threads) == 1 and threads.pop().startswith("jaxgen-launch")
+    assert engine.runner.compilations_after_warmup == 0
+    assert engine.scheduler.allocator.num_used == 0
+
+
+def test_seeded_sampling_equals_inline_dispatch(tiny):
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    ps = prompts(6, seed=4)
+    inline = engine_for(*tiny, ByteTokenizer()).generate(ps, params)
+    over = overlapped(tiny).generate(ps, params)
+    assert [c.token_ids for c in over] == [c.token_ids for c in inline]
+
+
+def test_a_failed_dispatch_fails_its_requests_not_the_engine(tiny, monkeypatch):
+    engine = overlapped(tiny)
+    ps = prompts(3, seed=7)
+    streams = [engine.add_request(p, GREEDY) for p in ps]
+    real = engine.runner.launch
+
+    def broken(plan):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "launch", broken)
+    engine.step()  # the failure surfaces when the step is read, on the engine thread
+    monkeypatch.setattr(engine.runner, "launch", real)
+    while engine.has_work():
+        engine.step()
+    results = [s.result() for s in streams]
+    failed = [r for r in results if r.finish_reason == "error"]
+    assert failed and all("device lost" in r.detail for r in failed)
+    for p, r in zip(ps, results):
+        if r.finish_reason != "error":
+            assert list(r.token_ids) == expected(tiny, p)
+    p = prompts(1, seed=8)[0]
+    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+    assert engine.dead is None
+
+
+def test_lost_buffers_mark_the_engine_dead(tiny, monkeypatch):
+    engine = overlapped(tiny)
+    waiting = [engine.add_request(p, GREEDY) for p in prompts(6, seed=9)]
+
+    def consume_and_fail(plan):
+        for pages in engine.runner.kv_pages:
+            pages.delete()
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "launch", consume_and_fail)
+    engine.step()
+    assert all(s.result().finish_reason == "error" for s in waiting)
+    assert engine.dead is not None
+
+
+def test_background_loop_quiesce_and_stop(tiny):
+    """The loop thread serves, pauses with nothing in flight (every dispatch resolved and
+    read), resumes, and stop() ends both threads; launches are observed as usual."""
+    class Launches(EngineObserver):
+        def __init__(self):
+            self.count = 0
+
+        def on_launch(self, device_drained, launch_seconds):
+            assert launch_seconds >= 0
+            self.count += 1
+
+    engine = overlapped(tiny)
+    seen = Launches()
+    engine.observers.append(seen)
+    launchers = set()
+    real = engine.runner.launch
+
+    def launch(plan):
+        launchers.add(threading.current_thread())
+        return real(plan)
+
+    engine.runner.launch = launch
+    engine.start()
+    try:
+        ps = prompts(6, seed=12)
+        streams = [engine.add_request(p, GREEDY) for p in ps[:3]]
+        with engine.quiesced(timeout_s=30):
+            assert not engine._launched
+        streams += [engine.add_request(p, GREEDY) for p in ps[3:]]
+        for p, s in zip(ps, streams):
+            assert list(s.result().token_ids) == expected(tiny, p)
+    finally:
+        engine.stop()
+    assert seen.count > 0
+    assert launchers and not any(t.is_alive() for t in launchers)
