@@ -30,12 +30,14 @@ Two kernels, one per step shape (`decode_only` picks):
 
 Both gather K and V rows (pool rows `2h` and `2h + 1`) straight from the one interleaved pool,
 so the layout needs no copy and the pool is a single operand (which the decode kernel aliases
-to its output: one operand read twice and aliased once would make XLA copy the pool). Blocks outside the sliding window and past
-`kv_lens` are never loaded; keys that are loaded but not visible (the tail of a last page, a
-foreign token in a shared block) are masked by selection, and their V rows zero-filled by the
-masked load, so NaN or another tenant's data can never reach an output. In mixed steps the new
-K/V are written first by an in-place scatter in the same jitted call (the pool is donated by
-callers), so the kernel sees them like any other token.
+to its output; were the pool passed twice with one use aliased, XLA could copy it to keep
+the other use's value).
+Blocks outside the sliding window and past `kv_lens` are never loaded; keys that are loaded
+but not visible (the tail of a last page, a foreign token in a shared block) are masked by
+selection, and their V rows zero-filled by the masked load, so NaN or another tenant's data can
+never reach an output. In mixed steps the new K/V are written first by an in-place scatter in
+the same jitted call (the pool is donated by callers), so the kernel sees them like any other
+token.
 
 On a platform other than GPU the kernels run in Pallas interpret mode (the CPU tests).
 """
