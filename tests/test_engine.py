@@ -222,8 +222,11 @@ def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
     assert "COMPILES_AFTER_WARMUP 0" in run.stdout, run.stderr[-2000:]
 
 
-def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch):
-    engine = make_engine(tiny)
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "launcher"])
+def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch, overlap):
+    """Inline, the failed dispatch ends its requests at once; from the launcher thread
+    (`overlap_launch`), when the step is read."""
+    engine = make_engine(tiny, overlap_launch=overlap)
     ps = prompts(3, seed=7)
     streams = [engine.add_request(p, GREEDY) for p in ps]
     real = engine.runner.launch
@@ -247,8 +250,9 @@ def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch):
     assert engine.dead is None
 
 
-def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch):
-    engine = make_engine(tiny)
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "launcher"])
+def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch, overlap):
+    engine = make_engine(tiny, overlap_launch=overlap)
     waiting = [engine.add_request(p, GREEDY) for p in prompts(6, seed=9)]  # > slots: some wait
 
     def consume_and_fail(plan):
