@@ -29,7 +29,7 @@ import jax
 from jaxgen.request_stream import Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner, RunnerConfig
 from jaxgen.sampling_params import SamplingParams
-from jaxgen.scheduler import QueueFullError, RequestEvent, Scheduler, SchedulerConfig
+from jaxgen.scheduler import QueueFullError, RequestEvent, Scheduler, SchedulerConfig, StepPlan
 from jaxgen.tokenizer.detokenizer import IncrementalDetokenizer
 from jaxgen.tokenizer.stop_strings import StopStringMatcher
 
@@ -69,7 +69,7 @@ class _InFlight:
     """A launched step: its plan and its dispatch, resolved (inline) or pending (launcher
     thread) to `(LaunchedStep, drained, dispatch seconds)`."""
 
-    plan: object  # StepPlan
+    plan: StepPlan
     dispatch: concurrent.futures.Future
     start: float  # time.perf_counter() when it was handed to the dispatch
 

@@ -5,23 +5,14 @@ both ways)."""
 
 import threading
 
-import pytest
-
 from jaxgen.engine import EngineObserver
-from jaxgen.models import Model
 from jaxgen.sampling_params import SamplingParams
-from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, engine_for
-from tests.test_engine import GREEDY, expected, prompts
-
-
-@pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
-def tiny(request):
-    model = Model(request.param)
-    return model, model.init_random(seed=11)
+from tests.helpers import ByteTokenizer, engine_for
+from tests.test_engine import GREEDY, expected, make_engine, prompts, tiny  # noqa: F401 (fixture)
 
 
 def overlapped(tiny, **runner):
-    return engine_for(*tiny, ByteTokenizer(), warmup=True, overlap_launch=True, **runner)
+    return make_engine(tiny, overlap_launch=True, **runner)
 
 
 def test_outputs_equal_naive_greedy_and_dispatch_runs_on_the_launcher(tiny):

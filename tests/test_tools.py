@@ -119,6 +119,33 @@ def test_bench_projections_names_the_matmul_kernels():
     assert bench_projections.kernel_kinds("%loop_add_fusion = f32[2]{0} fusion(%a)") == "-"
 
 
+def test_bench_attention_table_len_and_min_split_blocks():
+    """--table-len widens the page table with null entries (as max_model_len does in the
+    engine) and keeps the context's pages first; minblocks= sets the decode split floor."""
+    import jax
+    import numpy as np
+
+    import bench_attention
+
+    _, _, (kv_lens, table, _, _) = bench_attention.make_inputs(
+        jax.random.key(0), 2, 40, 1, 4, 2, 8, 16, 1, table_len=160)
+    table = np.asarray(table)
+    assert table.shape == (2, 10) and list(np.asarray(kv_lens)) == [41, 41]
+    assert (table[:, 3:] == 0).all() and (table[:, :3] > 0).all()
+    assert len(set(table[:, :3].ravel())) == 6  # each sequence its own pages
+    assert bench_attention.parse_blocks("minblocks=3").min_split_blocks == 3
+
+
+def test_gpu_block_sizes_refuse_values_below_one():
+    import pytest
+
+    from pallas_kernels.ragged_paged_attention.gpu import GpuBlockSizes
+
+    with pytest.raises(ValueError, match="min_split_blocks=0: must be >= 1"):
+        GpuBlockSizes(min_split_blocks=0)
+    assert GpuBlockSizes(num_splits=None).num_splits is None
+
+
 def test_bench_serving_step_stats_observe_an_engine():
     """The offline side of bench_serving reports what /metrics reports of the steps."""
     import bench_serving

@@ -103,7 +103,8 @@ def bench(name: str, batch: int, args, bandwidth: float) -> dict:
     context = args.prompt + (args.new + 1) / 2
     moved = step_bytes(cfg, params, batch, context)
     return dict(model=name, batch=batch, prompt=args.prompt, new=args.new,
-                decode_steps=args.decode_steps, overlap_launch=args.overlap_launch, tok_s=batch * args.new / decode,
+                decode_steps=args.decode_steps, overlap_launch=args.overlap_launch,
+                tok_s=batch * args.new / decode,
                 step_ms=step * 1e3, mbu=moved / step / 1e9 / bandwidth,
                 compilations_after_warmup=engine.runner.compilations_after_warmup,
                 pages=engine.runner.num_pages)

@@ -15,7 +15,6 @@ It knows nothing about GGUF or chat templates.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -45,6 +44,14 @@ class SentencePieceTokenizer(Tokenizer):
         self._special_ids = frozenset(control.values()) | unknown
         # A model that prepends "▁" to the text takes it off again when decoding, as HF's does.
         self._strip_leading_space = spm_pb2.ModelProto.FromString(self._model_proto).normalizer_spec.add_dummy_prefix
+        # Each id's text (its piece with "▁" as a space) and the byte of each `<0xNN>` id: the
+        # serving loop decodes every generated token (several times, in windows), and a lookup
+        # is ~10x cheaper than asking the processor. Built here (0.12 s for Gemma's 262,144
+        # pieces on the CPU box), not on first use, where the first request would wait for it.
+        pieces = [self._processor.id_to_piece(i) for i in range(size)]
+        self._text_of = [p.replace(WHITESPACE, " ") for p in pieces]
+        self._byte_of = {i: int(pieces[i][3:5], 16) for i in range(size)
+                         if self._processor.is_byte(i)}
         super().__init__(settings)
 
     @classmethod
@@ -77,19 +84,8 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.extend(self._processor.encode(part, out_type=int))
         return ids
 
-    @functools.cached_property
-    def _decode_tables(self) -> tuple[list[str], dict[int, int]]:
-        """Each id's text (its piece with "▁" as a space) and the byte of each `<0xNN>` id.
-        Built on the first decode: the serving loop decodes every generated token (several
-        times, in windows), and a lookup here is ~10x cheaper than asking the processor."""
-        pieces = [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
-        byte_of = {i: int(pieces[i][3:5], 16) for i in range(self.vocab_size)
-                   if self._processor.is_byte(i)}
-        return [p.replace(WHITESPACE, " ") for p in pieces], byte_of
-
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
-        text_of, byte_of = self._decode_tables
-        special = self._special_ids
+        text_of, byte_of, special = self._text_of, self._byte_of, self._special_ids
         out: list[str] = []
         byte_run = bytearray()
         for id in ids:

@@ -74,6 +74,12 @@ class GpuBlockSizes:
     num_stages: int = 3
     smem_bytes: int = 160 * 1024  # shared memory the K/V pipeline may use (H100: 227 KiB max)
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and value < 1:
+                raise ValueError(f"GpuBlockSizes.{field.name}={value}: must be >= 1")
+
     def pages_per_block_for(self, page_size: int, head_dim: int, itemsize: int,
                             pages_per_seq: int) -> int:
         """`pages_per_block`, lowered until K + V tiles of every pipeline stage fit in smem."""
