@@ -35,7 +35,8 @@ from jaxgen.tokenizer.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "EngineObserver", "FinishedRequest", "QueueFullError"]
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "FinishedRequest", "QueueFullError",
+           "check_token_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,16 @@ class EngineConfig:
     # 270M shape at 64 slots x 16 decode steps on an H200, where 93% of the steps found the
     # device drained when their dispatch returned (docs/benchmarks.md).
     overlap_launch: bool = False
+
+
+def check_token_ids(prompt_ids, params: SamplingParams, vocab: int) -> None:
+    """Raises ValueError naming the first prompt or stop token id outside [0, vocab)."""
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad}: outside the vocabulary [0, {vocab})")
+    for i, t in enumerate(params.stop_token_ids):
+        if not 0 <= t < vocab:
+            raise ValueError(f"stop_token_ids[{i}]={t}: outside the vocabulary [0, {vocab})")
 
 
 @dataclasses.dataclass
@@ -149,13 +160,7 @@ class Engine:
         if self.dead is not None:
             raise RuntimeError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
         request_id = request_id or uuid.uuid4().hex
-        vocab = self.runner.model.config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad}: outside the vocabulary [0, {vocab})")
-        for i, t in enumerate(params.stop_token_ids):
-            if not 0 <= t < vocab:
-                raise ValueError(f"stop_token_ids[{i}]={t}: outside the vocabulary [0, {vocab})")
+        check_token_ids(prompt_ids, params, self.runner.model.config.vocab_size)
         seed = params.seed if params.seed is not None else next(self._seeds)
         stream = RequestStream(request_id)
         with self._work:

@@ -24,6 +24,41 @@ MODEL = "smollm2-135m"
 ENGINE_FLAGS = ("--model", MODEL, "--slots", "8", "--max-model-len", "512", "--num-pages", "256",
                 "--decode-steps", "4", "--max-prefill-tokens", "64")
 START_TIMEOUT_S = 240
+# Where `jaxgen serve` runs the engine: on a thread of the server, or in a process of its own.
+ENGINE_MODES = ("thread", "process")
+
+
+def engine_mode_flags(mode: str) -> tuple[str, ...]:
+    return ("--engine-process",) if mode == "process" else ()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """Whether process `pid` has exited (or is a zombie) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def child_env() -> dict:
@@ -58,6 +93,12 @@ class ServerProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text()
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's pid (from the startup line) with --engine-process, else None."""
+        found = re.search(r"engine=process pid=(\d+)", self.log)
+        return int(found.group(1)) if found else None
 
     def wait_listening(self) -> int:
         deadline = time.monotonic() + START_TIMEOUT_S

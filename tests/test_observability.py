@@ -21,7 +21,8 @@ import pytest
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import ENGINE_FLAGS, ROOT, ServerProcess, child_env, ensure_model
+from tests.server_process import (ENGINE_FLAGS, ENGINE_MODES, ROOT, ServerProcess, child_env,
+                                  engine_mode_flags, ensure_model)
 
 NUM_PAGES = 256
 
@@ -50,12 +51,15 @@ class Observed:
         return list(self.stub.Generate(req, timeout=120))
 
 
-@pytest.fixture(scope="module")
-def observed(tmp_path_factory, cache_dir, xla_cache_dir):
+@pytest.fixture(scope="module", params=ENGINE_MODES)
+def observed(request, tmp_path_factory, cache_dir, xla_cache_dir):
+    """With the engine on a thread of the server and in its own process (whose step counters,
+    scheduler counters and traces reach /metrics and `jaxgen profile` through the server)."""
     ensure_model(cache_dir)
     work = tmp_path_factory.mktemp("observed")
-    server = ServerProcess([*ENGINE_FLAGS, "--metrics-port", "0", "--profile-dir",
-                            str(work / "profiles")], work / "server.log", cache_dir, xla_cache_dir)
+    server = ServerProcess([*ENGINE_FLAGS, *engine_mode_flags(request.param), "--metrics-port",
+                            "0", "--profile-dir", str(work / "profiles")], work / "server.log",
+                           cache_dir, xla_cache_dir)
     try:
         server.wait_listening()
         obs = Observed.__new__(Observed)

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import (ENGINE_FLAGS, BearerKey, OfflineCompletions, ServerProcess,
-                                  ensure_model)
+from tests.server_process import (ENGINE_FLAGS, ENGINE_MODES, BearerKey, OfflineCompletions,
+                                  ServerProcess, engine_mode_flags, ensure_model)
 
 API_KEY = "test-key-5d1c"
 METADATA = (("authorization", f"Bearer {API_KEY}"),)
@@ -91,15 +91,21 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, cache_dir, xla_cache_dir):
+def offline(tmp_path_factory, cache_dir, xla_cache_dir):
+    """Started before the first server: the reference runs while it warms up."""
     ensure_model(cache_dir)
+    return OfflineCompletions(STREAMED + CONCURRENT, tmp_path_factory.mktemp("offline"),
+                              cache_dir, xla_cache_dir)
+
+
+@pytest.fixture(scope="module", params=ENGINE_MODES)
+def served(request, offline, tmp_path_factory, cache_dir, xla_cache_dir):
+    """Every test runs against the engine on a thread of the server and in its own process."""
     work = tmp_path_factory.mktemp("server")
     keys = work / "api-keys.txt"
     keys.write_text(f"# keys for the test server\n{API_KEY}\n")
-    server = ServerProcess([*ENGINE_FLAGS, "--api-keys-file", str(keys)], work / "server.log",
-                           cache_dir, xla_cache_dir)
-    # The reference runs while the server warms up.
-    offline = OfflineCompletions(STREAMED + CONCURRENT, work, cache_dir, xla_cache_dir)
+    server = ServerProcess([*ENGINE_FLAGS, *engine_mode_flags(request.param), "--api-keys-file",
+                            str(keys)], work / "server.log", cache_dir, xla_cache_dir)
     try:
         server.wait_listening()
         served = Served(server, offline)

@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import ROOT, ServerProcess, child_env, ensure_model, self_signed_certificate
+from tests.server_process import (ENGINE_MODES, ROOT, ServerProcess, child_env, child_pids,
+                                  engine_mode_flags,
+                                  ensure_model, self_signed_certificate, wait_gone)
 
 # The preset gives slots 8, decode steps 4, prefill 64 and the model; the flags override the
 # rest (same shapes as tests/test_server.py's server, so its compilations are reused).
@@ -50,13 +52,13 @@ class TlsServer:
                 self.warmup_generate = (e.code(), e.details())
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory, cache_dir, xla_cache_dir):
+@pytest.fixture(scope="module", params=ENGINE_MODES)
+def tls(request, tmp_path_factory, cache_dir, xla_cache_dir):
     ensure_model(cache_dir)
     work = tmp_path_factory.mktemp("tls-server")
     cert, key = self_signed_certificate(work)
-    server = ServerProcess([*FLAGS, "--tls-cert", str(cert), "--tls-key", str(key)],
-                           work / "server.log", cache_dir, xla_cache_dir)
+    server = ServerProcess([*FLAGS, *engine_mode_flags(request.param), "--tls-cert", str(cert),
+                            "--tls-key", str(key)], work / "server.log", cache_dir, xla_cache_dir)
     try:
         server.wait_listening()
         tls = TlsServer(server, cert)
@@ -185,12 +187,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tls):
     assert tls.server.proc.wait(60) == 0
     log = tls.server.log
     assert "draining 3 in-flight request(s)" in log and log.rstrip().endswith("jaxgen: stopped")
+    if tls.server.engine_pid is not None:  # stopped by the server, not left behind
+        assert wait_gone(tls.server.engine_pid, 5)
 
 
-def test_sigterm_during_warm_up_exits_0_promptly(tmp_path, cache_dir):
+@pytest.mark.parametrize("mode", ENGINE_MODES)
+def test_sigterm_during_warm_up_exits_0_promptly(tmp_path, cache_dir, mode):
     ensure_model(cache_dir)
     # A fresh compilation cache: warm-up really compiles, so the signal lands inside XLA.
-    server = ServerProcess(FLAGS, tmp_path / "server.log", cache_dir, str(tmp_path / "xla"))
+    server = ServerProcess([*FLAGS, *engine_mode_flags(mode)], tmp_path / "server.log", cache_dir,
+                           str(tmp_path / "xla"))
     try:
         server.wait_listening()
         deadline = time.monotonic() + 60
@@ -198,8 +204,11 @@ def test_sigterm_during_warm_up_exits_0_promptly(tmp_path, cache_dir):
             assert time.monotonic() < deadline and server.proc.poll() is None, server.log
             time.sleep(0.05)
         time.sleep(0.5)
+        children = child_pids(server.proc.pid)  # with --engine-process: it is warming up
+        assert children if mode == "process" else True
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0, server.log
         assert server.log.rstrip().endswith("jaxgen: stopped") and "serving" not in server.log
+        assert all(wait_gone(pid) for pid in children)  # the engine process did not outlive it
     finally:
         server.stop()

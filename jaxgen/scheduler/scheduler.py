@@ -36,6 +36,16 @@ class QueueFullError(RuntimeError):
     """The waiting queue holds `max_waiting` requests; nothing was enqueued (shed load)."""
 
 
+def check_length(cfg: SchedulerConfig, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    """Raises ValueError unless the prompt is non-empty and prompt + max_tokens fits."""
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids=[]: a prompt needs at least one token")
+    if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
+        raise ValueError(f"len(prompt_ids)={len(prompt_ids)} + max_tokens={params.max_tokens}"
+                         f" = {len(prompt_ids) + params.max_tokens}: exceeds max_model_len="
+                         f"{cfg.max_model_len}")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
@@ -58,12 +68,7 @@ class Scheduler:
         cfg = self.config
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r}: a request with this id is in flight")
-        if len(prompt_ids) == 0:
-            raise ValueError("prompt_ids=[]: a prompt needs at least one token")
-        if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
-            raise ValueError(f"len(prompt_ids)={len(prompt_ids)} + max_tokens={params.max_tokens}"
-                             f" = {len(prompt_ids) + params.max_tokens}: exceeds max_model_len="
-                             f"{cfg.max_model_len}")
+        check_length(cfg, prompt_ids, params)
         if len(self._waiting) >= cfg.max_waiting:
             raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
         stop_ids = params.stop_ids(cfg.model_stop_ids)

@@ -52,6 +52,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="start JAX's profiler server here (TensorBoard / XProf capture)")
     p.add_argument("--profile-dir", default=DEFAULT_PROFILE_DIR, metavar="DIR",
                    help="where traces captured by `jaxgen profile` are written on the server")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine in a process of its own, so the gRPC front end and the "
+                        "engine loop never wait on one GIL (as vLLM's engine core and SGLang's "
+                        "scheduler run)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="jaxgen log level (INFO: a startup summary and one line per finished request)")
     p.add_argument("--log-prompts", action="store_true",
@@ -76,7 +80,8 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
                           max_message_bytes=args.max_message_bytes,
                           drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
-                          profiler_port=args.profiler_port, profile_dir=args.profile_dir)
+                          # With --engine-process the engine process runs it (its device work).
+                          profiler_port=None if args.engine_process else args.profiler_port)
     for path in (config.tls_cert, config.tls_key):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
@@ -102,29 +107,45 @@ async def _serve_until_signalled(serve, config, load) -> None:
 
 
 def _load_serving_model(args):
-    """Runs on the loading thread: checkpoint, engine (warm-up compiles every shape), loop."""
+    """Runs on the loading thread: checkpoint, engine (warm-up compiles every shape), loop; in
+    this process, or with --engine-process in its own (started here, ready when this returns)."""
     import jax
 
-    from jaxgen.cli import build_engine, load_model
+    from jaxgen.request_log import RequestLog
     from jaxgen.server.serving_model import ServingModel
 
-    loaded, mesh = load_model(args)
-    from jaxgen.request_log import RequestLog
+    if args.engine_process:
+        from jaxgen.server.engine_process import EngineClient
 
-    engine = build_engine(args, loaded, 0, mesh=mesh, warmup=True, max_waiting=args.max_waiting)
-    engine.observers.append(RequestLog(loaded.tokenizer, log_prompts=args.log_prompts))
-    engine.start()
-    axes = tuple(mesh.shape.items()) if mesh is not None else (("data", 1), ("model", 1))
-    devices = mesh.devices.size if mesh is not None else 1
-    name = loaded.config.name or os.path.basename(loaded.source.rstrip("/"))
-    model = ServingModel(engine, name, axes, f"{jax.devices()[0].platform} x{devices}")
+        engine = EngineClient(args)
+        info = engine.info
+        model = ServingModel(engine, info.name, info.mesh, info.device, engine.capture_profile)
+        jax_version, where = info.jax_version, f"process pid={engine.pid}"
+    else:
+        import functools
+
+        from jaxgen.cli import build_engine, load_model
+        from jaxgen.profiling import ProfileCapture
+
+        loaded, mesh = load_model(args)
+        engine = build_engine(args, loaded, 0, mesh=mesh, warmup=True, max_waiting=args.max_waiting)
+        engine.start()
+        axes = tuple(mesh.shape.items()) if mesh is not None else (("data", 1), ("model", 1))
+        devices = mesh.devices.size if mesh is not None else 1
+        name = loaded.config.name or os.path.basename(loaded.source.rstrip("/"))
+        capture = functools.partial(ProfileCapture(args.profile_dir).capture,
+                                    quiesce=engine.quiesced)
+        model = ServingModel(engine, name, axes, f"{jax.devices()[0].platform} x{devices}", capture)
+        jax_version, where = jax.__version__, "thread"
+    engine.observers.append(RequestLog(engine.tokenizer, log_prompts=args.log_prompts))
     sched = engine.scheduler.config
     logging.getLogger("jaxgen.server").info(
         "startup model=%s device=%r mesh=%s dtype=%s slots=%d pages=%d page_size=%d "
-        "max_model_len=%d decode_steps=%d max_prefill_tokens=%d compile_s=%.2f jax=%s",
-        name, model.device, ",".join(f"{a}:{n}" for a, n in axes), model.model_config.dtype,
-        sched.num_slots, engine.runner.num_pages, sched.page_size, sched.max_model_len,
-        sched.decode_steps, sched.max_prefill_tokens, engine.warmup_seconds or 0.0, jax.__version__)
+        "max_model_len=%d decode_steps=%d max_prefill_tokens=%d compile_s=%.2f engine=%s jax=%s",
+        model.name, model.device, ",".join(f"{a}:{n}" for a, n in model.mesh),
+        model.model_config.dtype, sched.num_slots, engine.runner.num_pages, sched.page_size,
+        sched.max_model_len, sched.decode_steps, sched.max_prefill_tokens,
+        engine.warmup_seconds or 0.0, where, jax_version)
     return model
 
 

@@ -31,7 +31,6 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:port; 0: any port
     profiler_port: int | None = None  # JAX's profiler server (TensorBoard / XProf capture)
-    profile_dir: str = DEFAULT_PROFILE_DIR  # where CaptureProfile writes its traces
 
     def __post_init__(self):
         def bad(field, value, rule):

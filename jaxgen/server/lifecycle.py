@@ -30,7 +30,6 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxgen.profiling import ProfileCapture
 from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.server.config import ServerConfig
 from jaxgen.server.servicer import GenerationServicer
@@ -138,7 +137,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 on_listening: Callable[[int], None] | None = None) -> None:
     """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
     propagate after the server has stopped."""
-    servicer = GenerationServicer(ProfileCapture(config.profile_dir))
+    servicer = GenerationServicer()
     if config.profiler_port is not None:
         jax.profiler.start_server(config.profiler_port)  # the port is checked by ServerConfig
         _say(f"profiler server on port {config.profiler_port}")

@@ -24,7 +24,7 @@ import uuid
 
 import grpc
 
-from jaxgen.profiling import ProfileBusyError, ProfileCapture, trace_chunks
+from jaxgen.profiling import ProfileBusyError, trace_chunks
 from jaxgen.scheduler import QueueFullError
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
@@ -37,9 +37,8 @@ PROFILE_CHUNK_BYTES = 1 << 20
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, profiles: ProfileCapture | None = None):
+    def __init__(self):
         self.model: ServingModel | None = None  # set once warm-up is done
-        self.profiles = profiles
         self.draining = False
         self._in_engine: set[str] = set()  # ids the engine still holds
         self._calls = 0  # Generate calls in progress
@@ -174,12 +173,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def CaptureProfile(self, request: pb.CaptureProfileRequest, context):
         m = await self._ready(context)
-        if self.profiles is None:
+        if m.profile is None:
             await context.abort(Code.FAILED_PRECONDITION, "profiling is not enabled on this server")
         try:
             # Off the event loop: the trace must see the server serving meanwhile.
-            directory = await asyncio.to_thread(self.profiles.capture, request.duration_s,
-                                                m.engine.quiesced)
+            directory = await asyncio.to_thread(m.profile, request.duration_s)
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         except ProfileBusyError as e:

@@ -9,6 +9,7 @@ read from the event loop while the engine thread steps.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from jaxgen.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS
 from jaxgen.v1 import generation_pb2 as pb
@@ -16,10 +17,15 @@ from jaxgen.v1 import generation_pb2 as pb
 
 @dataclasses.dataclass(frozen=True)
 class ServingModel:
-    engine: object  # jaxgen.engine.Engine, started
+    # A started jaxgen.engine.Engine, or the EngineClient of one in its own process
+    # (jaxgen.server.engine_process): the same calls and attributes.
+    engine: object
     name: str
     mesh: tuple[tuple[str, int], ...]  # (axis name, size), e.g. (("data", 1), ("model", 8))
     device: str  # e.g. "cpu x1"
+    # profile(duration_s) -> the directory of a profiler trace of the process that runs the
+    # engine (CaptureProfile); None: profiling not enabled.
+    profile: Callable[[float], str] | None = None
 
     @property
     def tokenizer(self):
