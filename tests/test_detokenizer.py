@@ -226,6 +226,35 @@ def test_skipped_token_inside_a_byte_run(gemma):
     assert gemma.decode(ids, skip_special_tokens=True) == "𝔘"
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_whole_steps_at_once_equal_one_token_at_a_time(any_tokenizer, seed):
+    """The engine pushes a decode step's tokens together (up to 16 and more): the batch path
+    against its slow twin, one token at a time, on valid text with special tokens mixed in,
+    after a prompt, in chunks of 1 to 20."""
+    rng = random.Random(seed)
+    specials = sorted(any_tokenizer.stop_ids)
+    for text in TEXTS:
+        ids = any_tokenizer.encode(text, add_bos=False)
+        # Special tokens between characters (inside one they would make the bytes invalid).
+        boundaries = [i for i in range(len(ids) + 1)
+                      if not any_tokenizer.decode(ids[:i]).endswith(REPLACEMENT)]
+        for at in sorted(rng.sample(boundaries, len(ids) // 8), reverse=True):
+            ids.insert(at, rng.choice(specials))
+        prompt = any_tokenizer.encode(rng.choice(TEXTS), add_bos=False)[-rng.randint(1, 12):]
+        chunks = []
+        while sum(chunks) < len(ids):
+            chunks.append(min(rng.randint(1, 20), len(ids) - sum(chunks)))
+        for skip in (True, False):
+            one, one_flushed = _stream(any_tokenizer, ids, None, prompt, skip)
+            many, many_flushed = _stream(any_tokenizer, ids, chunks, prompt, skip)
+            assert "".join(many) + many_flushed == "".join(one) + one_flushed
+            assert many_flushed == one_flushed == ""
+            joined = ""  # each chunk's text is what one at a time had written by then
+            for size, delta in zip(chunks, many):
+                joined += delta
+                assert "".join(one).startswith(joined)
+
+
 def test_flush_writes_unfinished_character_as_decode_does(tokenizer):
     ids = tokenizer.encode("ok 𝔘", add_bos=False)[:-1]  # the last byte of 𝔘 never comes
     deltas, flushed = _stream(tokenizer, ids)
@@ -250,9 +279,11 @@ class _CountingTokenizer:
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self.longest = 0
+        self.multi = 0  # calls with more than one id
 
     def decode(self, ids, skip_special_tokens=False):
         self.longest = max(self.longest, len(ids))
+        self.multi += len(ids) > 1
         return self._tokenizer.decode(ids, skip_special_tokens)
 
 
@@ -264,6 +295,22 @@ def test_cost_per_token_does_not_grow_with_output(tokenizer):
     text = "".join(detok.push([id]) for id in ids)
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert counting.longest <= 10
+
+
+def test_a_step_of_whole_characters_costs_two_decodes(tokenizer):
+    """16 tokens ending on a character boundary: one decode of the window and one of the new
+    context (not two per token). Decodes of a single id (the per-id skip check) not counted."""
+    ids = tokenizer.encode(" ".join(TEXTS) * 2, add_bos=False)
+    counting = _CountingTokenizer(tokenizer)
+    detok = IncrementalDetokenizer(counting, tokenizer.encode("A prompt"))
+    whole_steps = 0
+    for start in range(0, len(ids) - 16, 16):
+        before = counting.multi
+        detok.push(ids[start:start + 16])
+        if not tokenizer.decode(ids[:start + 16]).endswith(REPLACEMENT):
+            whole_steps += 1
+            assert counting.multi - before <= 2
+    assert whole_steps >= 4
 
 
 # -- detokenizer on a hand-made vocabulary whose tokens cross character boundaries ----------------

@@ -166,3 +166,23 @@ def test_bench_serving_step_stats_observe_an_engine():
     assert 1 <= summary["launched_ahead"] <= summary["steps"]
     assert 0 <= summary["launched_on_drained_device"] <= summary["launched_ahead"]
     assert summary["mean_launch_s"] > 0
+
+
+def test_bench_detok_table_and_bad_input(tmp_path, cache_dir, capsys):
+    import bench_detok
+    import pytest
+
+    from jaxgen import checkpoints
+
+    smol = checkpoints.load("smollm2-135m", cache=cache_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("Streaming text back, a step at a time: naïve café, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and 🫠. " * 20)
+    bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--text", str(text),
+                      "--steps", "1,16", "--reps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1")]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "16"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
+    with pytest.raises(SystemExit) as e:
+        bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--text",
+                          str(text), "--steps", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err

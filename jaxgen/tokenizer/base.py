@@ -107,11 +107,11 @@ class Tokenizer(abc.ABC):
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text for `ids`; special tokens appear as their strings unless `skip_special_tokens`."""
-        ids = [int(i) for i in ids]
-        size = self.vocab_size
-        for i in ids:
-            if not 0 <= i < size:
-                raise ValueError(f"token id {i}: must be in [0, vocab_size={size})")
+        ids = list(map(int, ids))
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # the check in C, then the name
+            size = self.vocab_size
+            bad = next(i for i in ids if not 0 <= i < size)
+            raise ValueError(f"token id {bad}: must be in [0, vocab_size={size})")
         return self._decode_ids(ids, skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

@@ -62,8 +62,24 @@ class IncrementalDetokenizer:
         self._pending_emitted = 0  # chars of the pending tokens' text already released
 
     def push(self, token_ids: Iterable[int]) -> str:
-        """The complete text the new `token_ids` add; an unfinished character is held back."""
-        return "".join(self._push_one(int(id)) for id in token_ids)
+        """The complete text the new `token_ids` add; an unfinished character is held back.
+
+        Several ids at once (the engine pushes a whole decode step's, e.g. 16) are decoded with
+        the window in one call when they end on a character boundary: two decodes for the lot
+        instead of two per token. Otherwise (the last id leaves a character unfinished, or the
+        bytes are not UTF-8) they go one at a time, where the holding rules apply per token.
+        For ids that form valid UTF-8 the text is the same either way (tests/test_detokenizer.py
+        compares them); on byte runs that are not UTF-8 the batch is decode()'s own spelling of
+        the run, where one at a time may have released its first valid bytes already."""
+        new = [id for id in map(int, token_ids) if not self._is_dropped(id)]
+        if len(new) > 1:
+            text = self._decode(self._ids + new)
+            if not text.endswith(REPLACEMENT):
+                self._ids += new
+                delta = self._release(text)
+                self._make_pending_context()
+                return delta
+        return "".join(self._push_one(id) for id in new)
 
     def flush(self) -> str:
         """Everything held back, as decode() writes it now: an unfinished character as U+FFFD."""
@@ -72,8 +88,7 @@ class IncrementalDetokenizer:
         return delta
 
     def _push_one(self, id: int) -> str:
-        if self._is_dropped(id):
-            return ""
+        """One id that writes text (not dropped): the per-token path."""
         self._ids.append(id)
         text = self._decode(self._ids)
         if text.endswith(REPLACEMENT) and len(self._ids) - self._read < MAX_PENDING_TOKENS:
