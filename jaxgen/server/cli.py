@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -80,8 +81,9 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
                           max_message_bytes=args.max_message_bytes,
                           drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
-                          # With --engine-process the engine process runs it (its device work).
-                          profiler_port=None if args.engine_process else args.profiler_port)
+                          profiler_port=args.profiler_port)
+    if args.engine_process:  # the engine process starts the profiler server (its device work)
+        config = dataclasses.replace(config, profiler_port=None)
     for path in (config.tls_cert, config.tls_key):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
