@@ -186,3 +186,25 @@ def test_bench_detok_table_and_bad_input(tmp_path, cache_dir, capsys):
         bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--text",
                           str(text), "--steps", "0"])
     assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_host_times_every_stage(tmp_path, cache_dir, xla_cache_dir, capsys):
+    import json
+
+    import bench_host
+
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"model": "smollm2-135m", "slots": 4, "max-model-len": 256,
+                                  "num-pages": 64, "decode-steps": 4, "max-prefill-tokens": 64}))
+    out = tmp_path / "host.json"
+    assert bench_host.main(["--config", str(preset), "--num-requests", "6", "--max-prompt-tokens",
+                            "32", "--max-output-tokens", "16", "--out-json", str(out), "--",
+                            "--cache-dir", cache_dir, "--compilation-cache-dir", xla_cache_dir]) == 0
+    report = json.loads(out.read_text())
+    stages = {r["stage"]: r for r in report["stages"]}
+    assert report["requests"] == 6 and report["output_tokens"] >= 6 * 16
+    for name in ("plan ahead", "dispatch (uploads, jit calls)", "wait for tokens (device)",
+                 "fold tokens in (scheduler)", "text and streams (detokenize, stops)"):
+        assert stages[name]["calls"] > 0 and stages[name]["ms_per_step"] > 0, name
+    assert sum(r["share"] for r in report["stages"]) <= 1.0 + 1e-6  # one thread: no overlap
+    assert "| dispatch (uploads, jit calls) |" in capsys.readouterr().out

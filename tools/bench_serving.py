@@ -190,21 +190,27 @@ class StepStats:
                     mean_launch_s=self.launch_seconds / max(self.launched_ahead, 1))
 
 
+def offline_engine(preset: str, items, extra_flags=()):
+    """An in-process engine built from the serving preset the server runs (`jaxgen serve
+    --config PRESET [extra_flags]`), warmed up as `serve` does (no compile inside a timing)."""
+    from jaxgen import cli
+    from jaxgen.server import cli as server_cli
+
+    parser, serve = cli._parser()
+    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
+    args = parser.parse_args(["serve", "--config", preset, *extra_flags])
+    loaded, mesh = cli.load_model(args)
+    return cli.build_engine(args, loaded, max(len(p) + o for p, o in items), mesh=mesh,
+                            warmup=True)
+
+
 def offline_throughput(preset: str, items, stats: StepStats | None = None) -> float:
     """Output tok/s of the same workload through an in-process engine built from the serving
     preset the server runs (`jaxgen serve --config PRESET`): the ceiling serving is held to.
     `stats`, if given, observes the timed run's steps."""
-    from jaxgen import cli
     from jaxgen.sampling_params import SamplingParams
-    from jaxgen.server import cli as server_cli
 
-    parser, serve = cli._parser()
-    argv = ["serve", "--config", preset]
-    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
-    args = parser.parse_args(argv)
-    loaded, mesh = cli.load_model(args)
-    engine = cli.build_engine(args, loaded, max(len(p) + o for p, o in items), mesh=mesh,
-                              warmup=True)  # as `serve` does: no compile inside the timing
+    engine = offline_engine(preset, items)
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in items]
     prompts = [p for p, _ in items]
     engine.generate(prompts[:2], params[:2])  # first use of the shapes outside the timing

@@ -96,7 +96,7 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self._mesh = model, cfg, mesh
         self.num_pages = size_page_pool(model, cfg, model.config.dtype)
         # Every input is placed explicitly (committed), like the jit outputs it mixes with: jit
         # keys its cache on placement too, so a stray uncommitted array would recompile.
@@ -115,6 +115,14 @@ class ModelRunner:
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
 
+    def _args(self, *arrays):
+        """A step's small host inputs (positions, masks, prompt chunks, sampling rows). On one
+        device they go to the jitted call as numpy arrays: jit's C++ dispatch uploads them,
+        where `device_put` costs ~0.1-0.2 ms of Python per call; they are numpy there always,
+        warm-up included, so the compiled signatures match. Over a mesh they are placed
+        (replicated) first, as every other input is."""
+        return arrays if self._mesh is None else self._put(arrays)
+
     def _put(self, tree):
         """Commits host arrays to the device. The arrays must not be written afterwards: on CPU
         device_put may alias (not copy) an aligned numpy buffer, and the call it feeds may not
@@ -130,8 +138,9 @@ class ModelRunner:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
         with no-op inputs."""
         s = self.cfg.num_slots
-        self.state = self._insert(self.state, *self._put((np.full(s, s, np.int32),
-                                  SamplingRows.zeros(s), np.zeros(s, np.int32))))
+        rows = jax.tree.map(np.asarray, SamplingRows.zeros(s))  # host arrays, as _assign's
+        self.state = self._insert(self.state, *self._args(np.full(s, s, np.int32), rows,
+                                                          np.zeros(s, np.int32)))
         for level in SAMPLING_LEVELS:
             for t in self.cfg.prefill_buckets:
                 self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32),
@@ -139,7 +148,7 @@ class ModelRunner:
                                   np.zeros(s + 1, np.int32), 0, np.zeros(s, bool), level)
             out, self.kv_pages, self.state = self._generate(
                 self.params, self.kv_pages, self.state,
-                *self._put((np.zeros(s, np.int32), np.zeros(s, bool))), level=level)
+                *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
         jax.block_until_ready(out.tokens)
         self._baseline_compiles = self._compiled()
 
@@ -230,7 +239,7 @@ class ModelRunner:
                 cols[name][i] = getattr(p, name)
             cols["seed"][i] = a.seed
         rows = SamplingRows(**cols)
-        self.state = self._insert(self.state, *self._put((slots, rows, prompt_len)))
+        self.state = self._insert(self.state, *self._args(slots, rows, prompt_len))
 
     def _prefill_chunks(self, plan: StepPlan):
         s = self.cfg.num_slots
@@ -260,9 +269,9 @@ class ModelRunner:
     def _run_prefill(self, tokens, positions, row_slots, chunk_slots, cu, num_chunks, sample_mask,
                      level):
         sampled, self.kv_pages, self.state = self._prefill(
-            self.params, self.kv_pages, self.state, *self._put((
+            self.params, self.kv_pages, self.state, *self._args(
                 tokens, positions, row_slots, chunk_slots, cu,
-                np.array([num_chunks], np.int32), sample_mask)), level=level)
+                np.array([num_chunks], np.int32), sample_mask), level=level)
         return sampled
 
     def _level(self, slots) -> int:
@@ -278,7 +287,7 @@ class ModelRunner:
         positions[list(plan.decode_slots)] = plan.decode_positions
         active[list(plan.decode_slots)] = True
         out, self.kv_pages, self.state = self._generate(
-            self.params, self.kv_pages, self.state, *self._put((positions, active)),
+            self.params, self.kv_pages, self.state, *self._args(positions, active),
             level=self._level(list(plan.decode_slots)))
         return out
 
