@@ -137,6 +137,18 @@ def test_serve_and_client_user_errors_are_one_line(tmp_path):
     busy.close()
 
 
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_serve_with_a_missing_model_ends_with_one_error_line(tmp_path, engine_process):
+    """Found while loading (in the engine process with --engine-process): exit status 2, the
+    error in one line, no traceback."""
+    run = run_cli("serve", "--port", "0", "--model", str(tmp_path / "none.gguf"),
+                  *(["--engine-process"] if engine_process else []))
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxgen: error: model ") and "none.gguf" in last
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

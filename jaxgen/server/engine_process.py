@@ -155,6 +155,9 @@ class EngineClient:
 
         try:
             self.tokenizer = load_tokenizer(self.info.tokenizer_dir)
+        except BaseException:
+            self._kill()
+            raise
         finally:
             shutil.rmtree(self.info.tokenizer_dir, ignore_errors=True)
         self.warmup_seconds = self.info.warmup_seconds
@@ -504,7 +507,8 @@ def engine_main(args, parent_pid: int, requests, events) -> None:
     try:
         engine, info, profiles = _build(args)
     except BaseException as e:
-        log.exception("the engine process failed to start")
+        if not isinstance(e, (ValueError, FileNotFoundError)):  # those the CLI prints in a line
+            log.exception("the engine process failed to start")
         events.send(("failed", _picklable(e)))
         return
     core = _EngineCore(engine, info.scheduler_config, profiles, events)
