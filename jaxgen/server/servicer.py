@@ -184,6 +184,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(Code.FAILED_PRECONDITION, str(e))
         except TimeoutError as e:  # the engine did not pause for the profiler to switch
             await context.abort(Code.UNAVAILABLE, str(e))
+        except RuntimeError as e:  # the engine process is gone (--engine-process)
+            await context.abort(Code.UNAVAILABLE, f"the engine has failed: {e}")
         for path, offset, data, last in trace_chunks(directory, PROFILE_CHUNK_BYTES):
             yield pb.ProfileChunk(server_dir=directory, path=path, offset=offset, data=data,
                                   last=last)
