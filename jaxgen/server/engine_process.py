@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25  # an idle engine still reports its counters this often
 PARENT_WATCH_INTERVAL_S = 0.5
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0  # the server's wait for the engine process to exit
+ENGINE_STOP_TIMEOUT_S = 15.0  # there: for the engine loop to end its step
+FLUSH_TIMEOUT_S = 5.0  # there: for the last outputs to be sent
 PROFILE_EXTRA_S = 300.0  # beyond the duration: the pause, JAX's export, the Perfetto copy
 
 
@@ -417,11 +419,18 @@ class _EngineCore:
                 if not self._handle(batch):
                     break
         finally:
-            self.engine.stop()
+            # Bounded: a loop stuck in a device call must not keep the process alive (the
+            # server kills it after STOP_TIMEOUT_S anyway, with no word of why).
+            stopper = threading.Thread(target=self.engine.stop, name="jaxgen-engine-stop",
+                                       daemon=True)
+            stopper.start()
+            stopper.join(ENGINE_STOP_TIMEOUT_S)
+            if stopper.is_alive():
+                log.warning("the engine loop did not stop within %gs", ENGINE_STOP_TIMEOUT_S)
             with self._cond:
                 self._closing = True
                 self._cond.notify()
-            sender.join(STOP_TIMEOUT_S)
+            sender.join(FLUSH_TIMEOUT_S)
 
     def _handle(self, batch) -> bool:
         for message in batch:
@@ -515,7 +524,13 @@ def engine_main(args, parent_pid: int, requests, events) -> None:
     engine.start()
     events.send(("ready", info))
     core.serve(requests)
+    # Everything is sent: leave without the interpreter's teardown (JAX's and XLA's exit
+    # handlers, threads that may still sit in the runtime), which has nothing left to save. A
+    # stopped engine process once outlived the server's 30 s wait in CI (2-core box; which
+    # step held it was not seen): every step of the stop is now bounded.
+    sys.stdout.flush()
     sys.stderr.flush()
+    os._exit(0)
 
 
 def _build(args):
