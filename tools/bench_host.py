@@ -70,9 +70,6 @@ def measure(engine, items) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, metavar="PRESET")
     p.add_argument("--num-requests", type=int, default=256)
@@ -80,21 +77,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-output-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=None)
+    p.add_argument("serve_flags", nargs="*", help="after --: `jaxgen serve` flags that win over the preset")
     args = p.parse_args(argv)
     if args.num_requests < 1 or min(args.max_prompt_tokens, args.max_output_tokens) < 16:
         p.error(f"num_requests={args.num_requests} must be >= 1; max_prompt_tokens="
                 f"{args.max_prompt_tokens} and max_output_tokens={args.max_output_tokens} >= 16")
     try:
-        probe = offline_engine(args.config, [([0], 1)], extra)
+        engine = offline_engine(args.config, args.serve_flags)
     except (ValueError, OSError) as e:
         p.error(str(e))
-    cfg = probe.scheduler.config
-    items = workload(args.num_requests, args.seed, probe.runner.model.config.vocab_size,
-                     cfg.max_model_len, args.max_prompt_tokens, args.max_output_tokens)
-    report = measure(probe, items)
+    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
+                     engine.scheduler.config.max_model_len, args.max_prompt_tokens,
+                     args.max_output_tokens)
+    report = measure(engine, items)
     print(f"{report['requests']} requests, {report['output_tokens']} output tokens, "
           f"{report['steps']} steps, {report['seconds']:.2f} s, {report['output_tok_s']:.0f} tok/s "
-          f"({args.config} {' '.join(extra)})")
+          f"({args.config} {' '.join(args.serve_flags)})")
     print("| stage | calls | ms / step | µs / output token | share of run |")
     print("|---|---|---|---|---|")
     for r in report["stages"]:

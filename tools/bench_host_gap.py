@@ -22,11 +22,9 @@ import time
 
 import numpy as np
 
-from bench_serving import workload
-from jaxgen import cli
+from bench_serving import offline_engine, workload
 from jaxgen.engine import EngineObserver
 from jaxgen.sampling_params import SamplingParams
-from jaxgen.server import cli as server_cli
 
 
 class StepGaps(EngineObserver):
@@ -38,14 +36,6 @@ class StepGaps(EngineObserver):
         self.steps += 1
         if host_gap_seconds is not None:  # None: after an idle wait, not a gap
             self.gaps.append(host_gap_seconds)
-
-
-def build(preset: str, extra: list[str]):
-    parser, serve = cli._parser()
-    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
-    args = parser.parse_args(["serve", "--config", preset, *extra])
-    loaded, mesh = cli.load_model(args)
-    return loaded, cli.build_engine(args, loaded, 0, mesh=mesh, warmup=True)
 
 
 def summary(gaps_s: list[float]) -> dict:
@@ -72,9 +62,10 @@ def main(argv=None) -> int:
         print(f"bench_host_gap: error: rate={args.rate}, num_requests={args.num_requests}: "
               f"rate must be > 0 and num_requests >= 1", file=sys.stderr)
         return 2
-    loaded, engine = build(args.config, args.serve_flags)
+    engine = offline_engine(args.config, args.serve_flags)
     rc = engine.config.runner
-    items = workload(args.num_requests, args.seed, loaded.config.vocab_size, rc.max_model_len,
+    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
+                     rc.max_model_len,
                      args.max_prompt_tokens, args.max_output_tokens)
     observer = StepGaps()
     engine.observers.append(observer)

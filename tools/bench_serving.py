@@ -190,18 +190,18 @@ class StepStats:
                     mean_launch_s=self.launch_seconds / max(self.launched_ahead, 1))
 
 
-def offline_engine(preset: str, items, extra_flags=()):
+def offline_engine(preset: str, serve_flags=(), longest: int = 0):
     """An in-process engine built from the serving preset the server runs (`jaxgen serve
-    --config PRESET [extra_flags]`), warmed up as `serve` does (no compile inside a timing)."""
+    --config PRESET [serve_flags]`), warmed up as `serve` does (no compile inside a timing);
+    `longest`: the longest request, for a preset without max-model-len."""
     from jaxgen import cli
     from jaxgen.server import cli as server_cli
 
     parser, serve = cli._parser()
     serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
-    args = parser.parse_args(["serve", "--config", preset, *extra_flags])
+    args = parser.parse_args(["serve", "--config", preset, *serve_flags])
     loaded, mesh = cli.load_model(args)
-    return cli.build_engine(args, loaded, max(len(p) + o for p, o in items), mesh=mesh,
-                            warmup=True)
+    return cli.build_engine(args, loaded, longest, mesh=mesh, warmup=True)
 
 
 def offline_throughput(preset: str, items, stats: StepStats | None = None) -> float:
@@ -210,7 +210,7 @@ def offline_throughput(preset: str, items, stats: StepStats | None = None) -> fl
     `stats`, if given, observes the timed run's steps."""
     from jaxgen.sampling_params import SamplingParams
 
-    engine = offline_engine(preset, items)
+    engine = offline_engine(preset, longest=max(len(p) + o for p, o in items))
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in items]
     prompts = [p for p, _ in items]
     engine.generate(prompts[:2], params[:2])  # first use of the shapes outside the timing

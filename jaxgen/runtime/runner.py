@@ -98,8 +98,9 @@ class ModelRunner:
     def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
         self.model, self.cfg, self._mesh = model, cfg, mesh
         self.num_pages = size_page_pool(model, cfg, model.config.dtype)
-        # Every input is placed explicitly (committed), like the jit outputs it mixes with: jit
-        # keys its cache on placement too, so a stray uncommitted array would recompile.
+        # Params, pools and state are placed explicitly (committed), like the jit outputs they
+        # mix with: jit keys its cache on placement too. A step's small inputs go as numpy
+        # arrays on one device (`_args`), always, so their signature never changes either.
         self._placement = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                            if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)

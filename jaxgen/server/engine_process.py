@@ -39,7 +39,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import queue
 import shutil
 import signal
 import sys
@@ -52,6 +51,7 @@ from jaxgen.engine import EngineObserver, FinishedRequest, check_token_ids
 from jaxgen.request_stream import RequestOutput, RequestStream
 from jaxgen.scheduler import QueueFullError, SchedulerConfig
 from jaxgen.scheduler.scheduler import check_length
+from jaxgen.server.stream_bridge import drain
 
 log = logging.getLogger(__name__)
 
@@ -356,15 +356,13 @@ class EngineClient:
             log.error("%s", detail)
             self.dead = RuntimeError(detail)
         with self._lock:
-            pending, self._pending = self._pending, {}
+            open_ids = list(self._pending)
             profiles = list(self._profiles.values())
         for future in profiles:
             if not future.done():
                 future.set_exception(RuntimeError(detail))
-        for request_id, p in pending.items():
-            out = RequestOutput(request_id, (), "", None, "error", detail)
-            self._notify("on_finish", FinishedRequest(out, p.prompt_ids, time.monotonic() - p.arrival))
-            p.stream.put(out)
+        for request_id in open_ids:
+            self._deliver(RequestOutput(request_id, (), "", None, "error", detail))
 
 
 # -- the engine process ------------------------------------------------------------------------
@@ -398,13 +396,10 @@ class _EngineCore:
             self._cond.notify()
 
     def _forward(self, stream: RequestStream) -> None:
-        """The stream's wake-up (on the engine thread): its outputs to the outbox, in order."""
+        """The stream's wake-up (on the engine thread): its outputs to the outbox, in order
+        (drained under the outbox's lock, so two wake-ups cannot interleave them)."""
         with self._cond:
-            while True:
-                try:
-                    self._outbox.append(("out", stream.get_nowait()))
-                except queue.Empty:
-                    break
+            self._outbox += [("out", out) for out in drain(stream)]
             self._cond.notify()
 
     def serve(self, requests) -> None:
