@@ -23,7 +23,7 @@ from jaxgen.request_stream import RequestOutput, RequestStream
 from jaxgen.scheduler import TokenLogprobs, Usage
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.config import ServerConfig, read_api_keys, read_preset
-from jaxgen.server.stream_bridge import outputs
+from jaxgen.server.stream_bridge import outputs, waker
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 from tests.server_process import ROOT, child_env
@@ -223,6 +223,36 @@ def test_many_streams_are_bridged_without_a_thread_each():
     assert threads_while_waiting == threading.active_count()  # no thread per stream
     assert results[0] == [(0,), (1,), (2,), (3,), ()]
     assert all(r == [(1,), (2,), (3,), ()] for r in results[1:])
+
+
+def test_a_burst_of_outputs_wakes_the_loop_once():
+    """An engine step puts an output on every running stream; while the loop is busy they all
+    ride one `call_soon_threadsafe` (one self-pipe write, one loop handle), and every stream
+    still gets its outputs. A failing wake-up callback does not starve the others."""
+    streams = [RequestStream(f"r{i}") for i in range(64)]
+    handoffs = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (handoffs.append(a), real(*a))[1]
+        tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
+        await asyncio.sleep(0.05)  # every consumer registered its wake-up
+        for k, final in ((1, None), (2, "stop")):
+            before = len(handoffs)
+            # The loop thread is blocked here (as when it is busy writing responses) while the
+            # engine thread puts one output on each stream (after a wake-up that fails).
+            producer = threading.Thread(target=lambda: (waker(loop).wake(lambda: 1 / 0), [
+                s.put(RequestOutput(s.request_id, (k,), str(k), finish_reason=final))
+                for s in streams]))
+            producer.start()
+            producer.join()
+            assert len(handoffs) - before == 1
+            await asyncio.sleep(0)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert all(r == [(1,), (2,)] for r in results)
 
 
 async def _collect(stream):
