@@ -89,6 +89,19 @@ def test_decode_splits_follow_the_context_not_the_table(window):
           block_sizes=GpuBlockSizes(pages_per_block=1, num_splits=7, min_split_blocks=2))
 
 
+@pytest.mark.parametrize("decode_only", [True, False], ids=["decode", "mixed"])
+def test_last_block_past_the_table_end(decode_only):
+    """A page table exactly as long as the context (10 pages) and a window whose first page (7)
+    is not a multiple of pages_per_block (4): the last block's page-table entries run past the
+    table's end; those keys are past the context, and the kernel must neither use them nor read
+    outside the table (it clamps the entry, as no padded copy of the table is made). Pallas'
+    interpreter clamps out-of-bounds reads by itself, so on CPU this checks the masking of
+    those keys; the clamp in the compiled kernel is what the GPU run of this test covers."""
+    seqs = [(159, 1), (150, 1), (70, 1)] if decode_only else [(150, 10), (159, 1), (40, 20)]
+    check(seqs, 8, 2, 64, 16, window=40, seed=5, backend="gpu", decode_only=decode_only,
+          pages_per_seq=10, block_sizes=GpuBlockSizes(pages_per_block=4, num_splits=3))
+
+
 def test_engine_greedy_identical_across_backends():
     """End to end: continuous batching (chunked prefill, decode, sliding window, soft-cap)
     gives the same greedy tokens with the GPU kernels as with the reference."""

@@ -174,6 +174,10 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
     per_split = pl.cdiv(n_blocks, used)
     first_block = split * per_split
     start = first_page + first_block * pages_per_block
+    # A block that starts on the window's first page (not a multiple of pages_per_block) may
+    # run past the table's last entry: those rows are past the context (masked), and their page
+    # ids are clamped to the last entry so the gather stays in bounds (no padded table copy).
+    last_entry = pages_ref.shape[0] - 1
 
     def body(i, carry):
         first = start + i * pages_per_block
@@ -181,7 +185,8 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
         # Rows at or past the new token's may hold NaN, another tenant's keys, or the row the
         # fused write is storing: masked in the scores, and `_load_kv` zero-fills their V rows.
         ok = (pos < ctx) & (pos >= lo)
-        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[i], first, pages_per_block, ok)
+        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[jnp.minimum(i, last_entry)],
+                        first, pages_per_block, ok)
         visible = jnp.broadcast_to(ok[None, :], (rows, block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
@@ -237,8 +242,6 @@ def _decode(q, k, v, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_windo
                                      page_indices.shape[1])
     splits = blocks.num_splits or pl.cdiv(blocks.target_programs, s * hkv)
     splits = max(1, min(splits, pl.cdiv(page_indices.shape[1], ppb)))
-    # A sequence's blocks start on its window's first page: pad so the last one stays in bounds.
-    page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=sliding_window,
         pages_per_block=ppb, min_split_blocks=blocks.min_split_blocks, group=g)
@@ -290,11 +293,13 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, pool_ref, o_ref, *,
     hi = pos0 + jnp.maximum(n_rows, 1)  # keys [lo, hi) can be visible
     lo = 0 if window is None else jnp.maximum(pos0 - window + 1, 0)
     first_page = lo // page_size
+    last_entry = pages_ref.shape[1] - 1  # blocks past it are masked; ids clamped (see decode)
 
     def body(i, carry):
         first = first_page + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[seq, i], first, pages_per_block,
+        k, v = _load_kv(pool_ref, 2 * head,
+                        lambda i: pages_ref[seq, jnp.minimum(i, last_entry)], first, pages_per_block,
                         (pos >= lo) & (pos < hi))
         visible = (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         if window is not None:
@@ -322,7 +327,6 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
     work, starts = work_list(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
     ppb = blocks.pages_per_block_for(page_size, d, kv_pages.dtype.itemsize,
                                      page_indices.shape[1])
-    page_indices = jnp.pad(page_indices, ((0, 0), (0, ppb)))
     qh = q.reshape(t, hkv, g, d).transpose(1, 0, 2, 3)
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0))).astype(kv_pages.dtype)
     kernel = functools.partial(
