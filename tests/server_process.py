@@ -81,13 +81,13 @@ def ensure_model(cache_dir: str) -> None:
 class ServerProcess:
     """`python -m jaxgen.cli serve --port 0 ...` with its output in a log file."""
 
-    def __init__(self, args, log_path: Path, cache_dir: str, xla_cache_dir: str):
+    def __init__(self, args, log_path: Path, cache_dir: str, xla_cache_dir: str, env=None):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jaxgen.cli", "serve", "--port", "0", "--cache-dir", cache_dir,
              "--compilation-cache-dir", xla_cache_dir, *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env or child_env(), cwd=ROOT)
         self.port: int | None = None
 
     @property
