@@ -19,7 +19,8 @@ Two kernels, one per step shape (`decode_only` picks):
   softmax in f32. Split-KV keeps the GPU full at small batch and long context; splits are cut
   from each sequence's own visible blocks (window start to last live page, not the page
   table's width), at least `min_split_blocks` each. Each split returns its unnormalised
-  output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32). The kernel
+  output, max and sum, combined afterwards (tiny: splits x S x Hq x D f32) by XLA ops, or by
+  one small Pallas kernel with `GpuBlockSizes(combine="pallas")`. The kernel
   also writes the step's new K/V into their pages (the pool is aliased in place): the loop
   covers the context before the new token and split 0 attends to the new row from registers,
   so there is no separate scatter and no ordering between the write and any read.
