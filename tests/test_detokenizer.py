@@ -20,7 +20,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from jaxgen.tokenizer import IncrementalDetokenizer, StopStringMatcher, TokenizerSettings, tokenizer_from_gguf
 from jaxgen.tokenizer.bpe import BPETokenizer, _byte_spelling, byte_level_backend
-from jaxgen.tokenizer.detokenizer import MAX_PENDING_TOKENS, REPLACEMENT
+from jaxgen.tokenizer.detokenizer import MAX_CHAR_TOKENS, MAX_PENDING_TOKENS, REPLACEMENT
 from jaxgen.tokenizer.sentencepiece import MODEL_FILE, SentencePieceTokenizer
 from jaxgen.tokenizer.sentencepiece_proto import CONTROL, NORMAL
 
@@ -286,6 +286,28 @@ class _CountingTokenizer:
         self.multi += len(ids) > 1
         return self._tokenizer.decode(ids, skip_special_tokens)
 
+    def skips(self, id):
+        return self._tokenizer.skips(id)
+
+
+def test_the_skip_check_is_made_once_per_id_for_every_request(tokenizer):
+    """Whether skip_special_tokens drops an id is asked of the tokenizer, which answers each id
+    once for its lifetime: a second request with the same ids decodes no id on its own for it
+    (with a cache per request, random-weight outputs cost two extra decodes per token)."""
+    tok = tokenizer.with_settings(tokenizer.settings)  # a fresh cache
+    singles = []
+    real = tok._decode_ids
+    tok._decode_ids = lambda ids, skip: (singles.append(len(ids) == 1), real(ids, skip))[1]
+    ids = tok.encode(" ".join(TEXTS), add_bos=False)[:64]
+    texts = []
+    for _ in range(2):
+        singles.clear()
+        detok = IncrementalDetokenizer(tok, ())
+        texts.append("".join(detok.push(ids[i:i + 16]) for i in range(0, len(ids), 16)))
+        texts.append(sum(singles))
+    assert texts[0] == texts[2] == tokenizer.decode(ids, skip_special_tokens=True)
+    assert texts[1] >= len(set(ids)) and texts[3] <= len(ids) // 16
+
 
 def test_cost_per_token_does_not_grow_with_output(tokenizer):
     ids = tokenizer.encode(" ".join(TEXTS) * 20, add_bos=False)
@@ -311,6 +333,28 @@ def test_a_step_of_whole_characters_costs_two_decodes(tokenizer):
             whole_steps += 1
             assert counting.multi - before <= 2
     assert whole_steps >= 4
+
+
+def test_a_step_ending_inside_a_character_releases_the_text_before_it_at_once(tokenizer):
+    """16 tokens whose last ones leave a character unfinished: the text before that character
+    comes from one decode of the window (after at most MAX_CHAR_TOKENS tries), only the last
+    few tokens go one at a time; the text is what one token at a time writes."""
+    ids = tokenizer.encode(" ".join(TEXTS), add_bos=False)
+    starts = [s for s in range(len(ids) - 16)
+              if tokenizer.decode(ids[:s + 16]).endswith(REPLACEMENT)
+              and not tokenizer.decode(ids[:s]).endswith(REPLACEMENT)]
+    assert len(starts) >= 3
+    for start in starts[:3]:
+        counting = _CountingTokenizer(tokenizer)
+        detok = IncrementalDetokenizer(counting, ids[:start])
+        calls = []
+        real = counting.decode
+        counting.decode = lambda ids, skip_special_tokens=False: (calls.append(1),
+                                                                  real(ids, skip_special_tokens))[1]
+        text = detok.push(ids[start:start + 16])
+        assert len(calls) <= 1 + MAX_CHAR_TOKENS + 1 + 2 * (MAX_CHAR_TOKENS - 1) < 16
+        one = IncrementalDetokenizer(tokenizer, ids[:start])
+        assert text == "".join(one.push([id]) for id in ids[start:start + 16])
 
 
 # -- detokenizer on a hand-made vocabulary whose tokens cross character boundaries ----------------

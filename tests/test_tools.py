@@ -183,6 +183,10 @@ def test_bench_detok_table_and_bad_input(tmp_path, cache_dir, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1")]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "16"]
     assert all(float(r.split("|")[2]) > 0 for r in rows)
+    bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--random-ids",
+                      "200", "--steps", "16", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "200 random ids" in out and float(out.splitlines()[-1].split("|")[2]) > 0
     with pytest.raises(SystemExit) as e:
         bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--text",
                           str(text), "--steps", "0"])

@@ -32,6 +32,7 @@ class Tokenizer(abc.ABC):
 
     def __init__(self, settings: TokenizerSettings):
         self.settings = settings
+        self._skipped: dict[int, bool] = {}  # `skips` answers, per id
         ids = {"bos_id": settings.bos_id, "eos_id": settings.eos_id, "pad_id": settings.pad_id}
         ids.update({f"stop_ids[{i}]": s for i, s in enumerate(sorted(settings.stop_ids))})
         for name, value in ids.items():
@@ -113,6 +114,19 @@ class Tokenizer(abc.ABC):
             bad = next(i for i in ids if not 0 <= i < size)
             raise ValueError(f"token id {bad}: must be in [0, vocab_size={size})")
         return self._decode_ids(ids, skip_special_tokens)
+
+    def skips(self, id: int) -> bool:
+        """True when `decode(..., skip_special_tokens=True)` leaves `id` out: alone it writes
+        text with special tokens kept and none without. (A plain piece that decodes to "" alone,
+        such as a lone "▁" under a dummy prefix, is not skipped: it writes text next to others.)
+        Answered once per id for the tokenizer's lifetime: every request's detokenizer asks about
+        the same ids, at every output token."""
+        skipped = self._skipped.get(id)
+        if skipped is None:
+            skipped = self.decode([id], skip_special_tokens=True) == "" and \
+                self.decode([id], skip_special_tokens=False) != ""
+            self._skipped[id] = skipped
+        return skipped
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as text, with this model's template."""

@@ -54,7 +54,6 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Iterable[int] = (), skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._dropped: dict[int, bool] = {}  # per id: does skip_special_tokens remove it?
         # The window: ids[:read] are context, their text emitted; ids[read:] are pending.
         self._ids = self._prompt_context([int(i) for i in prompt_ids])
         self._read = len(self._ids)
@@ -66,20 +65,32 @@ class IncrementalDetokenizer:
 
         Several ids at once (the engine pushes a whole decode step's, e.g. 16) are decoded with
         the window in one call when they end on a character boundary: two decodes for the lot
-        instead of two per token. Otherwise (the last id leaves a character unfinished, or the
-        bytes are not UTF-8) they go one at a time, where the holding rules apply per token.
-        For ids that form valid UTF-8 the text is the same either way (tests/test_detokenizer.py
-        compares them); on byte runs that are not UTF-8 the batch is decode()'s own spelling of
-        the run, where one at a time may have released its first valid bytes already."""
+        instead of two per token. When the last ids leave a character unfinished (a character
+        spans at most MAX_CHAR_TOKENS tokens), the ids before that character are released in
+        one call the same way and only the last few go one at a time, where the holding rules
+        apply per token; with no boundary that near (bytes that are not UTF-8), all go one at a
+        time. For ids that form valid UTF-8 the text is the same either way
+        (tests/test_detokenizer.py compares them); on byte runs that are not UTF-8 the batch is
+        decode()'s own spelling of the run, where one at a time may have released its first
+        valid bytes already."""
         new = [id for id in map(int, token_ids) if not self._is_dropped(id)]
         if len(new) > 1:
             text = self._decode(self._ids + new)
             if not text.endswith(REPLACEMENT):
-                self._ids += new
-                delta = self._release(text)
-                self._make_pending_context()
-                return delta
+                return self._take(new, text)
+            for k in range(1, min(MAX_CHAR_TOKENS, len(new) - 1) + 1):
+                text = self._decode(self._ids + new[:-k])
+                if not text.endswith(REPLACEMENT):
+                    return self._take(new[:-k], text) + "".join(map(self._push_one, new[-k:]))
         return "".join(self._push_one(id) for id in new)
+
+    def _take(self, ids: list[int], text: str) -> str:
+        """Appends `ids`, whose window decodes to `text` ending on a character boundary, and
+        releases that text: they become the context."""
+        self._ids += ids
+        delta = self._release(text)
+        self._make_pending_context()
+        return delta
 
     def flush(self) -> str:
         """Everything held back, as decode() writes it now: an unfinished character as U+FFFD."""
@@ -133,15 +144,7 @@ class IncrementalDetokenizer:
         return reversed_context[::-1]
 
     def _is_dropped(self, id: int) -> bool:
-        if not self._skip_special_tokens:
-            return False
-        dropped = self._dropped.get(id)
-        if dropped is None:
-            # Skipped tokens decode to "" only when skipped; a plain piece that decodes to "" alone
-            # (a lone "▁" under a dummy prefix) writes text next to others and must stay.
-            dropped = self._decode([id]) == "" and self._tokenizer.decode([id], skip_special_tokens=False) != ""
-            self._dropped[id] = dropped
-        return dropped
+        return self._skip_special_tokens and self._tokenizer.skips(id)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
