@@ -73,7 +73,8 @@ class IncrementalDetokenizer:
         (tests/test_detokenizer.py compares them); on byte runs that are not UTF-8 the batch is
         decode()'s own spelling of the run, where one at a time may have released its first
         valid bytes already."""
-        new = [id for id in map(int, token_ids) if not self._is_dropped(id)]
+        new = self._tokenizer.without_skipped(token_ids) if self._skip_special_tokens else \
+            list(map(int, token_ids))
         if len(new) > 1:
             text = self._decode(self._ids + new)
             if not text.endswith(REPLACEMENT):
