@@ -434,13 +434,16 @@ class Engine:
         completions in prompt order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         pending = list(zip(prompts, params_list))[::-1]
-        streams = []
-        while pending or any(s.request_id in self._live for s in streams):
+        streams, ours = [], set()
+        # Ours still running: checked over the engine's live requests (at most slots + the
+        # waiting bound), not over every stream of the call, at each step.
+        while pending or any(request_id in ours for request_id in self._live):
             while pending:  # keep the waiting queue full, never past its bound
                 try:
                     streams.append(self.add_request(*pending[-1]))
                 except QueueFullError:
                     break
+                ours.add(streams[-1].request_id)
                 pending.pop()
             if not self.step() and not self.has_work():
                 raise RuntimeError("engine has unfinished requests but nothing to schedule")

@@ -43,7 +43,7 @@ class RequestStream:
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        self._queue: queue.Queue[RequestOutput] = queue.Queue()
+        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()  # C, no task tracking
         self._notify: Callable[[], None] | None = None
         self.finished = False
 

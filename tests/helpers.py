@@ -83,6 +83,12 @@ class ByteTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i != 0).decode("utf-8", errors="replace")
 
+    def skips(self, id: int) -> bool:  # no id writes text only when special tokens are kept
+        return False
+
+    def without_skipped(self, ids) -> list[int]:
+        return list(map(int, ids))
+
 
 def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_cache: bool = True,
                overlap_launch: bool = False, **runner):

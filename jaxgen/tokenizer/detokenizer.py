@@ -26,7 +26,7 @@ with no character boundary, or at `flush()`. With SentencePiece's rule that a wh
 becomes U+FFFD, a valid character already released can then be re-spelled by decode() as U+FFFD;
 text once emitted is never taken back. A prompt that ends inside a character is used as it is.
 
-It knows only `Tokenizer.decode`; nothing of stop strings (see `stop_strings`), sampling or the engine.
+It knows only `Tokenizer.decode`, `skips` and `without_skipped`; nothing of stop strings (see `stop_strings`), sampling or the engine.
 """
 
 from __future__ import annotations
