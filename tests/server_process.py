@@ -29,7 +29,7 @@ ENGINE_MODES = ("thread", "process")
 
 
 def engine_mode_flags(mode: str) -> tuple[str, ...]:
-    return ("--engine-process",) if mode == "process" else ()
+    return ("--engine-process",) if mode == "process" else ("--no-engine-process",)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -96,7 +96,7 @@ class ServerProcess:
 
     @property
     def engine_pid(self) -> int | None:
-        """The engine process's pid (from the startup line) with --engine-process, else None."""
+        """The engine process's pid (from the startup line) in process mode (the default), else None."""
         found = re.search(r"engine=process pid=(\d+)", self.log)
         return int(found.group(1)) if found else None
 

@@ -53,10 +53,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="start JAX's profiler server here (TensorBoard / XProf capture)")
     p.add_argument("--profile-dir", default=DEFAULT_PROFILE_DIR, metavar="DIR",
                    help="where traces captured by `jaxgen profile` are written on the server")
-    p.add_argument("--engine-process", action="store_true",
-                   help="run the engine in a process of its own, so the gRPC front end and the "
-                        "engine loop never wait on one GIL (as vLLM's engine core and SGLang's "
-                        "scheduler run)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own (the default), so the gRPC front "
+                        "end and the engine loop never wait on one GIL (as vLLM's engine core and "
+                        "SGLang's scheduler run); --no-engine-process: on a thread of the server")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="jaxgen log level (INFO: a startup summary and one line per finished request)")
     p.add_argument("--log-prompts", action="store_true",
@@ -110,7 +110,8 @@ async def _serve_until_signalled(serve, config, load) -> None:
 
 def _load_serving_model(args):
     """Runs on the loading thread: checkpoint, engine (warm-up compiles every shape), loop; in
-    this process, or with --engine-process in its own (started here, ready when this returns)."""
+    its own process (the default: started here, ready when this returns), or with
+    --no-engine-process in this one."""
     import jax
 
     from jaxgen.request_log import RequestLog
