@@ -213,3 +213,27 @@ def test_bench_host_times_every_stage(tmp_path, cache_dir, xla_cache_dir, capsys
         assert stages[name]["calls"] > 0 and stages[name]["ms_per_step"] > 0, name
     assert sum(r["share"] for r in report["stages"]) <= 1.0 + 1e-6  # one thread: no overlap
     assert "| dispatch (uploads, jit calls) |" in capsys.readouterr().out
+
+
+def test_preset_tools_name_bad_input(tmp_path, capsys):
+    """bench_host and bench_host_gap share their flags and engine building
+    (`bench_serving.preset_engine_and_workload`): a bad value or a missing preset is one
+    usage error naming it, before any engine is built."""
+    import pytest
+
+    import bench_host
+    import bench_host_gap
+
+    missing = str(tmp_path / "none.json")
+    for tool, argv, message in [
+            (bench_host, ["--config", missing], "none.json"),
+            (bench_host, ["--config", missing, "--num-requests", "0"], "num_requests=0"),
+            (bench_host_gap, ["--config", missing], "none.json"),
+            (bench_host_gap, ["--config", missing, "--rate", "0"], "rate=0.0: must be > 0"),
+            (bench_host_gap, ["--config", missing, "--max-output-tokens", "8"],
+             "max_output_tokens=8 >= 16")]:
+        with pytest.raises(SystemExit) as e:
+            tool.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (tool.__name__, argv, err)

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-from bench_serving import offline_engine, workload
+from bench_serving import add_preset_workload_args, preset_engine_and_workload
 from jaxgen.sampling_params import SamplingParams
 
 # (what to wrap, attribute, row name): the engine's own calls into its parts.
@@ -71,24 +71,9 @@ def measure(engine, items) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, metavar="PRESET")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--max-prompt-tokens", type=int, default=1024)
-    p.add_argument("--max-output-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", default=None)
-    p.add_argument("serve_flags", nargs="*", help="after --: `jaxgen serve` flags that win over the preset")
+    add_preset_workload_args(p, num_requests=256, max_output_tokens=512)
     args = p.parse_args(argv)
-    if args.num_requests < 1 or min(args.max_prompt_tokens, args.max_output_tokens) < 16:
-        p.error(f"num_requests={args.num_requests} must be >= 1; max_prompt_tokens="
-                f"{args.max_prompt_tokens} and max_output_tokens={args.max_output_tokens} >= 16")
-    try:
-        engine = offline_engine(args.config, args.serve_flags)
-    except (ValueError, OSError) as e:
-        p.error(str(e))
-    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
-                     engine.scheduler.config.max_model_len, args.max_prompt_tokens,
-                     args.max_output_tokens)
+    engine, items = preset_engine_and_workload(p, args)
     report = measure(engine, items)
     print(f"{report['requests']} requests, {report['output_tokens']} output tokens, "
           f"{report['steps']} steps, {report['seconds']:.2f} s, {report['output_tok_s']:.0f} tok/s "

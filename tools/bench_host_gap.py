@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench_serving import offline_engine, workload
+from bench_serving import add_preset_workload_args, preset_engine_and_workload
 from jaxgen.engine import EngineObserver
 from jaxgen.sampling_params import SamplingParams
 
@@ -49,24 +49,13 @@ def summary(gaps_s: list[float]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="a `jaxgen serve --config` preset")
     ap.add_argument("--rate", type=float, default=10.0, help="requests/s, Poisson")
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
-    ap.add_argument("--max-output-tokens", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-json", default=None)
-    ap.add_argument("serve_flags", nargs="*", help="after --: `jaxgen serve` flags that win over the preset")
+    add_preset_workload_args(ap, num_requests=64, max_output_tokens=256)
     args = ap.parse_args(argv)
-    if args.rate <= 0 or args.num_requests < 1:
-        print(f"bench_host_gap: error: rate={args.rate}, num_requests={args.num_requests}: "
-              f"rate must be > 0 and num_requests >= 1", file=sys.stderr)
-        return 2
-    engine = offline_engine(args.config, args.serve_flags)
+    if args.rate <= 0:
+        ap.error(f"rate={args.rate}: must be > 0 (requests/s)")
+    engine, items = preset_engine_and_workload(ap, args)
     rc = engine.config.runner
-    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
-                     rc.max_model_len,
-                     args.max_prompt_tokens, args.max_output_tokens)
     observer = StepGaps()
     engine.observers.append(observer)
     engine.start()

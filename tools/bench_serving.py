@@ -204,6 +204,36 @@ def offline_engine(preset: str, serve_flags=(), longest: int = 0):
     return cli.build_engine(args, loaded, longest, mesh=mesh, warmup=True)
 
 
+def add_preset_workload_args(p: argparse.ArgumentParser, num_requests: int,
+                             max_output_tokens: int) -> None:
+    """The flags of the tools that run `workload` through `offline_engine` (bench_host,
+    bench_host_gap): the preset, the workload, the report file, serve flags after --."""
+    p.add_argument("--config", required=True, metavar="PRESET", help="a `jaxgen serve --config` preset")
+    p.add_argument("--num-requests", type=int, default=num_requests)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-output-tokens", type=int, default=max_output_tokens)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=None)
+    p.add_argument("serve_flags", nargs="*",
+                   help="after --: `jaxgen serve` flags that win over the preset")
+
+
+def preset_engine_and_workload(p: argparse.ArgumentParser, args):
+    """(`offline_engine` of the preset, `workload` sized to it) from `add_preset_workload_args`'
+    flags; bad flags or a bad preset end with `p.error` naming them."""
+    if args.num_requests < 1 or min(args.max_prompt_tokens, args.max_output_tokens) < 16:
+        p.error(f"num_requests={args.num_requests} must be >= 1; max_prompt_tokens="
+                f"{args.max_prompt_tokens} and max_output_tokens={args.max_output_tokens} >= 16")
+    try:
+        engine = offline_engine(args.config, args.serve_flags)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
+                     engine.scheduler.config.max_model_len, args.max_prompt_tokens,
+                     args.max_output_tokens)
+    return engine, items
+
+
 def offline_throughput(preset: str, items, stats: StepStats | None = None) -> float:
     """Output tok/s of the same workload through an in-process engine built from the serving
     preset the server runs (`jaxgen serve --config PRESET`): the ceiling serving is held to.
