@@ -5,7 +5,6 @@ kernels. Pools are NaN outside each sequence's written tokens (`make_case`), so 
 `kv_lens` or into a foreign page shows up as a non-finite or wrong output.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,37 +100,6 @@ def test_last_block_past_the_table_end(decode_only):
     seqs = [(159, 1), (150, 1), (70, 1)] if decode_only else [(150, 10), (159, 1), (40, 20)]
     check(seqs, 8, 2, 64, 16, window=40, seed=5, backend="gpu", decode_only=decode_only,
           pages_per_seq=10, block_sizes=GpuBlockSizes(pages_per_block=4, num_splits=3))
-
-
-@pytest.mark.parametrize("hq,hkv,d,window,soft_cap,dtype", [
-    (8, 2, 64, None, None, jnp.float32), (9, 3, 64, 40, 30.0, jnp.float32),
-    (8, 1, 256, 40, None, jnp.bfloat16), (32, 8, 128, None, None, jnp.bfloat16)])
-def test_pallas_combine_equals_xla_combine(hq, hkv, d, window, soft_cap, dtype):
-    """The split merge as one Pallas kernel (`combine="pallas"`) against the oracle and the XLA
-    merge (its slow twin): uneven and empty splits (kv_len 0 rows, a 7-token context across 5
-    splits), G = 1, 3, 4, 8, f32 and bf16 pools."""
-    seqs = [(200, 1), (7, 1), (0, 1), (64, 1), (131, 1)]
-    blocks = {c: GpuBlockSizes(pages_per_block=1, num_splits=5, min_split_blocks=1, combine=c)
-              for c in ("xla", "pallas")}
-    check(seqs, hq, hkv, d, 16, window=window, soft_cap=soft_cap, dtype=dtype, seed=d,
-          backend="gpu", decode_only=True, block_sizes=blocks["pallas"])
-    args, _ = make_case(np.random.default_rng(d), seqs, hq, hkv, d, 16, dtype, pad_rows=1)
-    args[6] = jnp.arange(len(seqs) + 2, dtype=jnp.int32)
-    outs = {c: np.asarray(ragged_paged_attention(
-        *args, sm_scale=d ** -0.5, sliding_window=window, soft_cap=soft_cap, backend="gpu",
-        decode_only=True, block_sizes=b)[0], np.float32) for c, b in blocks.items()}
-    tol = 1e-6 if dtype == jnp.float32 else 1e-2
-    np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=tol, atol=tol)
-    programs = {c: str(jax.make_jaxpr(lambda *a, b=b: ragged_paged_attention(
-        *a, sm_scale=0.1, backend="gpu", decode_only=True, block_sizes=b))(*args))
-        for c, b in blocks.items()}
-    assert "rpa_decode_combine" in programs["pallas"]
-    assert "rpa_decode_combine" not in programs["xla"]
-
-
-def test_block_sizes_name_a_bad_combine():
-    with pytest.raises(ValueError, match=r"GpuBlockSizes.combine='triton': must be one of"):
-        GpuBlockSizes(combine="triton")
 
 
 def test_engine_greedy_identical_across_backends():

@@ -70,19 +70,16 @@ BLOCK_FIELDS = dict(ppb="pages_per_block", stages="num_stages", warps="num_warps
 
 
 def parse_blocks(spec: str):
-    """'ppb=2,stages=3,warps=4,programs=528,minblocks=4,bq=16,combine=pallas' -> GpuBlockSizes
-    ('' -> defaults); a ValueError naming the spec and the bad item otherwise."""
-    from pallas_kernels.ragged_paged_attention.gpu import COMBINES, GpuBlockSizes
+    """'ppb=2,stages=3,warps=4,programs=528,minblocks=4,bq=16' -> GpuBlockSizes ('' -> defaults); a
+    ValueError naming the spec and the bad item otherwise."""
+    from pallas_kernels.ragged_paged_attention.gpu import GpuBlockSizes
 
     fields = {}
     for item in (kv for kv in spec.split(",") if kv):
         key, _, value = item.partition("=")
-        if key == "combine" and value in COMBINES:
-            fields["combine"] = value
-            continue
         if key not in BLOCK_FIELDS or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--gpu-blocks {spec!r}: bad item {item!r}; expected NAME=N with N "
-                             f">= 1 and NAME one of {', '.join(BLOCK_FIELDS)}, or combine=xla|pallas")
+                             f">= 1 and NAME one of {', '.join(BLOCK_FIELDS)}")
         fields[BLOCK_FIELDS[key]] = int(value)
     return GpuBlockSizes(**fields)
 

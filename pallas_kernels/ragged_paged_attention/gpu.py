@@ -19,8 +19,8 @@ Two kernels, one per step shape (`decode_only` picks):
   softmax in f32. Split-KV keeps the GPU full at small batch and long context; splits are cut
   from each sequence's own visible blocks (window start to last live page, not the page
   table's width), at least `min_split_blocks` each. Each split returns its unnormalised
-  output, max and sum, combined afterwards (tiny: splits x S x Hq x D f32) by XLA ops, or by
-  one small Pallas kernel with `GpuBlockSizes(combine="pallas")`. The kernel
+  output, max and sum, combined afterwards in XLA (tiny: splits x S x Hq x D f32; a Pallas
+  kernel for the merge, tried on the H200, was 2-5x slower at small batch). The kernel
   also writes the step's new K/V into their pages (the pool is aliased in place): the loop
   covers the context before the new token and split 0 attends to the new row from registers,
   so there is no separate scatter and no ordering between the write and any read.
@@ -58,7 +58,6 @@ from pallas_kernels.ragged_paged_attention.reference import (decode_layout, toke
 
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # smallest M of a tensor-core dot
-COMBINES = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +74,11 @@ class GpuBlockSizes:
     num_warps: int = 4
     num_stages: int = 3
     smem_bytes: int = 160 * 1024  # shared memory the K/V pipeline may use (H100: 227 KiB max)
-    # Decode: how the splits' partial results are merged. "xla": jnp ops after the kernel
-    # (XLA fuses them into a few small kernels); "pallas": one small kernel that also writes
-    # the output in q's dtype and layout (one launch, no intermediate arrays).
-    combine: str = "xla"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "combine":
-                if value not in COMBINES:
-                    raise ValueError(f"GpuBlockSizes.combine={value!r}: must be one of {COMBINES}")
-            elif value is not None and value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"GpuBlockSizes.{field.name}={value}: must be >= 1")
 
     def pages_per_block_for(self, page_size: int, head_dim: int, itemsize: int,
@@ -227,47 +219,6 @@ def _attend_new_key(q, k, v, carry, take, sm_scale, soft_cap):
             jnp.where(take, alpha * l + p, l))
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref):
-    """One (sequence, KV head): merges the splits' `o [splits, rows, D]`, `m, l [splits, rows]`
-    (online softmax over splits, f32) into `out [Gp, D]`, normalised, in the output's dtype.
-    Only the first Gp = pow2(G) rows are read (the decode kernel stored the G real ones; rows
-    past G, if any, are merged on their own and sliced off by the caller)."""
-    gp, d = out_ref.shape
-    rows = pl.ds(0, gp)
-
-    def merge(i, carry):
-        o, m, l = carry
-        m_i, l_i = m_ref[i, rows], l_ref[i, rows]
-        m_new = jnp.maximum(m, m_i)
-        a = jnp.exp(m - m_new)
-        b = jnp.where(l_i > 0, jnp.exp(m_i - m_new), 0.0)  # an empty split adds nothing
-        return a[:, None] * o + b[:, None] * o_ref[i, rows, :], m_new, a * l + b * l_i
-
-    o, _, l = jax.lax.fori_loop(0, o_ref.shape[0], merge, _empty_carry(gp, d))
-    out_ref[...] = _normalise(o, l).astype(out_ref.dtype)
-
-
-def _combine_pallas(o, m, l, *, group: int, dtype, interpret: bool):
-    """`o [splits, S, Hkv, rows, D]`, `m, l [splits, S, Hkv, rows]` -> `[S, Hkv * G, D]`. With
-    G a power of two the kernel's `[S, Hkv, G, D]` output is the result's layout (the reshape
-    is free); otherwise its padded rows are sliced off."""
-    splits, s, hkv, rows, d = o.shape
-    gp = _pow2(group)
-    out = pl.pallas_call(
-        _combine_kernel,
-        grid=(s, hkv),
-        in_specs=[pl.BlockSpec((splits, None, None, rows, d), lambda b, h: (0, b, h, 0, 0)),
-                  pl.BlockSpec((splits, None, None, rows), lambda b, h: (0, b, h, 0)),
-                  pl.BlockSpec((splits, None, None, rows), lambda b, h: (0, b, h, 0))],
-        out_specs=pl.BlockSpec((None, None, gp, d), lambda b, h: (b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((s, hkv, gp, d), dtype),
-        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="rpa_decode_combine",
-    )(o, m, l)
-    return out[:, :, :group].reshape(s, hkv * group, d)
-
-
 def _combine(o, m, l):
     """Split results `o [splits, ..., D]`, `m, l [splits, ...]` -> normalised `[..., D]` f32."""
     m_max = m.max(axis=0)
@@ -324,8 +275,6 @@ def _decode(q, k, v, kv_pages, kv_lens, page_indices, *, sm_scale, sliding_windo
         interpret=interpret,
         name="rpa_decode",
     )(kv_lens, page_indices, q, k, v, kv_pages)
-    if blocks.combine == "pallas":
-        return _combine_pallas(o, m, l, group=g, dtype=q.dtype, interpret=interpret), kv_pages
     out = _combine(o[..., :g, :], m[..., :g], l[..., :g])  # padding rows were never written
     return out.reshape(s, hq, d).astype(q.dtype), kv_pages
 
