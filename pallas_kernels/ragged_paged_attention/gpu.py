@@ -95,10 +95,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _load_kv(pool_ref, k_row, page_at, first, pages_per_block, ok):
+def _load_kv(pool_ref, k_row, page_at, num_entries, first, pages_per_block, ok):
     """K and V rows (pool rows `k_row` and `k_row + 1` of page-table entries `first .. first +
     pages_per_block`) -> `[block_k, D]` each, V rows where `ok` is False zero. `page_at(i)`
-    reads the sequence's page-table entries.
+    reads the sequence's page-table entries, of which there are `num_entries`: a block that
+    starts on a window's first page (not a multiple of pages_per_block) may run past the last
+    one; those rows are past the context (`ok` False) and their entries are clamped to the
+    last, so the gather stays in bounds with no padded copy of the table.
 
     One page id per key row and a 2-D gather straight into `[block_k, D]`: contiguous along D,
     so Triton issues 16-byte `cp.async` copies and pipelines them, with no reshape of a
@@ -108,7 +111,8 @@ def _load_kv(pool_ref, k_row, page_at, first, pages_per_block, ok):
     """
     page_size, d = pool_ref.shape[1], pool_ref.shape[3]
     r = jnp.arange(pages_per_block * page_size)
-    page, offset = page_at(first + r // page_size)[:, None], (r % page_size)[:, None]
+    entry = jnp.minimum(first + r // page_size, num_entries - 1)
+    page, offset = page_at(entry)[:, None], (r % page_size)[:, None]
     col = jnp.arange(d)[None, :]
     return (pool_ref[page, offset, k_row, col],
             pltr.load(pool_ref.at[page, offset, k_row + 1, col], mask=ok[:, None], other=0.0))
@@ -175,10 +179,6 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
     per_split = pl.cdiv(n_blocks, used)
     first_block = split * per_split
     start = first_page + first_block * pages_per_block
-    # A block that starts on the window's first page (not a multiple of pages_per_block) may
-    # run past the table's last entry: those rows are past the context (masked), and their page
-    # ids are clamped to the last entry so the gather stays in bounds (no padded table copy).
-    last_entry = pages_ref.shape[0] - 1
 
     def body(i, carry):
         first = start + i * pages_per_block
@@ -186,8 +186,8 @@ def _decode_kernel(kv_len_ref, pages_ref, q_ref, k_new_ref, v_new_ref, pool_ref,
         # Rows at or past the new token's may hold NaN, another tenant's keys, or the row the
         # fused write is storing: masked in the scores, and `_load_kv` zero-fills their V rows.
         ok = (pos < ctx) & (pos >= lo)
-        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[jnp.minimum(i, last_entry)],
-                        first, pages_per_block, ok)
+        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[i], pages_ref.shape[0], first,
+                        pages_per_block, ok)
         visible = jnp.broadcast_to(ok[None, :], (rows, block_k))
         return _online_softmax_step(q, k, v, visible, carry, sm_scale, soft_cap)
 
@@ -294,14 +294,12 @@ def _mixed_kernel(work_ref, pages_ref, q_ref, pool_ref, o_ref, *,
     hi = pos0 + jnp.maximum(n_rows, 1)  # keys [lo, hi) can be visible
     lo = 0 if window is None else jnp.maximum(pos0 - window + 1, 0)
     first_page = lo // page_size
-    last_entry = pages_ref.shape[1] - 1  # blocks past it are masked; ids clamped (see decode)
 
     def body(i, carry):
         first = first_page + i * pages_per_block
         pos = first * page_size + jnp.arange(block_k)
-        k, v = _load_kv(pool_ref, 2 * head,
-                        lambda i: pages_ref[seq, jnp.minimum(i, last_entry)], first, pages_per_block,
-                        (pos >= lo) & (pos < hi))
+        k, v = _load_kv(pool_ref, 2 * head, lambda i: pages_ref[seq, i], pages_ref.shape[1],
+                        first, pages_per_block, (pos >= lo) & (pos < hi))
         visible = (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         if window is not None:
             visible &= pos[None, :] > q_pos[:, None] - window
