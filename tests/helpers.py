@@ -86,9 +86,6 @@ class ByteTokenizer:
     def skips(self, id: int) -> bool:  # no id writes text only when special tokens are kept
         return False
 
-    def without_skipped(self, ids) -> list[int]:
-        return list(map(int, ids))
-
 
 def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_cache: bool = True,
                overlap_launch: bool = False, **runner):

@@ -289,9 +289,6 @@ class _CountingTokenizer:
     def skips(self, id):
         return self._tokenizer.skips(id)
 
-    def without_skipped(self, ids):
-        return self._tokenizer.without_skipped(ids)
-
 
 def test_the_skip_check_is_made_once_per_id_for_every_request(tokenizer):
     """Whether skip_special_tokens drops an id is asked of the tokenizer, which answers each id

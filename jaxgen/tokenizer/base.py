@@ -128,15 +128,6 @@ class Tokenizer(abc.ABC):
             self._skipped[id] = skipped
         return skipped
 
-    def without_skipped(self, ids: Iterable[int]) -> list[int]:
-        """`ids` (as ints) less those `skips` drops: one call per decode step, not per token."""
-        known, out = self._skipped, []
-        for id in map(int, ids):
-            skipped = known.get(id)
-            if not (self.skips(id) if skipped is None else skipped):
-                out.append(id)
-        return out
-
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as text, with this model's template."""
         if not self.chat_template:

@@ -26,7 +26,7 @@ with no character boundary, or at `flush()`. With SentencePiece's rule that a wh
 becomes U+FFFD, a valid character already released can then be re-spelled by decode() as U+FFFD;
 text once emitted is never taken back. A prompt that ends inside a character is used as it is.
 
-It knows only `Tokenizer.decode`, `skips` and `without_skipped`; nothing of stop strings (see `stop_strings`), sampling or the engine.
+It knows only `Tokenizer.decode` and `skips`; nothing of stop strings (see `stop_strings`), sampling or the engine.
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ class IncrementalDetokenizer:
         (tests/test_detokenizer.py compares them); on byte runs that are not UTF-8 the batch is
         decode()'s own spelling of the run, where one at a time may have released its first
         valid bytes already."""
-        new = self._tokenizer.without_skipped(token_ids) if self._skip_special_tokens else \
-            list(map(int, token_ids))
+        new = [id for id in map(int, token_ids) if not self._is_dropped(id)]
         if len(new) > 1:
             text = self._decode(self._ids + new)
             if not text.endswith(REPLACEMENT):
