@@ -190,6 +190,9 @@ def test_bench_detok_table_and_bad_input(tmp_path, cache_dir, capsys):
         bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--text",
                           str(text), "--steps", "0"])
     assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_detok.main(["--tokenizer", os.path.join(smol.source, "tokenizer"), "--random-ids", "-5"])
+    assert e.value.code == 2 and "random_ids=-5: must be 0" in capsys.readouterr().err
 
 
 def test_bench_host_times_every_stage(tmp_path, cache_dir, xla_cache_dir, capsys):

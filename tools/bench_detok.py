@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     ap.add_argument("--random-ids", type=int, default=0, metavar="N")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.random_ids and args.random_ids <= PROMPT_TOKENS:
+        ap.error(f"random_ids={args.random_ids}: must be 0 (stream text) or > {PROMPT_TOKENS}")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         if args.random_ids:
