@@ -4,7 +4,7 @@
 outcomes and tokens and observes the latency histograms (from the request's `Usage` and its
 end-to-end time); per step it observes the step time and the host gap between device steps.
 Occupancy (running, waiting, slots, pages, prefix cache, preemptions, compilations after warm-up)
-is read from the scheduler's and runner's plain counters at scrape time. Each instance has its own
+is read at scrape time from the engine surface's `stats()` snapshot and `info()`. Each instance has its own
 registry: no module-level state. The engine never imports this module.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from jaxgen.engine import Engine, EngineObserver, FinishedRequest
+from jaxgen.engine_api import EngineObserver, EngineSurface, FinishedRequest
 
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60, 120)
 TOKEN_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
@@ -22,7 +22,7 @@ STEP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01,
 
 
 class ServingMetrics(EngineObserver):
-    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None):
+    def __init__(self, engine: EngineSurface, registry: CollectorRegistry | None = None):
         self.engine = engine
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -106,14 +106,14 @@ class ServingMetrics(EngineObserver):
 
 
 class _OccupancyCollector:
-    """Reads the engine's counters at scrape time (plain ints, safe to read from another thread)."""
+    """Reads the engine's counters at scrape time (one `stats()` snapshot per scrape)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineSurface):
         self.engine = engine
 
     def collect(self):
-        s, runner = self.engine.scheduler, self.engine.runner
-        total = runner.num_pages
+        s, info = self.engine.stats(), self.engine.info()
+        total = info.num_pages
 
         def gauge(name, doc, value):
             return GaugeMetricFamily(name, doc, value=value)
@@ -123,8 +123,8 @@ class _OccupancyCollector:
 
         yield gauge("jaxgen_requests_running", "Requests holding a decode slot", s.num_running)
         yield gauge("jaxgen_requests_waiting", "Requests in the waiting queue", s.num_waiting)
-        yield gauge("jaxgen_slots_used", "Decode slots in use", s.config.num_slots - s.num_free_slots)
-        yield gauge("jaxgen_slots", "Decode slots in all", s.config.num_slots)
+        yield gauge("jaxgen_slots_used", "Decode slots in use", info.num_slots - s.num_free_slots)
+        yield gauge("jaxgen_slots", "Decode slots in all", info.num_slots)
         yield gauge("jaxgen_kv_pages_used", "KV pages held by running requests", s.num_pages_used)
         yield gauge("jaxgen_kv_pages_free", "KV pages allocatable now (free + evictable cached)",
                     s.num_pages_free)
@@ -139,5 +139,5 @@ class _OccupancyCollector:
                       s.num_preemptions)
         yield counter("jaxgen_compilations_after_warmup",
                       "XLA compilations while serving (should stay 0)",
-                      runner.compilations_after_warmup)
+                      s.compilations_after_warmup)
         yield gauge("jaxgen_engine_up", "1 while the engine loop can serve", int(self.engine.dead is None))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from jaxgen.engine import EngineObserver, FinishedRequest
+from jaxgen.engine_api import EngineObserver, FinishedRequest
 
 log = logging.getLogger("jaxgen.requests")
 

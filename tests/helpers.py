@@ -89,13 +89,13 @@ class ByteTokenizer:
 
 def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_cache: bool = True,
                overlap_launch: bool = False, **runner):
-    """An Engine with test-sized defaults (overridable via RunnerConfig fields)."""
-    from jaxgen.engine import Engine, EngineConfig
-    from jaxgen.runtime.runner import RunnerConfig
+    """An Engine with test-sized defaults (overridable via EngineConfig fields)."""
+    from jaxgen.config import EngineConfig
+    from jaxgen.engine import Engine
 
     defaults = dict(num_slots=4, page_size=16, max_model_len=128, decode_steps=4,
                     max_prefill_tokens=32, num_pages=64)
     defaults.update(runner)
     return Engine(model, params, tokenizer, EngineConfig(
-        runner=RunnerConfig(**defaults), warmup=warmup, enable_prefix_cache=prefix_cache,
+        **defaults, warmup=warmup, enable_prefix_cache=prefix_cache,
         overlap_launch=overlap_launch))

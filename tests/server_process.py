@@ -141,15 +141,17 @@ class ServerProcess:
 
 OFFLINE = """
 import json, sys
-from jaxgen.cli import _parser, build_engine, load_model
+import dataclasses
+from jaxgen.build import build_engine
+from jaxgen.cli import parser
+from jaxgen.config_sources import config_from_args
 from jaxgen.sampling_params import SamplingParams
 requests = json.load(open(sys.argv[1]))
-parser, _ = _parser()
-args = parser.parse_args(["serve", "--cache-dir", sys.argv[2], "--compilation-cache-dir", sys.argv[3],
-                          *sys.argv[4:]])
-loaded, mesh = load_model(args)
-engine = build_engine(args, loaded, 0, mesh=mesh, warmup=False)
-tok = loaded.tokenizer
+args = parser().parse_args(["serve", "--cache-dir", sys.argv[2], "--compilation-cache-dir", sys.argv[3],
+                            *sys.argv[4:]])
+config = config_from_args(args, "serve")
+engine = build_engine(dataclasses.replace(config, engine=dataclasses.replace(config.engine, warmup=False)))
+tok = engine.tokenizer
 prompts = [tok.encode_chat(r["messages"]) if "messages" in r else tok.encode(r["text"]) for r in requests]
 params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], stop=tuple(r.get("stop", ())))
           for r in requests]

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.engine import Engine, EngineConfig, EngineObserver, QueueFullError
+from jaxgen.config import EngineConfig
+from jaxgen.engine import Engine
+from jaxgen.engine_api import EngineObserver, QueueFullError
 from jaxgen.models import Model
-from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
 from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, engine_for, naive_greedy
 
@@ -152,7 +153,7 @@ def test_one_failing_request_does_not_take_down_the_others(tiny, monkeypatch):
     engine = make_engine(tiny)
     ps = prompts(3, seed=5)
     streams = [engine.add_request(p, GREEDY) for p in ps]
-    victim = engine._live[streams[1].request_id].detok
+    victim = engine._text[streams[1].request_id]._detok
 
     def boom(ids):
         raise RuntimeError("detokenizer exploded")
@@ -170,8 +171,8 @@ def test_one_failing_request_does_not_take_down_the_others(tiny, monkeypatch):
 def test_queue_bound_and_validation(tiny):
     model, params = tiny
     engine = Engine(model, params, ByteTokenizer(), EngineConfig(
-        runner=RunnerConfig(num_slots=2, max_model_len=64, num_pages=16, max_prefill_tokens=32,
-                            decode_steps=2), max_waiting=2, warmup=False))
+        num_slots=2, max_model_len=64, num_pages=16, max_prefill_tokens=32, decode_steps=2,
+        max_waiting=2, warmup=False))
     engine.add_request([1], GREEDY)
     engine.add_request([2], GREEDY)
     with pytest.raises(QueueFullError):
@@ -307,7 +308,7 @@ def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny):
         streams = [engine.add_request(p, GREEDY) for p in ps]
         time.sleep(0.3)  # running, steps launched ahead
         with engine.quiesced(timeout_s=60):
-            assert not engine._launched  # every launched step read: the device is idle
+            assert not engine._pipeline.in_flight  # every launched step read: the device is idle
             step = engine.scheduler._step
             late = engine.add_request(prompts(1, seed=13)[0], GREEDY)  # queued meanwhile
             time.sleep(0.3)
@@ -375,7 +376,7 @@ def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny):
     engine.step()
     engine.step()
     with engine.quiesced():
-        assert not engine._launched
+        assert not engine._pipeline.in_flight
     while engine.has_work():
         engine.step()
     assert list(stream.result().token_ids) == expected(tiny, prompts(1, seed=14)[0])
@@ -417,7 +418,7 @@ def test_next_step_is_launched_before_tokens_are_delivered(tiny):
 
     def deliver(events):
         if events:
-            in_flight.append(len(engine._launched))
+            in_flight.append(engine._pipeline.in_flight)
         real(events)
 
     engine._deliver = deliver
@@ -526,7 +527,7 @@ def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests
     real = engine.runner.collect
     engine.step()  # prefills
     engine.step()  # the first decode step, with the next one launched ahead
-    assert engine._launched, "nothing was launched ahead"
+    assert engine._pipeline.in_flight, "nothing was launched ahead"
 
     def broken(launched):
         raise RuntimeError("device lost")

@@ -5,7 +5,7 @@ both ways)."""
 
 import threading
 
-from jaxgen.engine import EngineObserver
+from jaxgen.engine_api import EngineObserver
 from jaxgen.sampling_params import SamplingParams
 from tests.helpers import ByteTokenizer, engine_for
 from tests.test_engine import GREEDY, expected, make_engine, prompts, tiny  # noqa: F401 (fixture)
@@ -70,7 +70,7 @@ def test_background_loop_quiesce_and_stop(tiny):
         ps = prompts(6, seed=12)
         streams = [engine.add_request(p, GREEDY) for p in ps[:3]]
         with engine.quiesced(timeout_s=30):
-            assert not engine._launched
+            assert not engine._pipeline.in_flight
         streams += [engine.add_request(p, GREEDY) for p in ps[3:]]
         for p, s in zip(ps, streams):
             assert list(s.result().token_ids) == expected(tiny, p)

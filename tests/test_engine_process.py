@@ -118,6 +118,7 @@ def test_the_server_process_starts_no_jax_backend_of_its_own(mode, tmp_path, cac
             stub.GetServerStats(pb.GetServerStatsRequest(), timeout=30)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0
+        assert "killing it" not in server.log and "did not stop" not in server.log
     finally:
         server.stop()
     started = json.loads((tmp_path / f"{server.proc.pid}.json").read_text())

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from jaxgen.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
+from jaxgen.gguf_reader import GGUFFile, GGUFFormatError
 from jaxgen.checkpoints.registry import bundled
 
 

@@ -140,7 +140,8 @@ class FakeClock:
 
 def make(clock=None, **overrides):
     fields = dict(num_slots=3, num_pages=40, max_model_len=128, page_size=16, max_waiting=64,
-                  max_prefill_tokens=64, decode_steps=2, model_stop_ids=MODEL_STOP)
+                  max_prefill_tokens=64, decode_steps=2, model_stop_ids=MODEL_STOP,
+                  enable_prefix_cache=True)
     fields.update(overrides)
     cfg = SchedulerConfig(**fields)
     sched = Scheduler(cfg, clock=clock) if clock else Scheduler(cfg)
@@ -423,7 +424,8 @@ def test_add_validation_names_field_value_and_limit():
     ("model_stop_ids", {-1}, "model_stop_ids"),
 ])
 def test_config_validation(field, value, message):
-    fields = dict(num_slots=2, num_pages=40, max_model_len=128)
+    fields = dict(num_slots=2, num_pages=40, max_model_len=128, page_size=16, max_waiting=8,
+                  max_prefill_tokens=64, decode_steps=1, enable_prefix_cache=True)
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**{**fields, field: value})
 

@@ -19,10 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jaxgen.config import ServerConfig
 from jaxgen.request_stream import RequestOutput, RequestStream
 from jaxgen.scheduler import TokenLogprobs, Usage
 from jaxgen.server import request_mapping as rm
-from jaxgen.server.config import ServerConfig, read_api_keys, read_preset
 from jaxgen.server.stream_bridge import outputs, waker
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
@@ -42,8 +42,8 @@ def test_committed_stubs_equal_freshly_generated_ones(tmp_path):
 
 
 def test_the_engine_path_never_imports_grpc():
-    code = ("import sys, jaxgen.engine, jaxgen.runtime, jaxgen.models, jaxgen.cli; "
-            "jaxgen.cli._parser(); "
+    code = ("import sys, jaxgen.engine, jaxgen.build, jaxgen.runtime, jaxgen.models, jaxgen.cli; "
+            "jaxgen.cli.parser(); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' "
             "or m.startswith(('jaxgen.v1', 'jaxgen.server.servicer', 'jaxgen.server.lifecycle'))); "
             "assert not bad, bad")
@@ -63,71 +63,6 @@ def test_serving_without_metrics_never_imports_prometheus():
 def test_outcome_of_a_final_output(reason, detail, outcome):
     """One outcome serves the metrics label, the request log and the servicer's status code."""
     assert RequestOutput("r", (), "", finish_reason=reason, detail=detail).outcome == outcome
-
-
-# -- config -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("fields, message", [
-    (dict(port=70000), "port=70000: must be in [0, 65535]"),
-    (dict(tls_cert="server.crt"), "tls_key=None: TLS needs both a certificate and a key"),
-    (dict(api_keys=("ok", "has space")), "api_keys='<hidden>': each key must be non-empty"),
-    (dict(max_message_bytes=10), "max_message_bytes=10: must be an integer >= 1024"),
-    (dict(drain_timeout_s=-1.0), "drain_timeout_s=-1.0: must be >= 0"),
-    (dict(profiler_port=0), "profiler_port=0: must be in [1, 65535]"),  # the only check of it
-])
-def test_server_config_validation_names_the_field(fields, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        ServerConfig(**fields)
-
-
-def test_api_keys_from_flags_file_and_environment(tmp_path):
-    keys = tmp_path / "keys.txt"
-    keys.write_text("# production keys\n\n  b  \nc\n")
-    assert read_api_keys(["a"], str(keys), environ={"JAXGEN_API_KEYS": "d, a,"}) == ("a", "b", "c", "d")
-    assert read_api_keys([], None, environ={}) == ()
-
-
-def test_preset_reading_checks_names_and_types(tmp_path):
-    flags = {"slots": int, "drain_timeout": float, "model": str, "api_key": list, "warmup": bool}
-    preset = tmp_path / "p.json"
-    preset.write_text('{"slots": 4, "--drain-timeout": 2, "model": "m", "api-key": ["k"], "warmup": true}')
-    assert read_preset(str(preset), flags) == dict(slots=4, drain_timeout=2, model="m",
-                                                   api_key=["k"], warmup=True)
-    for text, message in [('{"slotz": 4}', "unknown setting 'slotz'"),
-                          ('{"slots": "4"}', "slots='4': expected int"),
-                          ('{"slots": true}', "slots=True: expected int"),
-                          ('[1]', "expected a JSON object"), ('{', "not valid JSON")]:
-        preset.write_text(text)
-        with pytest.raises(ValueError, match=message):
-            read_preset(str(preset), flags)
-
-
-def test_every_bundled_preset_is_valid():
-    from jaxgen.cli import _parser
-    from jaxgen.server.cli import read_serve_preset
-
-    _, serve = _parser()
-    presets = sorted((ROOT / "configs" / "serving").glob("*.json"))
-    assert presets
-    for path in presets:
-        assert read_serve_preset(str(path), serve)["model"]
-
-
-def test_the_engine_runs_in_its_own_process_unless_told_otherwise(tmp_path):
-    """`serve` puts the engine in a process of its own by default (it served the Gemma shape at
-    101% of the offline engine on an H200, the engine on a thread at 93%); --no-engine-process
-    or a preset's "engine-process": false keeps it on a thread."""
-    from jaxgen.cli import _parser
-    from jaxgen.server.cli import read_serve_preset
-
-    parser, serve = _parser()
-    assert parser.parse_args(["serve"]).engine_process is True
-    assert parser.parse_args(["serve", "--no-engine-process"]).engine_process is False
-    preset = tmp_path / "p.json"
-    preset.write_text('{"model": "m", "engine-process": false}')
-    serve.set_defaults(**read_serve_preset(str(preset), serve))
-    assert parser.parse_args(["serve"]).engine_process is False
-    assert parser.parse_args(["serve", "--engine-process"]).engine_process is True
 
 
 def run_cli(*args):
@@ -308,8 +243,7 @@ def test_engine_failure_turns_health_not_serving(monkeypatch):
     model = Model(TINY_LLAMA)
     engine = engine_for(model, model.init_random(seed=3), ByteTokenizer(), warmup=True)
     engine.start()
-    server = InProcessServer(ServerConfig(port=0, drain_timeout_s=5),
-                             lambda: ServingModel(engine, "tiny", (("data", 1), ("model", 1)), "cpu x1"))
+    server = InProcessServer(ServerConfig(port=0, drain_timeout_s=5), lambda: ServingModel(engine))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             health, stub = health_pb2_grpc.HealthStub(channel), pb_grpc.GenerationStub(channel)

@@ -26,8 +26,8 @@ import numpy as np
 
 from jaxgen import checkpoints
 from jaxgen.checkpoints.registry import bundled
-from jaxgen.engine import Engine, EngineConfig
-from jaxgen.runtime.runner import RunnerConfig
+from jaxgen.config import EngineConfig
+from jaxgen.engine import Engine
 from jaxgen.sampling_params import SamplingParams
 from pallas_kernels import resolve_backend
 
@@ -86,10 +86,10 @@ def main() -> None:
     loaded = checkpoints.load(args.model, attn_backend=args.attn_backend,
                               embed_layout=args.embed_layout)
     prompt_ids = loaded.tokenizer.encode(PROMPT)
-    runner = RunnerConfig(num_slots=1, page_size=16,
+    config = EngineConfig(num_slots=1, page_size=16,
                           max_model_len=max(args.max_model_len, len(prompt_ids) + args.new + 1),
                           decode_steps=args.decode_steps, max_prefill_tokens=64)
-    engine = Engine(loaded.model, loaded.params, loaded.tokenizer, EngineConfig(runner=runner))
+    engine = Engine(loaded.model, loaded.params, loaded.tokenizer, config)
     ours, our_ids = time_jaxgen(engine, prompt_ids, args.new, args.reps)
 
     import torch

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from device_ceilings import copy_bandwidth
-from jaxgen.engine import Engine, EngineConfig
+from jaxgen.config import EngineConfig
+from jaxgen.engine import Engine
 from pallas_kernels import resolve_backend
 from jaxgen.models import Model, ModelConfig
-from jaxgen.runtime.runner import RunnerConfig
 from jaxgen.sampling_params import SamplingParams
 
 PRESETS = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
@@ -87,12 +87,11 @@ def bench(name: str, batch: int, args, bandwidth: float) -> dict:
     cfg = load_preset(name)
     model = Model(cfg, attn_backend=args.attn_backend)
     params = random_params(model, seed=0)
-    runner = RunnerConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,
+    config = EngineConfig(num_slots=batch, max_model_len=args.prompt + args.new + 16,
                           decode_steps=args.decode_steps,
                           max_prefill_tokens=min(args.max_prefill_tokens, args.prompt * batch),
-                          memory_fraction=0.6)
-    engine = Engine(model, params, RandomTokenTokenizer(),
-                    EngineConfig(runner=runner, warmup=True, overlap_launch=args.overlap_launch))
+                          memory_utilization=0.6, warmup=True, overlap_launch=args.overlap_launch)
+    engine = Engine(model, params, RandomTokenTokenizer(), config)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
     run(engine, prompts, args.decode_steps + 1)  # first use of every shape

@@ -26,7 +26,7 @@ import numpy as np
 from grpc import aio
 
 from jaxgen.server.client import auth_metadata
-from jaxgen.server.config import grpc_target
+from jaxgen.config import grpc_target
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
@@ -194,14 +194,12 @@ def offline_engine(preset: str, serve_flags=(), longest: int = 0):
     """An in-process engine built from the serving preset the server runs (`jaxgen serve
     --config PRESET [serve_flags]`), warmed up as `serve` does (no compile inside a timing);
     `longest`: the longest request, for a preset without max-model-len."""
-    from jaxgen import cli
-    from jaxgen.server import cli as server_cli
+    from jaxgen.build import build_engine
+    from jaxgen.cli import parser
+    from jaxgen.config_sources import config_from_args
 
-    parser, serve = cli._parser()
-    serve.set_defaults(**server_cli.read_serve_preset(preset, serve))
-    args = parser.parse_args(["serve", "--config", preset, *serve_flags])
-    loaded, mesh = cli.load_model(args)
-    return cli.build_engine(args, loaded, longest, mesh=mesh, warmup=True)
+    args = parser().parse_args(["serve", "--config", preset, *serve_flags])
+    return build_engine(config_from_args(args, "serve"), longest=longest)
 
 
 def add_preset_workload_args(p: argparse.ArgumentParser, num_requests: int,
@@ -228,9 +226,9 @@ def preset_engine_and_workload(p: argparse.ArgumentParser, args):
         engine = offline_engine(args.config, args.serve_flags)
     except (ValueError, OSError) as e:
         p.error(str(e))
-    items = workload(args.num_requests, args.seed, engine.runner.model.config.vocab_size,
-                     engine.scheduler.config.max_model_len, args.max_prompt_tokens,
-                     args.max_output_tokens)
+    info = engine.info()
+    items = workload(args.num_requests, args.seed, info.vocab_size, info.max_model_len,
+                     args.max_prompt_tokens, args.max_output_tokens)
     return engine, items
 
 

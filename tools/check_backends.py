@@ -44,17 +44,17 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def run_backends(config, params, tokenizer, backends: list[str], prompts: list[list[int]],
                  max_tokens: int, **runner) -> dict[str, tuple[list[list[int]], float]]:
     """backend -> (token ids per prompt, seconds) for greedy continuous-batching runs of the
-    same weights; `runner`: RunnerConfig fields."""
-    from jaxgen.engine import Engine, EngineConfig
+    same weights; `runner`: EngineConfig fields."""
+    from jaxgen.config import EngineConfig
+    from jaxgen.engine import Engine
     from jaxgen.models import Model
-    from jaxgen.runtime.runner import RunnerConfig
     from jaxgen.sampling_params import SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = {}
     for backend in backends:
         engine = Engine(Model(config, attn_backend=backend), params, tokenizer,
-                        EngineConfig(runner=RunnerConfig(**runner)))
+                        EngineConfig(**runner))
         start = time.perf_counter()
         completions = engine.generate(prompts, sampling)
         out[backend] = ([list(c.token_ids) for c in completions], time.perf_counter() - start)

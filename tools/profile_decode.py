@@ -59,15 +59,15 @@ def trace_decode(batch: int, out: str) -> tuple[str, float]:
     import jax
 
     from bench_offline import RandomTokenTokenizer, random_params
-    from jaxgen.engine import Engine, EngineConfig
+    from jaxgen.config import EngineConfig
+    from jaxgen.engine import Engine
     from jaxgen.models import Model, ModelConfig
-    from jaxgen.runtime.runner import RunnerConfig
     from jaxgen.sampling_params import SamplingParams
 
     model = Model(ModelConfig.from_json_file("configs/models/llama-3.2-1b.json"))
     engine = Engine(model, random_params(model), RandomTokenTokenizer(), EngineConfig(
-        runner=RunnerConfig(num_slots=batch, max_model_len=512, decode_steps=16,
-                            max_prefill_tokens=128 * batch, memory_fraction=0.5)))
+        num_slots=batch, max_model_len=512, decode_steps=16, max_prefill_tokens=128 * batch,
+        memory_utilization=0.5))
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(128)] for i in range(batch)]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     engine.generate(prompts, params)  # compile outside the trace

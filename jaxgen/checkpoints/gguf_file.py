@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from jaxgen.checkpoints.errors import CheckpointError
-from jaxgen.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
+from jaxgen.gguf_reader import GGUFFile, GGUFFormatError
 from jaxgen.models import ModelConfig, RopeScaling
 
 # Gemma 3 family constants that the GGUF does not carry.

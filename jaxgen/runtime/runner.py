@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.config import EngineConfig
 from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, insert
@@ -27,58 +27,40 @@ from jaxgen.scheduler.plan import StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
 
-# Pages when the device cannot report free memory (CPU): 16k tokens at page size 16.
+# Pages when the device cannot report free memory and no share of it was asked for (CPU):
+# 16k tokens at page size 16.
 DEFAULT_CPU_PAGES = 1024
+DEFAULT_MEMORY_UTILIZATION = 0.5  # share of free accelerator memory for the pool
 
 
-@dataclasses.dataclass(frozen=True)
-class RunnerConfig:
-    num_slots: int = 8
-    page_size: int = 16
-    max_model_len: int = 4096
-    decode_steps: int = 8  # tokens per `generate` call (on-device loop)
-    max_prefill_tokens: int = 512  # largest prefill bucket = per-step prefill token budget
-    num_pages: int | None = None  # None: from free device memory
-    memory_fraction: float = 0.5  # share of free device memory for the page pool
-
-    def __post_init__(self):
-        def positive(name):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("num_slots", "max_model_len", "decode_steps", "max_prefill_tokens"):
-            positive(name)
-        if self.page_size < 16 or self.page_size % 16:
-            raise ValueError(f"page_size={self.page_size}: must be a positive multiple of 16")
-        if self.num_pages is not None and self.num_pages < 2:
-            raise ValueError(f"num_pages={self.num_pages}: must be >= 2 (page 0 is reserved)")
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"memory_fraction={self.memory_fraction}: must be in (0, 1]")
-
-    @property
-    def pages_per_seq(self) -> int:
-        # Room for decode writes past the last kept token (they land in the null page).
-        return math.ceil((self.max_model_len + self.decode_steps) / self.page_size)
-
-    @property
-    def prefill_buckets(self) -> tuple[int, ...]:
-        buckets, size = [], 16
-        while size < self.max_prefill_tokens:
-            buckets.append(size)
-            size *= 2
-        return tuple(buckets) + (self.max_prefill_tokens,)
-
-
-def size_page_pool(model: Model, cfg: RunnerConfig, dtype) -> int:
-    """Pages that fit in `memory_fraction` of the device's free memory (all layers)."""
+def size_page_pool(model: Model, cfg: EngineConfig, dtype) -> int:
+    """`cfg.num_pages`, else the pages that fit in `cfg.memory_utilization` of the free memory
+    (all layers): the device's, or on CPU the host's available memory (only when a share was
+    asked for: DEFAULT_CPU_PAGES otherwise)."""
     if cfg.num_pages is not None:
         return cfg.num_pages
     stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
+    share = cfg.memory_utilization
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        share = DEFAULT_MEMORY_UTILIZATION if share is None else share
+    elif share is None or (free := host_available_bytes()) is None:
         return DEFAULT_CPU_PAGES
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     c = model.config
     per_page = c.num_layers * cfg.page_size * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
-    return max(2, int(free * cfg.memory_fraction) // per_page)
+    return max(2, int(free * share) // per_page)
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +77,9 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, params, cfg: RunnerConfig, mesh=None):
+    def __init__(self, model: Model, params, cfg: EngineConfig, mesh=None):
+        """`cfg`: the engine's config with max_model_len resolved (`EngineConfig.resolved`)."""
+        cfg = cfg.resolved(model.config.max_position_embeddings)
         self.model, self.cfg, self._mesh = model, cfg, mesh
         self.num_pages = size_page_pool(model, cfg, model.config.dtype)
         # Params, pools and state are placed explicitly (committed), like the jit outputs they

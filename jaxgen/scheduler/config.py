@@ -12,15 +12,17 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
+    # No defaults: the engine derives these from its EngineConfig (jaxgen.engine.scheduler_config),
+    # the one place their defaults live.
     num_slots: int  # decode batch rows
     num_pages: int  # KV pages in the pool, the null page 0 included
     max_model_len: int  # prompt + max_tokens limit of one request
-    page_size: int = 16  # tokens per page, a multiple of 16
-    max_waiting: int = 1024  # bound of the waiting queue; add() beyond it raises QueueFullError
-    max_prefill_tokens: int = 2048  # prompt tokens prefilled per step, over all chunks
-    decode_steps: int = 1  # k: tokens each decode slot advances per step (StepPlan.num_steps)
+    page_size: int  # tokens per page, a multiple of 16
+    max_waiting: int  # bound of the waiting queue; add() beyond it raises QueueFullError
+    max_prefill_tokens: int  # prompt tokens prefilled per step, over all chunks
+    decode_steps: int  # k: tokens each decode slot advances per step (StepPlan.num_steps)
+    enable_prefix_cache: bool
     model_stop_ids: frozenset[int] = frozenset()  # ignored for requests with ignore_eos
-    enable_prefix_cache: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "model_stop_ids", frozenset(self.model_stop_ids))

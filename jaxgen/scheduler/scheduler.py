@@ -105,31 +105,15 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        """The next step, with nothing in flight (empty when there is nothing to do)."""
         if any(self._live_in(p) for p in self._in_flight):
             raise RuntimeError(f"schedule() called while step {self._in_flight[0].step} is in "
                                f"flight: call update() with its output first")
         self._in_flight = []
         now = self._clock()
         self._drop_leaving(now)
-        decode_slots, preempted = self._grow_decoders()
-        prefills, assignments = self._schedule_prefills(now, admit=not preempted)
-        if not prefills and not decode_slots:
-            return StepPlan(step=self._step)
-        page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
-        plan = StepPlan(
-            step=self._step,
-            prefills=tuple(prefills),
-            decode_slots=tuple(decode_slots),
-            decode_positions=tuple(self._slots[s].num_computed_tokens for s in decode_slots),
-            decode_serials=tuple(self._slots[s].serial for s in decode_slots),
-            num_steps=self.config.decode_steps,
-            page_table_updates=page_table_updates,
-            assignments=tuple(assignments),
-            freed_slots=freed_slots,
-        )
-        self._step += 1
-        self._in_flight = [plan]
-        return plan
+        decode, preempted = self._grow_decoders()
+        return self._plan(now, decode, admit=not preempted)
 
     def schedule_ahead(self) -> StepPlan | None:
         """The step after the one in flight, planned before that one's tokens are known.
@@ -152,10 +136,45 @@ class Scheduler:
         if any(r.pending_abort is not None or (r.deadline is not None and now >= r.deadline)
                for r in self._requests.values()):
             return None
+        decode = self._decoders_after(last)
+        if decode is None:
+            return None
+        plan = self._plan(now, decode, admit=True, after=last)
+        return None if plan.empty else plan
+
+    def _plan(self, now: float, decode: list[tuple[int, int, int]], admit: bool,
+              after: StepPlan | None = None) -> StepPlan:
+        """The one planner: `decode` (slot, input position, serial) rows whose pages are
+        reserved, plus prompt chunks under the token budget (admitting waiting requests when
+        `admit`); `after`: the plan in flight when planning ahead. An empty plan when nothing
+        is to run (it is not in flight)."""
+        prefills, assignments = self._schedule_prefills(now, admit=admit, after=after)
+        if not prefills and not decode:
+            return StepPlan(step=self._step)
+        page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
+        decode = sorted(decode)
+        plan = StepPlan(
+            step=self._step,
+            prefills=tuple(prefills),
+            decode_slots=tuple(d[0] for d in decode),
+            decode_positions=tuple(d[1] for d in decode),
+            decode_serials=tuple(d[2] for d in decode),
+            num_steps=self.config.decode_steps,
+            page_table_updates=page_table_updates,
+            assignments=tuple(assignments),
+            freed_slots=freed_slots,
+        )
+        self._step += 1
+        self._in_flight.append(plan)
+        return plan
+
+    def _decoders_after(self, last: StepPlan) -> list[tuple[int, int, int]] | None:
+        """The decode rows of the step after `last` (in flight), with their pages reserved; None
+        when the pool cannot hold them without preemption."""
         sampled = {c.serial: c for c in last.prefills if c.sample}
         k = self.config.decode_steps
         in_last = set(last.decode_serials)
-        grow, slots, positions = [], [], []
+        grow = []
         for request in self._running:
             chunk = sampled.get(request.serial)
             if chunk is not None:
@@ -166,34 +185,14 @@ class Scheduler:
                 continue
             if request.params.max_tokens - len(request.output_ids) <= made:
                 continue  # ends with the in-flight step (length)
-            grow.append((request, self._pages_to_decode_from(request, start)))
-            slots.append(request.slot)
-            positions.append(start)
-        if not self.allocator.can_allocate(sum(n for _, n in grow)):
+            grow.append((request, start, self._pages_to_decode_from(request, start)))
+        if not self.allocator.can_allocate(sum(n for _, _, n in grow)):
             return None
-        for request, n in grow:
+        for request, _, n in grow:
             if n:
                 request.pages += self.allocator.allocate(n)
                 self._slots.pages_changed(request.slot)
-        prefills, assignments = self._schedule_prefills(now, admit=True, after=last)
-        if not slots and not prefills:
-            return None
-        page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
-        order = sorted(range(len(slots)), key=slots.__getitem__)
-        plan = StepPlan(
-            step=self._step,
-            prefills=tuple(prefills),
-            decode_slots=tuple(slots[i] for i in order),
-            decode_positions=tuple(positions[i] for i in order),
-            decode_serials=tuple(grow[i][0].serial for i in order),
-            num_steps=k,
-            page_table_updates=page_table_updates,
-            assignments=tuple(assignments),
-            freed_slots=freed_slots,
-        )
-        self._step += 1
-        self._in_flight.append(plan)
-        return plan
+        return [(request.slot, start, request.serial) for request, start, _ in grow]
 
     def abandon_in_flight(self) -> None:
         """Forget plans that will never be updated (their device step failed)."""
@@ -222,11 +221,11 @@ class Scheduler:
             if detail is not None:
                 self._events.append(self._end(request, "abort", detail))
 
-    def _grow_decoders(self) -> tuple[list[int], bool]:
+    def _grow_decoders(self) -> tuple[list[tuple[int, int, int]], bool]:
         """Give every decoding request pages for the tokens it keeps this step, oldest first,
         preempting the newest running requests when the pool runs dry.
-        Returns (decode slots, whether anyone was preempted)."""
-        slots, preempted = [], False
+        Returns (decode rows: slot, input position, serial; whether anyone was preempted)."""
+        rows, preempted = [], False
         for request in [r for r in self._running if r.decoding]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room for an older request
@@ -244,8 +243,10 @@ class Scheduler:
             if pages:
                 request.pages += pages
                 self._slots.pages_changed(request.slot)
-            slots.append(request.slot)
-        return sorted(slots), preempted
+            rows.append(request)
+        # Read after the loop: a request preempted by a later one's growth leaves the rows.
+        return [(r.slot, r.num_computed_tokens, r.serial) for r in rows
+                if r.status is RequestStatus.RUNNING], preempted
 
     def _pages_to_decode_from(self, request: Request, position: int) -> int:
         """New pages `request` needs to decode `decode_steps` tokens feeding `position` first.

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
-from jaxgen.server.config import grpc_target
+from jaxgen.config import grpc_target
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 

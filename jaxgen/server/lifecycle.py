@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxgen.server.auth import ApiKeyInterceptor
-from jaxgen.server.config import ServerConfig
+from jaxgen.config import ServerConfig
 from jaxgen.server.servicer import GenerationServicer
 from jaxgen.server.serving_model import ServingModel
 from jaxgen.v1 import generation_pb2 as pb
@@ -138,7 +138,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
     """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
     propagate after the server has stopped."""
     servicer = GenerationServicer()
-    if config.profiler_port is not None:
+    if config.profiler_port is not None and not config.engine_process:  # else the engine process's
         jax.profiler.start_server(config.profiler_port)  # the port is checked by ServerConfig
         _say(f"profiler server on port {config.profiler_port}")
     health_servicer = health.aio.HealthServicer()

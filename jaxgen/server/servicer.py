@@ -25,7 +25,7 @@ import uuid
 import grpc
 
 from jaxgen.profiling import ProfileBusyError, trace_chunks
-from jaxgen.scheduler import QueueFullError
+from jaxgen.engine_api import EngineDeadError, QueueFullError
 from jaxgen.server import request_mapping as rm
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
 from jaxgen.server.stream_bridge import drain, outputs, wake_on
@@ -92,9 +92,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; retry later")
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
-        except RuntimeError as e:
-            if m.engine.dead is None:
-                raise
+        except EngineDeadError as e:
             await context.abort(Code.UNAVAILABLE, str(e))
         self._in_engine.add(request_id)
         # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
@@ -173,18 +171,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def CaptureProfile(self, request: pb.CaptureProfileRequest, context):
         m = await self._ready(context)
-        if m.profile is None:
-            await context.abort(Code.FAILED_PRECONDITION, "profiling is not enabled on this server")
         try:
             # Off the event loop: the trace must see the server serving meanwhile.
-            directory = await asyncio.to_thread(m.profile, request.duration_s)
+            directory = await asyncio.to_thread(m.engine.capture_profile, request.duration_s)
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         except ProfileBusyError as e:
             await context.abort(Code.FAILED_PRECONDITION, str(e))
         except TimeoutError as e:  # the engine did not pause for the profiler to switch
             await context.abort(Code.UNAVAILABLE, str(e))
-        except RuntimeError as e:  # the engine process is gone (--engine-process)
+        except EngineDeadError as e:  # the engine (process) is gone
             await context.abort(Code.UNAVAILABLE, f"the engine has failed: {e}")
         for path, offset, data, last in trace_chunks(directory, PROFILE_CHUNK_BYTES):
             yield pb.ProfileChunk(server_dir=directory, path=path, offset=offset, data=data,

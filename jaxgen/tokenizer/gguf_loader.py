@@ -22,7 +22,7 @@ from jaxgen.tokenizer.sentencepiece_proto import NORMAL, UNKNOWN, build_bpe_mode
 from jaxgen.tokenizer.settings import TokenizerSettings
 
 if TYPE_CHECKING:  # `gguf` is imported only when a GGUF is read: serving hosts may lack it.
-    from jaxgen.checkpoints.gguf_reader import GGUFFile
+    from jaxgen.gguf_reader import GGUFFile
 
 SUPPORTED_MODELS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
 _MISSING = object()
@@ -104,7 +104,7 @@ def _unknown_id(metadata: _Metadata, types: list[int]) -> int:
 
 
 def _open(reader_or_path: "GGUFFile | str | os.PathLike") -> "GGUFFile":
-    from jaxgen.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
+    from jaxgen.gguf_reader import GGUFFile, GGUFFormatError
 
     if isinstance(reader_or_path, GGUFFile):
         return reader_or_path

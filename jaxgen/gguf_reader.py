@@ -6,6 +6,10 @@ Why not `gguf.GGUFReader`: it builds a numpy view for every part of every metada
 box, most of a first `jaxgen serve`. This reader opens the same file in well under a second.
 The `gguf` package is still what dequantizes tensors (`gguf.quants`) and names tensor types.
 
+A module of its own, importing no other jaxgen module: checkpoints read a GGUF's tensors and
+config, the tokenizer its vocabulary, and the tokenizer need not import checkpoints (the arrow
+between the two runs checkpoints -> tokenizer only).
+
 Format (little-endian, versions 2 and 3): magic `GGUF`, u32 version, u64 tensor count, u64
 metadata count; metadata as (string key, u32 value type, value), strings as u64 length + UTF-8,
 arrays as (u32 element type, u64 count, elements); tensor infos as (string name, u32 n_dims,
