@@ -5,10 +5,12 @@ Design
 - Both kernels take the page pool in HBM (`memory_space=ANY`) and the page table, `kv_lens`,
   `cu_q_lens`, `num_seqs` by scalar prefetch (SMEM; the page table flattened to 1-D so SMEM is
   not padded per row). KV blocks of `num_kv_pages_per_block` pages are fetched by manual async
-  DMA into two VMEM slots, one DMA per (page, K or V, kv head), which de-interleaves K and V on
-  the way; the next block (also the next sequence's first block) is in flight while the current
-  one is computed. All query heads of one kv head go through one `[rows, D] x [D, tokens]`
-  matmul (GQA/MQA packing); online softmax in f32; f32 inputs use HIGHEST matmul precision.
+  DMA into two VMEM slots, one DMA per whole page (`[page_size, 2*Hkv, D]`, K and V still
+  interleaved); the next block (also the next sequence's first block) is in flight while the
+  current one is computed. In VMEM one transpose of the block puts K and V of every kv head in
+  plain `[tokens, D]` tiles (`tpu_kv_stream` says why the DMA cannot split them for 16-bit
+  pools). All query heads of one kv head go through one `[rows, D] x [D, tokens]` matmul
+  (GQA/MQA packing); online softmax in f32; f32 inputs use HIGHEST matmul precision.
 - Decode (`decode_only=True`, `tpu_decode`): grid `(S,)`, one sequence per step, query block
   `[1, Hkv, G, D]`. Mixed (`tpu_mixed`): grid `(cdiv(T, num_queries_per_block),)`, query block
   `[Hkv, num_queries_per_block * G, D]`; each step loops over the sequences meeting its rows.
@@ -19,7 +21,9 @@ Design
 - Fused write: grid step 0 DMAs the step's new K/V (interleaved and cast to the pool dtype
   outside the kernel) into their pages before anything is fetched; the pool is aliased in -> out.
   Rows are copied, not recomputed, so written rows equal the reference bit for bit and no other
-  row is touched.
+  row is touched. A token's row is all `2*Hkv` heads, so writes are aligned for every dtype.
+- Each `pallas_call` carries a `pl.CostEstimate` (flops, exp/tanh count, HBM bytes) for the
+  largest context its shapes allow, so XLA's scheduler and cost model see the kernel.
 
 Contract details settled as the reference does: a query row whose position would be negative
 (`q_len > kv_len`) writes nothing and outputs 0; the decode kernel never reads `cu_q_lens`
@@ -28,17 +32,17 @@ Contract details settled as the reference does: a query row whose position would
 Limits
 - Grid semantics are sequential ("arbitrary"): step 0 writes for everybody and prefetch runs
   across steps, so a megacore chip uses one TensorCore per call.
-- One DMA per (page, K or V, head): 2 * Hkv descriptors per page, each `page_size` rows of `D`
-  strided by `2 * Hkv * D`. With many kv heads and small pages, descriptor issue rather than HBM
-  bandwidth may bound decode (unmeasured); a whole-page DMA plus strided VMEM loads is the
-  alternative, at the price of sublane-strided (and, for bf16, packed) loads.
+- A block is fetched with all `2*Hkv` heads of its pages, so VMEM holds `2 slots * tokens *
+  2*Hkv * D` of the pool dtype (heads are not split across grid steps); a `2*Hkv` that is
+  neither a power of two below 8 nor a multiple of 8 is padded in VMEM (6 rows take 8).
 - The page table, `kv_lens` and `cu_q_lens` live in SMEM whole; very large `S * pages_per_seq`
   would need the table prefetched in chunks, which these kernels do not do.
-- Mosaic tiling wants `num_queries_per_block * G` a multiple of 8 (16 for bf16 q) unless one
-  query block covers all tokens, and `head_dim` a multiple of 128 for full lanes.
-- Verified under the TPU interpreter on CPU (race detection on), and the Pallas -> Mosaic
-  lowering is checked for a v5e target; libtpu's compile and all timings need a TPU and were
-  not run, so the default block sizes are reasoned, not tuned.
+- `num_queries_per_block` is rounded up so a query block is whole sublane tiles
+  (`tpu_mixed.query_block`); `head_dim` a multiple of 128 fills the lanes.
+- Verified on CPU: numerics under the TPU interpreter (race detection on), and libtpu's whole
+  compile (Mosaic included) for v5e and v6e targets with no TPU attached
+  (tests/test_tpu_compile.py). Timings, and the numerics of the compiled kernel, need a TPU and
+  were not run, so the default block sizes are reasoned, not tuned.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ class TpuBlockSizes:
 
     num_kv_pages_per_block: pages per KV block (clamped to pages_per_seq); tokens per block =
       this * page_size. Bigger blocks mean fewer, larger DMAs and matmuls but more VMEM
-      (2 slots * 2 (K, V) * Hkv * tokens * D * itemsize) and more wasted work past kv_len.
-    num_queries_per_block: query tokens per grid step of the mixed kernel.
+      (2 slots * tokens * 2*Hkv * D * itemsize) and more wasted work past kv_len.
+    num_queries_per_block: query tokens per grid step of the mixed kernel, rounded up so that
+      `num_queries_per_block * (Hq / Hkv)` is a multiple of 8 (`tpu_mixed.query_block`).
     vmem_limit_bytes: scoped-VMEM limit handed to Mosaic, or None for its default.
     """
     num_kv_pages_per_block: int = 8

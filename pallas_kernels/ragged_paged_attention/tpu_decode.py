@@ -42,7 +42,7 @@ def _decode_kernel(
     kv_lens_ref, pages_ref, num_seqs_ref,  # scalar prefetch (SMEM)
     q_ref, new_kv_hbm, _pool_in,  # q [Hkv, G, D]; new K/V [S, 2*Hkv, D]; the aliased pool
     o_ref, pool_hbm,  # out [Hkv, G, D]; pool [num_pages, page_size, 2*Hkv, D]
-    k_buf, v_buf, sems, write_sem, state_ref, m_ref, l_ref, acc_ref,  # scratch
+    kv_buf, sems, write_sem, state_ref, m_ref, l_ref, acc_ref,  # scratch
     *, geo: kvs.Geometry, sm_scale, sliding_window, soft_cap,
 ):
     step, num_rows = pl.program_id(0), pl.num_programs(0)
@@ -61,7 +61,7 @@ def _decode_kernel(
 
     kv_len = kv_lens_ref[step]
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-    kvs.attend_item(geo, (pages_ref, pool_hbm, k_buf, v_buf, sems), (m_ref, l_ref, acc_ref),
+    kvs.attend_item(geo, (pages_ref, pool_hbm, kv_buf, sems), (m_ref, l_ref, acc_ref),
                     state_ref, item_of(step), item_of(step + 1), q_ref, o_ref, kv_len - 1, True,
                     kv_len, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
@@ -78,5 +78,7 @@ def decode_attention(q, new_kv, kv_pages, kv_lens, pages_flat, num_seqs, *, geo,
         kernel, (kv_lens, pages_flat, num_seqs), q.reshape(num_rows, hkv, group, head_dim),
         new_kv, kv_pages, geo=geo, grid=(num_rows,), softmax_rows=(hkv, group),
         q_spec=pl.BlockSpec((None, hkv, group, head_dim), lambda s, *_: (s, 0, 0, 0)),
-        vmem_limit_bytes=vmem_limit_bytes, name="rpa_decode")
+        vmem_limit_bytes=vmem_limit_bytes, name="rpa_decode",
+        cost=kvs.cost_estimate(geo, items=num_rows, rows_per_item=1, q=q, new_kv=new_kv,
+                               kv_pages=kv_pages, window=sliding_window, soft_cap=soft_cap))
     return out.reshape(q.shape), kv_pages

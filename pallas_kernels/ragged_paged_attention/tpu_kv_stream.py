@@ -1,13 +1,21 @@
 """Pieces shared by the TPU decode and mixed kernels: the fused new-K/V write, the double-buffered
-stream of a sequence's KV blocks from the HBM page pool into VMEM, and the online-softmax update.
+stream of a sequence's KV blocks from the HBM page pool into VMEM, the online-softmax update and
+the cost estimate XLA sees.
 
 A *work item* is one sequence seen by one query block (the decode kernel: one sequence per grid
 step). Its KV range is the pages `[lo, hi)` its query rows can see (window start to last query
-position); a KV block is `pages_per_block` consecutive entries of that range, fetched page by
-page and head by head, so K and V of kv head `h` land de-interleaved in `k_buf[slot, h]` and
-`v_buf[slot, h]` as plain `[tokens, D]` tiles: no ref is reshaped, sliced with a stride or
-bitcast (the TPU interpreter and Mosaic both run that). Pages of a block past `hi` are not
-fetched; their VMEM rows hold stale data and are masked by select.
+position); a KV block is `pages_per_block` consecutive entries of that range, fetched with one
+DMA per page: the whole `[page_size, 2*Hkv, D]` page, K and V still interleaved. Pages of a
+block past `hi` are not fetched; their VMEM rows hold stale data and are masked by select.
+
+Why whole pages: a DMA may only slice the pool's tiled dimension (`2*Hkv`, the second-minor)
+in whole packed rows. A bfloat16 row is half of a 32-bit word (rows `2h` and `2h + 1`, K and V
+of head `h`, share one), so the per-head, per-K-or-V DMA that works for float32 is rejected by
+Mosaic for every 16-bit pool. A whole page is always aligned, and it is one descriptor instead of
+`2*Hkv`. K and V are separated in VMEM instead: one `[L, 2*Hkv, D] -> [2*Hkv, L, D]` transpose of
+the block (Mosaic lowers it to sublane-strided loads, which also unpack the packed pairs), after
+which K of head `h` is row `2h` and V row `2h + 1` as plain `[L, D]` tiles. No ref is reshaped
+or bitcast, so the TPU interpreter runs the same code Mosaic compiles.
 
 Double buffering runs across work items: while the last block of an item is computed, the first
 block of the next item is already in flight. `state_ref` (SMEM, kept across grid steps) says
@@ -17,8 +25,8 @@ therefore use sequential ("arbitrary") grid semantics.
 
 `attend_item` runs one work item end to end (online softmax over its streamed blocks) for query
 rows laid out `[Hkv, R, D]`; `stream_call` is the `pallas_call` frame both kernels share (scalar
-prefetch, the pool in HBM aliased in -> out, the scratch above). Grids, query blocks and which
-sequences a grid step visits are the kernels' business.
+prefetch, the pool in HBM aliased in -> out, the scratch above, the cost estimate). Grids, query
+blocks and which sequences a grid step visits are the kernels' business.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 PENDING, NEXT_SLOT = 0, 1
 STATE_SIZE = 2
 LANES = 128  # m / l scratch rows are lane-replicated, as Mosaic wants whole vregs
+SUBLANES = 8  # a block's second-minor dimension must be a multiple of this (or the whole array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,31 +84,26 @@ def make_item(geo: Geometry, seq, live, first_pos, last_pos, window: int | None)
 
 
 def _page_copies(geo, refs, item: Item, block, slot):
-    """[(fetch this page?, [DMA descriptors])] for KV block `block` of `item` into `slot`."""
-    pages_ref, pool_hbm, k_buf, v_buf, sems = refs
+    """[(fetch this page?, its DMA)] for KV block `block` of `item` into `slot`: whole pages."""
+    pages_ref, pool_hbm, kv_buf, sems = refs
     out = []
     for i in range(geo.pages_per_block):
         page = item.lo + block * geo.pages_per_block + i
         fetch = page < item.hi
         page_id = pages_ref[item.seq * geo.pages_per_seq + jnp.minimum(page, geo.pages_per_seq - 1)]
-        rows = pl.ds(i * geo.page_size, geo.page_size)
-        copies = []
-        for h in range(geo.num_kv_heads):
-            copies.append(pltpu.make_async_copy(
-                pool_hbm.at[page_id, :, 2 * h, :], k_buf.at[slot, h, rows, :], sems.at[slot]))
-            copies.append(pltpu.make_async_copy(
-                pool_hbm.at[page_id, :, 2 * h + 1, :], v_buf.at[slot, h, rows, :], sems.at[slot]))
-        out.append((fetch, copies))
+        copy = pltpu.make_async_copy(pool_hbm.at[page_id],
+                                     kv_buf.at[slot, pl.ds(i * geo.page_size, geo.page_size)],
+                                     sems.at[slot])
+        out.append((fetch, copy))
     return out
 
 
 def _copy_block(geo, refs, item, block, slot, *, wait: bool):
     """Starts (or waits for) the fetch of KV block `block` of `item` into `slot`."""
-    for fetch, copies in _page_copies(geo, refs, item, block, slot):
+    for fetch, copy in _page_copies(geo, refs, item, block, slot):
         @pl.when(fetch)
         def _():
-            for c in copies:
-                (c.wait if wait else c.start)()
+            (copy.wait if wait else copy.start)()
 
 
 def _start_into_next_slot(geo, refs, state_ref, item, block):
@@ -217,7 +221,7 @@ def attend_item(geo: Geometry, refs, softmax_refs, state_ref, item: Item, succes
     `in_item` and `q_pos` are `[R, 1]` columns or scalars (a decode item: every row, one
     position). `softmax_refs` is the `(m, l, acc)` scratch, `[Hkv, R, LANES | D]` f32.
     """
-    _, _, k_buf, v_buf, _ = refs
+    kv_buf = refs[2]
     m_ref, l_ref, acc_ref = softmax_refs
 
     @pl.when(item.num_blocks > 0)
@@ -230,8 +234,9 @@ def attend_item(geo: Geometry, refs, softmax_refs, state_ref, item: Item, succes
         if sliding_window is not None:
             visible &= key_pos > q_pos - sliding_window
         key_valid = written_rows(geo, item, block, kv_len)
+        heads = jnp.swapaxes(kv_buf[slot], 0, 1)  # [2*Hkv, L, D]: K of head h is row 2h
         for h in range(geo.num_kv_heads):
-            update_softmax(q_ref[h], k_buf[slot, h], v_buf[slot, h], visible, key_valid,
+            update_softmax(q_ref[h], heads[2 * h], heads[2 * h + 1], visible, key_valid,
                            m_ref.at[h], l_ref.at[h], acc_ref.at[h],
                            sm_scale=sm_scale, soft_cap=soft_cap)
 
@@ -244,18 +249,47 @@ def attend_item(geo: Geometry, refs, softmax_refs, state_ref, item: Item, succes
             o_ref[h] = jnp.where(in_item, out, o_ref[h])
 
 
+def context_tokens(geo: Geometry, window: int | None, span: int) -> int:
+    """The most context tokens one work item fetches: whole pages from the window start of its
+    first query row to its last row, `span` rows apart (all of a sequence's pages without a
+    window)."""
+    pages = geo.pages_per_seq
+    if window is not None:
+        pages = min(pages, -(-(window + span - 1) // geo.page_size) + 1)
+    return pages * geo.page_size
+
+
+def cost_estimate(geo: Geometry, *, items: int, rows_per_item: int, q, new_kv, kv_pages,
+                  window: int | None, soft_cap: float | None) -> pl.CostEstimate:
+    """What a call does at most, for XLA's scheduler and cost model: `items` work items of
+    `rows_per_item` query tokens each, every item at the largest context it can see (the call's
+    shapes bound it; the real `kv_lens` are unknown when compiling). Counts the two attention
+    matmuls, the exp (and tanh with a soft-cap) of every score, and HBM traffic: the context read,
+    queries in, outputs out, and the new K/V read and written into their pages."""
+    _, num_q_heads, head_dim = q.shape
+    context = context_tokens(geo, window, rows_per_item)
+    scores = items * rows_per_item * num_q_heads * context
+    row_bytes = kv_pages.shape[2] * head_dim * kv_pages.dtype.itemsize  # one token's K and V
+    return pl.CostEstimate(
+        flops=4 * head_dim * scores,
+        transcendentals=scores * (1 if soft_cap is None else 2),
+        bytes_accessed=(items * context * row_bytes + 2 * q.size * q.dtype.itemsize
+                        + 2 * new_kv.size * new_kv.dtype.itemsize))
+
+
 def stream_call(kernel, scalars, q, new_kv, kv_pages, *, geo: Geometry, q_spec, grid,
-                softmax_rows, vmem_limit_bytes, name):
+                softmax_rows, vmem_limit_bytes, cost, name):
     """`kernel` over `grid` with `scalars` (i32 arrays) by scalar prefetch, `q` blocked by
     `q_spec` (the output alike), `new_kv` and `kv_pages` in HBM with the pool aliased to output 1,
-    and the scratch `kernel` takes after its outputs: `k_buf, v_buf, sems, write_sem, state_ref,
-    m_ref, l_ref, acc_ref`, the softmax refs `[*softmax_rows, LANES | D]`."""
+    and the scratch `kernel` takes after its outputs: `kv_buf [2, L, 2*Hkv, D], sems, write_sem,
+    state_ref, m_ref, l_ref, acc_ref`, the softmax refs `[*softmax_rows, LANES | D]`. `cost` is
+    the call's `pl.CostEstimate`."""
     head_dim = q.shape[-1]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    buf = pltpu.VMEM((2, geo.num_kv_heads, geo.block_tokens, head_dim), kv_pages.dtype)
+    buf = pltpu.VMEM((2, geo.block_tokens, 2 * geo.num_kv_heads, head_dim), kv_pages.dtype)
     stats = pltpu.VMEM((*softmax_rows, LANES), jnp.float32)
     scratch = [
-        buf, buf,
+        buf,
         pltpu.SemaphoreType.DMA((2,)),
         pltpu.SemaphoreType.DMA(()),
         pltpu.SMEM((STATE_SIZE,), jnp.int32),
@@ -273,6 +307,7 @@ def stream_call(kernel, scalars, q, new_kv, kv_pages, *, geo: Geometry, q_spec, 
         input_output_aliases={len(scalars) + 2: 1},  # the pool: after the scalars, q and new_kv
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes),
+        cost_estimate=cost,
         name=name,
     )(*scalars, q, new_kv, kv_pages)
 

@@ -16,6 +16,7 @@ power-of-two lengths per page), all started, then all waited, before any KV is f
 from __future__ import annotations
 
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -41,7 +42,7 @@ def _mixed_kernel(
     kv_lens_ref, pages_ref, cu_ref, num_seqs_ref, first_seq_ref,  # scalar prefetch (SMEM)
     q_ref, new_kv_hbm, _pool_in,  # q [Hkv, bq * G, D]; new K/V [T, 2*Hkv, D]; the aliased pool
     o_ref, pool_hbm,  # out [Hkv, bq * G, D]; pool [num_pages, page_size, 2*Hkv, D]
-    k_buf, v_buf, sems, write_sem, state_ref, m_ref, l_ref, acc_ref,  # scratch
+    kv_buf, sems, write_sem, state_ref, m_ref, l_ref, acc_ref,  # scratch
     *, geo: kvs.Geometry, block_q: int, group: int, sm_scale, sliding_window, soft_cap,
 ):
     blk, num_blks = pl.program_id(0), pl.num_programs(0)
@@ -72,7 +73,7 @@ def _mixed_kernel(
                           num_seqs)
 
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-    refs = (pages_ref, pool_hbm, k_buf, v_buf, sems)
+    refs = (pages_ref, pool_hbm, kv_buf, sems)
     row_token = kvs.row_tokens(blk * block_q, block_q * group, group)
 
     def run_seq(seq):
@@ -89,13 +90,23 @@ def _mixed_kernel(
     lax.while_loop(lambda seq: in_block(blk, seq), run_seq, first_seq_ref[blk])
 
 
+def query_block(requested: int, num_tokens: int, group: int) -> int:
+    """Query tokens per grid step: `requested`, rounded up so that a block's `tokens * group`
+    query rows are whole sublane tiles (Mosaic tiles the second-minor dimension of the `[Hkv,
+    rows, D]` query block by 8, packed dtypes included), or every token in one block, which
+    needs no alignment."""
+    step = kvs.SUBLANES // math.gcd(kvs.SUBLANES, group)
+    block = -(-requested // step) * step
+    return num_tokens if block >= num_tokens else block
+
+
 def mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat, cu_q_lens, num_seqs, *, geo,
                     block_q, sm_scale, sliding_window, soft_cap, vmem_limit_bytes):
     """q `[T, Hq, D]`, new_kv `[T, 2*Hkv, D]` (pool dtype) -> (out `[T, Hq, D]`, kv_pages)."""
     num_tokens, num_q_heads, head_dim = q.shape
     hkv = geo.num_kv_heads
     group = num_q_heads // hkv
-    block_q = min(block_q, num_tokens)
+    block_q = query_block(block_q, num_tokens, group)
     num_blks = pl.cdiv(num_tokens, block_q)
     padded = num_blks * block_q
     qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
@@ -113,6 +124,10 @@ def mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat, cu_q_lens, num_seq
         kernel, (kv_lens, pages_flat, cu_q_lens, num_seqs, first_seq), qt, new_kv, kv_pages,
         geo=geo, grid=(num_blks,), softmax_rows=(hkv, rows),
         q_spec=pl.BlockSpec((hkv, rows, head_dim), lambda b, *_: (0, b, 0)),
-        vmem_limit_bytes=vmem_limit_bytes, name="rpa_mixed")
+        vmem_limit_bytes=vmem_limit_bytes, name="rpa_mixed",
+        # Work items: every block once, plus one more per sequence boundary inside a block.
+        cost=kvs.cost_estimate(geo, items=num_blks + min(kv_lens.shape[0], num_tokens) - 1,
+                               rows_per_item=block_q, q=q, new_kv=new_kv, kv_pages=kv_pages,
+                               window=sliding_window, soft_cap=soft_cap))
     out = out.reshape(hkv, padded, group, head_dim).transpose(1, 0, 2, 3)
     return out.reshape(padded, num_q_heads, head_dim)[:num_tokens], kv_pages
