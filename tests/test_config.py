@@ -195,3 +195,15 @@ def test_flags_to_config_to_engine(cache_dir, command):
     assert (info.name, info.num_slots, info.max_model_len, info.num_pages, info.decode_steps,
             info.max_prefill_tokens, info.dtype) == ("tiny-chat", 3, 256, 40, 2, 32, "float32")
     assert engine.stats().num_free_slots == 3
+
+
+def test_configuration_page_lists_every_setting():
+    """docs/configuration.md carries the table generated from SETTINGS (regenerate with
+    `python tools/gen_config_docs.py --write`)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gen_config_docs
+
+    page = gen_config_docs.DOC.read_text()
+    assert gen_config_docs.rendered(page) == page, "run python tools/gen_config_docs.py --write"
