@@ -13,19 +13,12 @@ import json
 import logging
 import sys
 import time
-from importlib import metadata
 
 from jaxgen import config_sources
 from jaxgen.server import cli as server_cli
+from jaxgen.version import version
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
-
-
-def version() -> str:
-    try:
-        return metadata.version("jaxgen")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def parser() -> argparse.ArgumentParser:

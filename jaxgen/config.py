@@ -147,6 +147,9 @@ class ServerConfig:
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT  # gRPC; 0: any free port (the one bound is printed)
+    http: bool = True  # the OpenAI-compatible HTTP API beside gRPC
+    http_port: int = DEFAULT_HTTP_PORT  # 0: any free port (printed)
+    http_host: str | None = None  # None: `host`
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, serve TLS only
     tls_key: str | None = None  # PEM private key file
@@ -163,6 +166,9 @@ class ServerConfig:
         if not self.host:
             _bad("host", self.host, "must not be empty")
         _port("port", self.port)
+        _port("http_port", self.http_port)
+        if self.http and self.http_port == self.port != 0:
+            _bad("http_port", self.http_port, "must differ from port")
         for key in self.api_keys:
             if not key or any(c.isspace() for c in key):
                 _bad("api_keys", "<hidden>", "each key must be non-empty, without whitespace")
@@ -183,6 +189,10 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return grpc_target(self.host, self.port)
+
+    @property
+    def http_address(self) -> str:
+        return self.http_host or self.host
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,6 +103,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--host", target="server.host", commands=SERVE, help="address to listen on"),
     _s("--port", target="server.port", type=int, commands=SERVE,
        help="gRPC port (0: any free port, printed)"),
+    _s("--http", target="server.http", type=bool, commands=SERVE,
+       help="serve the OpenAI-compatible HTTP API beside gRPC (--no-http: gRPC only)"),
+    _s("--http-port", target="server.http_port", type=int, commands=SERVE,
+       help="HTTP port of the OpenAI API (0: any free port, printed)"),
+    _s("--http-host", target="server.http_host", commands=SERVE,
+       help="address of the HTTP API", default_text="--host"),
     _s("--api-key", target="server.api_keys", type=list, commands=SERVE, metavar="KEY",
        env=API_KEY_ENV, help=f"accept `authorization: Bearer KEY` (repeatable; also "
                              f"${API_KEY_ENV}, comma-separated); with any key set, calls "

@@ -82,16 +82,17 @@ class Engine:
     # -- the surface --------------------------------------------------------------------------
 
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str | None = None,
-                    deadline: float | None = None) -> RequestStream:
+                    deadline: float | None = None, after: str | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises RequestError for bad input,
-        QueueFullError at the waiting bound (nothing is queued then), EngineDeadError."""
+        QueueFullError at the waiting bound (nothing is queued then), EngineDeadError.
+        `after`: another request of the same prompt, prefilled first (see `add_choices`)."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
         request_id = request_id or uuid.uuid4().hex
         check_request(self._info, prompt_ids, params)
         seed = params.seed if params.seed is not None else next(self._seeds)
         with self._work:
-            self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline)
+            self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline, after)
             stream = self._open.open(request_id, prompt_ids)
             self._text[request_id] = RequestText(self.tokenizer, prompt_ids, params.stop,
                                                  params.stop_ids(self.tokenizer.stop_ids))

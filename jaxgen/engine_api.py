@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EngineDeadError", "EngineInfo", "EngineObserver", "EngineStats", "EngineSurface",
            "FinishedRequest", "Observers", "OpenRequests", "QueueFullError", "RequestError",
-           "RequestTooLongError", "check_request"]
+           "RequestTooLongError", "add_choices", "check_request"]
 
 
 class RequestError(ValueError):
@@ -132,9 +132,12 @@ class EngineSurface(Protocol):
         """Set once the engine can no longer serve: health reports NOT_SERVING."""
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
-                    request_id: str | None = None, deadline: float | None = None) -> RequestStream:
+                    request_id: str | None = None, deadline: float | None = None,
+                    after: str | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises RequestError (bad input),
-        QueueFullError (nothing queued) or EngineDeadError."""
+        QueueFullError (nothing queued) or EngineDeadError. `after`: the id of another request
+        of the same prompt, whose prefill this one waits for (its pages then come from the
+        prefix cache: `add_choices`)."""
 
     def abort(self, request_id: str) -> None:
         """Ends the request at the next step (slot and pages freed); unknown ids are ignored."""
@@ -163,6 +166,9 @@ def check_request(info: EngineInfo, prompt_ids: Sequence[int], params: SamplingP
     for i, t in enumerate(params.stop_token_ids):
         if not 0 <= t < vocab:
             raise RequestError(f"stop_token_ids[{i}]={t}: outside the vocabulary [0, {vocab})")
+    for t, _ in params.logit_bias:
+        if not 0 <= t < vocab:
+            raise RequestError(f"logit_bias token id {t}: outside the vocabulary [0, {vocab})")
     total = len(prompt_ids) + params.max_tokens
     if total > info.max_model_len:
         raise RequestTooLongError(
@@ -223,3 +229,21 @@ class OpenRequests:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._open)
+
+
+def add_choices(engine: EngineSurface, prompt_ids: Sequence[int], params: Sequence[SamplingParams],
+                request_ids: Sequence[str], deadline: float | None = None) -> list[RequestStream]:
+    """Queues the choices of one prompt (n = len(params)) as one unit: the first as usual, the
+    others admitted once the first's prompt pages are in the prefix cache (`after`), so the
+    prompt is prefilled once. All or nothing: if one is refused, those already queued are
+    aborted and the error propagates."""
+    streams = []
+    try:
+        for i, (p, request_id) in enumerate(zip(params, request_ids)):
+            streams.append(engine.add_request(prompt_ids, p, request_id, deadline,
+                                              after=request_ids[0] if i else None))
+    except Exception:
+        for stream in streams:
+            engine.abort(stream.request_id)
+        raise
+    return streams

@@ -12,6 +12,8 @@ import math
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's limit)
+MAX_ABS_LOGIT_BIAS = 100.0
 
 # Sampling levels, each a superset of the one before: the on-device stages a step runs for the
 # requests in it (the highest level among them). GREEDY: argmax only; DRAW: penalties, logprobs
@@ -37,6 +39,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's stop ids (until max_tokens)
     logprobs: int | None = None  # None: off; n >= 0: chosen token's logprob + top-n alternatives
     priority: int = 0  # admission order among waiting requests: lower first, ties first come
+    # (token id, bias) pairs added to those tokens' logits before sampling, as OpenAI's
+    # logit_bias; a per-slot traced array on device (changing it never recompiles).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -71,6 +76,16 @@ class SamplingParams:
             bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.priority, int) or not (-2**31 <= self.priority < 2**31):
             bad("priority", self.priority, "must be an integer in [-2**31, 2**31)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"<{len(self.logit_bias)} entries>", f"at most {MAX_LOGIT_BIAS} entries")
+        seen = set()
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or token < 0 or token in seen:
+                bad("logit_bias", token, "token ids must be distinct non-negative integers")
+            seen.add(token)
+            if not (math.isfinite(bias) and -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS):
+                bad(f"logit_bias[{token}]", bias, f"must be in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                                                  f"{MAX_ABS_LOGIT_BIAS:g}]")
 
     def stop_ids(self, model_stop_ids) -> frozenset[int]:
         """Token ids that end this request: its own, plus the model's unless `ignore_eos`."""
@@ -87,5 +102,5 @@ class SamplingParams:
         if not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0):
             return FILTER
         penalised = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                     or self.frequency_penalty != 0.0)
+                     or self.frequency_penalty != 0.0 or bool(self.logit_bias))
         return DRAW if (not self.greedy or penalised or self.logprobs is not None) else GREEDY

@@ -32,3 +32,6 @@ def _compilation_cache(xla_cache_dir):
     from jaxgen.runtime.compile_cache import enable_compilation_cache
 
     enable_compilation_cache(xla_cache_dir)
+
+
+pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRPC and HTTP tests)

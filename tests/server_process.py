@@ -79,16 +79,18 @@ def ensure_model(cache_dir: str) -> None:
 
 
 class ServerProcess:
-    """`python -m jaxgen.cli serve --port 0 ...` with its output in a log file."""
+    """`python -m jaxgen.cli serve --port 0 --http-port 0 ...` with its output in a log file."""
 
     def __init__(self, args, log_path: Path, cache_dir: str, xla_cache_dir: str, env=None):
         self.log_path = log_path
         self._log = open(log_path, "w")
+        http = [] if any(a in ("--no-http", "--http-port") for a in args) else ["--http-port", "0"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxgen.cli", "serve", "--port", "0", "--cache-dir", cache_dir,
-             "--compilation-cache-dir", xla_cache_dir, *args],
+            [sys.executable, "-m", "jaxgen.cli", "serve", "--port", "0", *http, "--cache-dir",
+             cache_dir, "--compilation-cache-dir", xla_cache_dir, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env or child_env(), cwd=ROOT)
         self.port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def log(self) -> str:
@@ -103,9 +105,12 @@ class ServerProcess:
     def wait_listening(self) -> int:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            found = re.search(r"listening on [^\s]+:(\d+) ", self.log)
+            log = self.log
+            found = re.search(r"listening on [^\s]+:(\d+) ", log)
             if found:
                 self.port = int(found.group(1))
+                http = re.search(r"HTTP \(OpenAI API\) on https?://[^\s]+:(\d+)/v1", log)
+                self.http_port = int(http.group(1)) if http else None
                 return self.port
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log[-3000:]}")

@@ -167,6 +167,8 @@ def test_bench_serving_report(observed, tmp_path):
     # --max-seconds bounds each run; a run ends as soon as its requests do (a 2-core CI box is slow).
     proc = subprocess.run(
         [sys.executable, "tools/bench_serving.py", "--port", str(observed.server.port),
+         "--api", "both", "--http-port", str(observed.server.http_port), "--server-pid",
+         str(observed.server.proc.pid),
          "--rates", "4", "--concurrency", "2", "--num-requests", "6", "--max-seconds", "40",
          "--max-prompt-tokens", "48", "--max-output-tokens", "16", "--out-json", str(report_path),
          "--out-png", str(png)], env=child_env(), cwd=ROOT, capture_output=True, text=True,
@@ -174,8 +176,10 @@ def test_bench_serving_report(observed, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     assert png.stat().st_size > 1000
-    assert [("rate" in r, "concurrency" in r) for r in report["runs"]] == [(True, False), (False, True)]
+    assert [("rate" in r, "concurrency" in r, r["api"]) for r in report["runs"]] == [
+        (True, False, "grpc"), (True, False, "openai"), (False, True, "grpc"), (False, True, "openai")]
     for run in report["runs"]:
+        assert run["chunks"] >= run["completed"] and run["front_end_cpu_us_per_chunk"] > 0
         assert run["requests"] >= 1 and run["completed"] + sum(run["errors"].values()) == run["requests"]
         assert run["request_throughput"] > 0 and run["output_token_throughput"] > 0, (run, proc.stdout)
         for key in ("ttft_s", "tpot_s", "e2e_s"):

@@ -2,6 +2,8 @@
 and the distribution they leave, logprobs, seeds independent of the row and batch, and the
 sampling levels (each exact for the rows it serves)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,26 @@ def test_every_level_is_exact_for_the_rows_it_serves():
     # Not vacuous: the random rows really drew (not all argmax), and penalties moved tokens.
     drawn = np.asarray(out[FILTER].tokens) != np.asarray(logits).argmax(-1)
     assert drawn[need == DRAW].any() and drawn[need == FILTER].any()
+
+
+def test_logit_bias_moves_the_greedy_choice_and_sparse_rows_are_exact():
+    """A bias of -100 on the argmax removes it, +100 on another token forces it; unused entries
+    (id 0, bias 0) change nothing, so a row without a bias samples exactly as before."""
+    from jaxgen.sampling_params import MAX_LOGIT_BIAS
+
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(3, V)).astype(np.float32))
+    top = np.asarray(logits).argmax(-1)
+    ids = np.zeros((3, MAX_LOGIT_BIAS), np.int32)
+    values = np.zeros((3, MAX_LOGIT_BIAS), np.float32)
+    ids[0, 0], values[0, 0] = top[0], -100.0  # the greedy token, pushed away
+    ids[1, 0], values[1, 0] = (top[1] + 1) % V, 100.0  # another token, forced
+    r = dataclasses.replace(rows(3, temperature=0.0), bias_ids=jnp.asarray(ids),
+                            bias_values=jnp.asarray(values))
+    z = (jnp.zeros((3, V), bool), jnp.zeros((3, V), jnp.int32))
+    pos = jnp.zeros(3, jnp.int32)
+    out = np.asarray(sample(logits, r, pos, *z, level=DRAW).tokens)
+    assert out[0] != top[0] and out[1] == (top[1] + 1) % V and out[2] == top[2]
+    plain = sample(logits, rows(3, temperature=0.0), pos, *z, level=DRAW)
+    assert int(plain.tokens[2]) == out[2]
+    np.testing.assert_array_equal(np.asarray(sample(logits, r, pos, *z, level=DRAW).logprobs[2]),
+                                  np.asarray(plain.logprobs[2]))

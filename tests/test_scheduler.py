@@ -266,6 +266,38 @@ def test_prefix_cache_prefills_only_the_suffix_and_changes_no_token():
     assert results[True] == results[False] == expected({0: [first, second, exact]})
 
 
+def test_choices_of_one_prompt_prefill_it_once():
+    """n choices (`add(..., after=first)`): the others wait until the first has prefilled the
+    prompt, then take its full pages from the prefix cache; a finished or aborted first does
+    not hold them back, and without a prefix cache there is nothing to wait for."""
+    shared = prompt(70, 1)  # 4 full pages + 6 tokens
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    sched, ex = make(max_prefill_tokens=128)
+    sched.add("c0", shared, params, seed=0)
+    sched.add("c1", shared, params, seed=1, after="c0")
+    sched.add("c2", shared, params, seed=2, after="c0")
+    plan = sched.schedule()
+    assert [c.request_id for c in plan.prefills] == ["c0"]  # budget for all three, yet one
+    sched.update(plan, ex.run(plan))
+    plan = sched.schedule()
+    assert sorted(c.request_id for c in plan.prefills) == ["c1", "c2"]
+    assert all(c.start == 64 for c in plan.prefills)  # only the tail: 4 pages from the cache
+    sched.update(plan, ex.run(plan))
+    _, finals = serve(sched, ex, {})
+    assert finals["c1"].usage.cached_prompt_tokens == finals["c2"].usage.cached_prompt_tokens == 64
+    # A first that ends before its prefill lets the others go.
+    sched, ex = make()
+    sched.add("d0", shared, params, seed=0)
+    sched.add("d1", shared, params, seed=1, after="d0")
+    sched.abort("d0")
+    plan = sched.schedule()
+    assert [c.request_id for c in plan.prefills] == ["d1"]
+    sched, ex = make(enable_prefix_cache=False, max_prefill_tokens=256)
+    sched.add("e0", shared, params, seed=0)
+    sched.add("e1", shared, params, seed=1, after="e0")
+    assert [c.request_id for c in sched.schedule().prefills] == ["e0", "e1"]
+
+
 def test_running_requests_share_prefix_pages_read_only():
     shared = prompt(70, 1)
     a = ("a", shared, SamplingParams(max_tokens=30, ignore_eos=True))

@@ -15,6 +15,7 @@ import threading
 import time
 
 import grpc
+import httpx2 as httpx  # what the openai client itself uses
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -42,6 +43,10 @@ class TlsServer:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.warmup_statuses: list[str] = []
         self.warmup_generate: tuple | None = None  # (code, details) of a Generate during warm-up
+        self.warmup_http: tuple | None = None  # (/health, /v1/completions) during warm-up
+        # The HTTP API shares the TLS certificate.
+        self.http = httpx.Client(base_url=f"https://127.0.0.1:{server.http_port}",
+                                 verify=str(cert_path), timeout=60)
 
     def probe_while_warming(self, status: str) -> None:
         if status == "NOT_SERVING" and self.warmup_generate is None:
@@ -50,6 +55,8 @@ class TlsServer:
                 self.warmup_generate = (grpc.StatusCode.OK, "")
             except grpc.RpcError as e:
                 self.warmup_generate = (e.code(), e.details())
+            self.warmup_http = (self.http.get("/health"),
+                                self.http.post("/v1/completions", json={"prompt": "too early"}))
 
 
 @pytest.fixture(scope="module", params=ENGINE_MODES)
@@ -73,6 +80,11 @@ def test_health_is_not_serving_until_warm_up_is_done(tls):
     assert tls.warmup_statuses == ["NOT_SERVING", "SERVING"]
     code, details = tls.warmup_generate
     assert code == grpc.StatusCode.UNAVAILABLE and "warming up" in details
+    health, completion = tls.warmup_http  # the HTTP API answers 503 meanwhile, over TLS too
+    assert health.status_code == 503 and completion.status_code == 503
+    assert "warming up" in completion.json()["error"]["message"]
+    assert completion.headers["Retry-After"]
+    assert tls.http.get("/health").status_code == 200
     for service in ("", "jaxgen.v1.Generation"):
         assert tls.health.Check(health_pb2.HealthCheckRequest(service=service)).status == SERVING
 
@@ -147,6 +159,29 @@ def test_queue_bound_answers_resource_exhausted_and_queued_requests_complete(tls
     for chunks in served:
         assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens == 24
+
+
+def test_http_answers_429_past_the_queue_bound_while_queued_requests_complete(tls):
+    """The same burst as above through the HTTP API: 429 with Retry-After for those the
+    2-request waiting queue cannot hold; every accepted one completes."""
+    async def one(client, i):
+        return await client.post("/v1/completions", json={
+            "prompt": f"Tell me about number {i}.", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True})
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(tls.http.base_url), verify=str(tls.cert_path),
+                                     timeout=120) as client:
+            await client.get("/v1/models")  # connected before the burst
+            return await asyncio.gather(*(one(client, i) for i in range(24)))
+
+    responses = asyncio.run(burst())
+    refused = [r for r in responses if r.status_code != 200]
+    served = [r for r in responses if r.status_code == 200]
+    assert refused and all(r.status_code == 429 and r.headers["Retry-After"] for r in refused)
+    assert all("max_waiting=2" in r.json()["error"]["message"] for r in refused)
+    assert len(served) >= 3
+    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in served)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tls):

@@ -1,6 +1,8 @@
-"""Serving load test over gRPC against a running `jaxgen serve` on this machine.
+"""Serving load test over gRPC and/or the OpenAI HTTP API against a running `jaxgen serve` on
+this machine.
 
     python tools/bench_serving.py --port 50051 --rates 1,2,4 [--concurrency 8] \\
+        [--api grpc|openai|both --http-port 8000] [--server-pid PID] \\
         [--num-requests 100] [--max-seconds 60] [--out-json r.json] [--out-png r.png]
 
 Each `--rates` value is one run with Poisson arrivals at that many requests/s; each
@@ -11,6 +13,11 @@ chat-like distribution (log-normal, prompts tens to ~2k tokens, outputs tens to 
 (ignore_eos). A run ends after --num-requests requests or --max-seconds (stragglers cancelled).
 Reports per run: requests/s, output tok/s, TTFT / TPOT / end-to-end p50/p90/p99, errors by status;
 prints a table, writes JSON and a PNG of throughput against latency (matplotlib). Loopback only.
+
+`--api both` runs every plan through gRPC and then through HTTP (`/v1/completions`, streamed,
+prompts as token ids), the same requests each time, so the two front ends compare in one run.
+With `--server-pid` (the `jaxgen serve` process; the engine in its own process, the default) it
+also reports the front end's CPU time per streamed chunk (user + system, from /proc).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -50,31 +58,59 @@ def workload(n: int, seed: int, vocab: int, context: int, max_prompt: int, max_o
 
 
 async def one_request(stub, prompt, max_tokens, metadata, timeout):
-    """(status name, ttft s, e2e s, output tokens)."""
+    """(status name, ttft s, e2e s, output tokens, chunks)."""
     request = pb.GenerateRequest(
         token_ids=pb.TokenIds(ids=prompt),
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    start, ttft, tokens = time.perf_counter(), None, 0
+    start, ttft, tokens, chunks = time.perf_counter(), None, 0, 0
     try:
         async for r in stub.Generate(request, metadata=metadata, timeout=timeout):
             if r.token_ids and ttft is None:
                 ttft = time.perf_counter() - start
             tokens += len(r.token_ids)
-        return "OK", ttft, time.perf_counter() - start, tokens
+            chunks += 1
+        return "OK", ttft, time.perf_counter() - start, tokens, chunks
     except grpc.aio.AioRpcError as e:
-        return e.code().name, ttft, time.perf_counter() - start, tokens
+        return e.code().name, ttft, time.perf_counter() - start, tokens, chunks
     except asyncio.CancelledError:
-        return "CANCELLED", ttft, time.perf_counter() - start, tokens
+        return "CANCELLED", ttft, time.perf_counter() - start, tokens, chunks
 
 
-async def run_load(stub, items, metadata, max_seconds, rate=None, concurrency=None, seed=0):
+async def one_http_request(client, prompt, max_tokens, timeout):
+    """As `one_request`, through `/v1/completions` (streamed; the tokens from the usage chunk)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start, ttft, tokens, chunks = time.perf_counter(), None, 0, 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                return f"HTTP_{r.status_code}", None, time.perf_counter() - start, 0, 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunks += 1
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+                elif ttft is None and data["choices"] and data["choices"][0]["text"]:
+                    ttft = time.perf_counter() - start
+        return "OK", ttft, time.perf_counter() - start, tokens, chunks
+    except asyncio.CancelledError:
+        return "CANCELLED", ttft, time.perf_counter() - start, tokens, chunks
+    except Exception as e:  # the client's own errors (timeouts, connection resets)
+        return type(e).__name__, ttft, time.perf_counter() - start, tokens, chunks
+
+
+async def run_load(request, items, max_seconds, rate=None, concurrency=None, seed=0):
+    """`request(prompt, max_tokens, timeout)` for every item, as Poisson arrivals at `rate` or
+    a closed loop of `concurrency` clients."""
     rng = np.random.default_rng(seed + 1)
     start = time.perf_counter()
     results = []
     deadline = start + max_seconds
 
     async def send(item):
-        results.append(await one_request(stub, item[0], item[1], metadata, max(1.0, deadline - time.perf_counter())))
+        results.append(await request(item[0], item[1], max(1.0, deadline - time.perf_counter())))
 
     if rate is not None:
         tasks = []
@@ -98,7 +134,16 @@ async def run_load(stub, items, metadata, max_seconds, rate=None, concurrency=No
     return results, time.perf_counter() - start
 
 
-def summarize(results, elapsed, **label) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process `pid` so far (Linux /proc), None without a pid."""
+    if pid is None:
+        return None
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(results, elapsed, cpu_s=None, **label) -> dict:
     ok = [r for r in results if r[0] == "OK"]
     errors: dict[str, int] = {}
     for r in results:
@@ -110,7 +155,9 @@ def summarize(results, elapsed, **label) -> dict:
         return {f"p{q}": (float(np.percentile(v, q)) if v else None) for q in (50, 90, 99)}
 
     tpot = [(r[2] - r[1]) / (r[3] - 1) for r in ok if r[1] is not None and r[3] > 1]
-    return dict(label, requests=len(results), completed=len(ok), elapsed_s=elapsed,
+    chunks = sum(r[4] for r in results)
+    return dict(label, requests=len(results), completed=len(ok), elapsed_s=elapsed, chunks=chunks,
+                front_end_cpu_us_per_chunk=None if cpu_s is None else cpu_s / max(chunks, 1) * 1e6,
                 request_throughput=len(ok) / elapsed,
                 output_token_throughput=sum(r[3] for r in results) / elapsed,
                 ttft_s=pct([r[1] for r in ok]), tpot_s=pct(tpot), e2e_s=pct([r[2] for r in ok]),
@@ -144,19 +191,30 @@ def _rates(text: str) -> list[float]:
 
 
 async def amain(args) -> dict:
+    import httpx2
+
     metadata = auth_metadata(args.api_key)
-    async with aio.insecure_channel(grpc_target(args.host, args.port)) as channel:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with aio.insecure_channel(grpc_target(args.host, args.port)) as channel, \
+            httpx2.AsyncClient(base_url=f"http://{args.host}:{args.http_port}", headers=headers,
+                               limits=limits) as http:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
+        apis = {"grpc": lambda p, m, t: one_request(stub, p, m, metadata, t),
+                "openai": lambda p, m, t: one_http_request(http, p, m, t)}
         runs = []
         plans = [dict(rate=r) for r in _rates(args.rates)] + \
                 [dict(concurrency=c) for c in (int(v) for v in _rates(args.concurrency))]
         for i, plan in enumerate(plans):
             items = workload(args.num_requests, args.seed + i, info.vocab_size,
                              info.max_context_length, args.max_prompt_tokens, args.max_output_tokens)
-            results, elapsed = await run_load(stub, items, metadata, args.max_seconds, seed=args.seed,
-                                              **plan)
-            runs.append(summarize(results, elapsed, **plan))
+            for api in (("grpc", "openai") if args.api == "both" else (args.api,)):
+                cpu = cpu_seconds(args.server_pid)
+                results, elapsed = await run_load(apis[api], items, args.max_seconds,
+                                                  seed=args.seed, **plan)
+                used = None if cpu is None else cpu_seconds(args.server_pid) - cpu
+                runs.append(summarize(results, elapsed, used, api=api, **plan))
     return dict(model=info.name, device=info.device, num_slots=info.num_slots,
                 vocab_size=info.vocab_size, max_context_length=info.max_context_length,
                 num_requests=args.num_requests, max_prompt_tokens=args.max_prompt_tokens,
@@ -271,6 +329,11 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--api", default="grpc", choices=["grpc", "openai", "both"],
+                   help="which front end to load (both: each plan through gRPC, then HTTP)")
+    p.add_argument("--http-port", type=int, default=8000, help="the server's HTTP API port")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="the jaxgen serve process: report its CPU time per streamed chunk")
     p.add_argument("--rates", default="", help="comma-separated request rates (req/s), Poisson")
     p.add_argument("--concurrency", default="", help="comma-separated closed-loop client counts")
     p.add_argument("--num-requests", type=int, default=100, help="per run")
@@ -290,18 +353,21 @@ def main(argv=None) -> int:
         print(f"bench_serving: error: {e}", file=sys.stderr)
         return 2
     report = asyncio.run(amain(args))
-    print(f"{'run':>10} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 (s)':>18} {'TPOT p50 (ms)':>13} "
-          f"{'E2E p50/p99 (s)':>17} errors")
+    print(f"{'run':>10} {'api':>6} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 (s)':>18} "
+          f"{'TPOT p50 (ms)':>13} {'E2E p50/p99 (s)':>17} {'cpu us/chunk':>12} errors")
     for r in report["runs"]:
         name = f"{r['rate']:g}/s" if "rate" in r else f"c={r['concurrency']}"
         f = lambda v, s=1: "-" if v is None else f"{v * s:.3f}"  # noqa: E731
-        print(f"{name:>10} {r['request_throughput']:7.2f} {r['output_token_throughput']:8.1f} "
+        cpu = r["front_end_cpu_us_per_chunk"]
+        print(f"{name:>10} {r['api']:>6} {r['request_throughput']:7.2f} "
+              f"{r['output_token_throughput']:8.1f} "
               f"{f(r['ttft_s']['p50']) + '/' + f(r['ttft_s']['p99']):>18} "
               f"{f(r['tpot_s']['p50'], 1000):>13} "
-              f"{f(r['e2e_s']['p50']) + '/' + f(r['e2e_s']['p99']):>17} {r['errors'] or ''}")
+              f"{f(r['e2e_s']['p50']) + '/' + f(r['e2e_s']['p99']):>17} "
+              f"{'-' if cpu is None else f'{cpu:.0f}':>12} {r['errors'] or ''}")
     if args.offline_config:
         last = report["runs"][-1]
-        i = len(report["runs"]) - 1
+        i = len(_rates(args.rates)) + len(_rates(args.concurrency)) - 1  # the last plan's seed
         items = workload(args.num_requests, args.seed + i, report["vocab_size"],
                          report["max_context_length"], args.max_prompt_tokens,
                          args.max_output_tokens)

@@ -22,7 +22,7 @@ from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, insert
 from jaxgen.runtime.steps import make_generate, make_prefill
-from jaxgen.sampling_params import GREEDY, SAMPLING_LEVELS
+from jaxgen.sampling_params import GREEDY, MAX_LOGIT_BIAS, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,8 @@ class ModelRunner:
         cols = {f.name: np.zeros(s, np.float32) for f in dataclasses.fields(SamplingRows)}
         cols["top_k"] = np.zeros(s, np.int32)
         cols["seed"] = np.zeros(s, np.uint32)
+        cols["bias_ids"] = np.zeros((s, MAX_LOGIT_BIAS), np.int32)
+        cols["bias_values"] = np.zeros((s, MAX_LOGIT_BIAS), np.float32)
         prompt_len = np.zeros(s, np.int32)
         for i, a in enumerate(plan.assignments):
             p = a.params
@@ -223,6 +225,10 @@ class ModelRunner:
                          "presence_penalty", "frequency_penalty"):
                 cols[name][i] = getattr(p, name)
             cols["seed"][i] = a.seed
+            if p.logit_bias:
+                ids, values = zip(*p.logit_bias)
+                cols["bias_ids"][i, :len(ids)] = ids
+                cols["bias_values"][i, :len(ids)] = values
         rows = SamplingRows(**cols)
         self.state = self._insert(self.state, *self._args(slots, rows, prompt_len))
 

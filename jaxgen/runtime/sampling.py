@@ -1,6 +1,6 @@
 """Per-slot sampling with traced parameters: changing a request's parameters never recompiles.
 
-Order (as vLLM): penalties on the raw logits -> logprobs (of the penalised distribution) ->
+Order (as vLLM): logit bias, then penalties on the raw logits -> logprobs (of the penalised distribution) ->
 greedy rows take the argmax; other rows divide by temperature, then top-k, top-p and min-p
 filter, then draw. A row's random stream is `fold_in(key(seed), position)`, so a seeded request
 samples the same tokens whatever its batch mates are.
@@ -20,13 +20,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxgen.sampling_params import DRAW, FILTER, GREEDY, MAX_LOGPROBS
+from jaxgen.sampling_params import DRAW, FILTER, GREEDY, MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingRows:
-    """Per-slot sampling parameters, each `[S]`."""
+    """Per-slot sampling parameters, each `[S]`; the logit bias `[S, MAX_LOGIT_BIAS]` (a sparse
+    row: token ids and their biases, unused entries id 0 with bias 0)."""
 
     temperature: jax.Array  # f32, 0 = greedy
     top_k: jax.Array  # i32, 0 = off
@@ -36,12 +37,16 @@ class SamplingRows:
     presence_penalty: jax.Array  # f32
     frequency_penalty: jax.Array  # f32
     seed: jax.Array  # u32
+    # None: no row has a bias (callers that sample outside the engine's decode state).
+    bias_ids: jax.Array | None = None  # i32[S, MAX_LOGIT_BIAS]
+    bias_values: jax.Array | None = None  # f32[S, MAX_LOGIT_BIAS]
 
     @classmethod
     def zeros(cls, slots: int) -> "SamplingRows":
         f = lambda v: jnp.full((slots,), v, jnp.float32)
         return cls(f(0.0), jnp.zeros((slots,), jnp.int32), f(1.0), f(0.0), f(1.0), f(0.0), f(0.0),
-                   jnp.zeros((slots,), jnp.uint32))
+                   jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots, MAX_LOGIT_BIAS), jnp.int32),
+                   jnp.zeros((slots, MAX_LOGIT_BIAS), jnp.float32))
 
 
 @jax.tree_util.register_dataclass
@@ -107,8 +112,8 @@ def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts,
     """`logits f32[B, V]`, `positions i32[B]` (index of the token being sampled) -> `Sampled`.
 
     `level` (static) bounds the stages: GREEDY takes the argmax of the raw logits and returns
-    zero logprobs (penalty statistics are not read); DRAW adds penalties, logprobs and the draw
-    for rows with temperature > 0; FILTER adds top-k / top-p / min-p.
+    zero logprobs (penalty statistics are not read); DRAW adds the logit bias, penalties,
+    logprobs and the draw for rows with temperature > 0; FILTER adds top-k / top-p / min-p.
     """
     if level not in (GREEDY, DRAW, FILTER):
         raise ValueError(f"level={level!r}: must be one of GREEDY, DRAW, FILTER")
@@ -116,6 +121,8 @@ def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts,
     if level == GREEDY:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return Sampled(tokens, *_no_logprobs(logits, tokens))
+    if rows.bias_ids is not None:
+        logits = logits.at[jnp.arange(logits.shape[0])[:, None], rows.bias_ids].add(rows.bias_values)
     logits = apply_penalties(logits, rows, prompt_seen, output_counts)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]

@@ -58,6 +58,9 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     pending_abort: str | None = None  # detail of an abort(), applied at the next schedule()
+    # Another choice of the same prompt (n > 1): this one is admitted once that one's prompt is
+    # prefilled, so its pages come from the prefix cache (the prompt is computed once).
+    after: "Request | None" = None
 
     @property
     def num_tokens(self) -> int:

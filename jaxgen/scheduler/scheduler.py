@@ -64,7 +64,9 @@ class Scheduler:
 
     # -- requests in ------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
-            deadline: float | None = None) -> None:
+            deadline: float | None = None, after: str | None = None) -> None:
+        """Queues a request. `after`: the id of another request of the same prompt (a choice of
+        n); this one is admitted only once that one's prompt is prefilled and cached."""
         cfg = self.config
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r}: a request with this id is in flight")
@@ -74,7 +76,8 @@ class Scheduler:
         stop_ids = params.stop_ids(cfg.model_stop_ids)
         request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
                           arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline,
-                          serial=next(self._serials))
+                          serial=next(self._serials),
+                          after=self._requests.get(after) if after is not None else None)
         self._requests[request_id] = request
         self._enqueue(request, preempted=False)
 
@@ -280,7 +283,7 @@ class Scheduler:
         chunks, assignments = [], []
         while budget > 0 and self._waiting and self._slots.num_free:
             request = self._waiting[0]
-            if not self._admit(request, now):
+            if self._leader_prefilling(request) or not self._admit(request, now):
                 break  # nobody overtakes the head of the queue (priority, then arrival order)
             self._waiting.popleft()
             assignments.append(SlotAssignment(request.slot, request.request_id, request.params,
@@ -289,6 +292,12 @@ class Scheduler:
             chunks.append(self._chunk(request, budget))
             budget -= len(chunks[-1].token_ids)
         return chunks, assignments
+
+    def _leader_prefilling(self, request: Request) -> bool:
+        """Whether `request` waits for the choice it follows to finish prefilling the prompt."""
+        leader = request.after
+        return (leader is not None and self.config.enable_prefix_cache and not leader.decoding
+                and leader.status is not RequestStatus.FINISHED)
 
     def _chunk(self, request: Request, budget: int, start: int | None = None) -> PrefillChunk:
         """The next chunk from `start` (default num_computed_tokens: the invariant, see

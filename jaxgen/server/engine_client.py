@@ -115,7 +115,7 @@ class EngineClient:
     # -- requests -----------------------------------------------------------------------------
 
     def add_request(self, prompt_ids, params, request_id: str | None = None,
-                    deadline: float | None = None) -> RequestStream:
+                    deadline: float | None = None, after: str | None = None) -> RequestStream:
         """As `Engine.add_request`: RequestError for bad input, QueueFullError at the bound
         (nothing is queued then), EngineDeadError once the engine is dead."""
         if self.dead is not None:
@@ -127,7 +127,7 @@ class EngineClient:
             if len(self._open) >= self._capacity:
                 raise QueueFullError(f"waiting queue is full: max_waiting={self._info.max_waiting}")
             stream = self._open.open(request_id, prompt_ids)
-            self._post(msg.AddRequest(request_id, prompt_ids, params, deadline))
+            self._post(msg.AddRequest(request_id, prompt_ids, params, deadline, after))
         return stream
 
     def abort(self, request_id: str) -> None:

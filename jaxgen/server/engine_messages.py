@@ -25,6 +25,7 @@ class AddRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     deadline: float | None  # time.monotonic() of the server (one host, one clock)
+    after: str | None = None  # Engine.add_request's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,7 +106,8 @@ class _EngineCore:
 
     def _add(self, m: msg.AddRequest) -> None:
         try:
-            stream = self.engine.add_request(m.prompt_ids, m.params, m.request_id, m.deadline)
+            stream = self.engine.add_request(m.prompt_ids, m.params, m.request_id, m.deadline,
+                                             m.after)
         except Exception as e:  # checked by the client already; the engine may have died since
             self.emit(msg.Rejected(m.request_id, f"{type(e).__name__}: {e}"))
             return

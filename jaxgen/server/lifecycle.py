@@ -30,12 +30,14 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.config import ServerConfig
+from jaxgen.server.auth import ApiKeyInterceptor
+from jaxgen.server.front_end import FrontEnd
 from jaxgen.server.servicer import GenerationServicer
 from jaxgen.server.serving_model import ServingModel
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
+from jaxgen.version import version
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +139,23 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 on_listening: Callable[[int], None] | None = None) -> None:
     """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
     propagate after the server has stopped."""
-    servicer = GenerationServicer()
+    front = FrontEnd()
+    servicer = GenerationServicer(front)
     if config.profiler_port is not None and not config.engine_process:  # else the engine process's
         jax.profiler.start_server(config.profiler_port)  # the port is checked by ServerConfig
         _say(f"profiler server on port {config.profiler_port}")
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, NOT_SERVING)
     server, port = build_server(config, servicer, health_servicer)
+    http = _http_server(config, front) if config.http else None
     await server.start()
     scheme = "TLS" if config.tls_cert else "plaintext"
-    _say(f"listening on {config.host}:{port} ({scheme}{', API keys required' if config.api_keys else ''}); "
-         "warming up")
+    keys = ", API keys required" if config.api_keys else ""
+    if http is not None:
+        await http.start()
+        _say(f"HTTP (OpenAI API) on {'https' if config.tls_cert else 'http'}://"
+             f"{config.http_address}:{http.port}/v1")
+    _say(f"listening on {config.host}:{port} ({scheme}{keys}); warming up")
     if on_listening is not None:
         on_listening(port)
     model, watcher = None, None
@@ -158,42 +166,58 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
             model = loading.result()
-            servicer.model = model
-            if config.metrics_port is not None:
-                _serve_metrics(config, model)
+            if config.metrics_port is not None or config.http:
+                _start_metrics(config, front, model)
+            front.model = model
             await _set_health(health_servicer, SERVING)
             watcher = asyncio.ensure_future(_watch_engine(model, health_servicer))
             _say(f"serving {model.name} on {config.host}:{port}")
             await stopping
         stopping.cancel()
-        await _drain(config, server, servicer, health_servicer)
+        await _drain(config, server, http, front, health_servicer)
     finally:
         if watcher is not None:
             watcher.cancel()
         await server.stop(0)
-        servicer.close()
+        if http is not None:
+            await http.stop()
+        front.close()
         if model is not None:
             model.engine.stop()
 
 
-def _serve_metrics(config: ServerConfig, model: ServingModel) -> None:
-    from jaxgen.metrics import ServingMetrics  # prometheus only when asked for
+def _http_server(config: ServerConfig, front: FrontEnd):
+    from jaxgen.server.http_app import build_app
+    from jaxgen.server.http_server import HttpServer
 
-    port = ServingMetrics(model.engine).serve(config.host, config.metrics_port)
-    _say(f"metrics on http://{config.host}:{port}/metrics")
+    app = build_app(front, config.api_keys, version())
+    return HttpServer(app, config.http_address, config.http_port, config.tls_cert, config.tls_key)
 
 
-async def _drain(config, server, servicer: GenerationServicer, health_servicer) -> None:
-    servicer.draining = True
+def _start_metrics(config: ServerConfig, front: FrontEnd, model: ServingModel) -> None:
+    """One registry for the engine, exposed at the HTTP API's /metrics and, with metrics_port,
+    on a port of its own. (prometheus is imported only then.)"""
+    from jaxgen.metrics import ServingMetrics
+
+    front.metrics = ServingMetrics(model.engine)
+    if config.metrics_port is not None:
+        port = front.metrics.serve(config.host, config.metrics_port)
+        _say(f"metrics on http://{config.host}:{port}/metrics")
+
+
+async def _drain(config, server, http, front: FrontEnd, health_servicer) -> None:
+    front.draining = True
     await health_servicer.enter_graceful_shutdown()
     start = time.monotonic()
-    if servicer.active_streams:
-        _say(f"draining {servicer.active_streams} in-flight request(s) "
+    if front.active_calls:
+        _say(f"draining {front.active_calls} in-flight request(s) "
              f"(up to {config.drain_timeout_s:g}s)")
     try:
-        await asyncio.wait_for(servicer.wait_idle(), config.drain_timeout_s)
+        await asyncio.wait_for(front.wait_idle(), config.drain_timeout_s)
     except TimeoutError:
-        _say(f"drain timeout: cancelling {servicer.active_streams} request(s)")
+        _say(f"drain timeout: cancelling {front.active_calls} request(s)")
     # New RPCs are refused from here; unary calls still running get what is left of the grace.
     await server.stop(max(0.0, config.drain_timeout_s - (time.monotonic() - start)))
+    if http is not None:
+        await http.stop()
     _say("stopped")

@@ -10,6 +10,7 @@ asyncio or the device.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,7 @@ from jaxgen.sampling_params import SamplingParams
 from jaxgen.v1 import generation_pb2 as pb
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_N = 16  # choices per request
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty", "seed", "logprobs")
@@ -88,9 +90,21 @@ def sampling_params(msg: pb.SamplingParams, priority: int, prompt_len: int,
         fields["max_tokens"] = room
     try:
         return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-                              ignore_eos=msg.ignore_eos, priority=priority, **fields)
+                              ignore_eos=msg.ignore_eos, priority=priority,
+                              logit_bias=tuple(sorted(msg.logit_bias.items())), **fields)
     except ValueError as e:
         raise InvalidRequest(f"sampling.{e}") from None
+
+
+def choices(request: pb.GenerateRequest, params: SamplingParams) -> list[SamplingParams]:
+    """The sampling parameters of each of the request's `n` choices (choice i: seed + i)."""
+    n = max(request.n, 1)
+    if not 0 <= request.n <= MAX_N:
+        raise InvalidRequest(f"n={request.n}: must be in [0, {MAX_N}]")
+    if params.seed is not None and params.seed + n > 2**32:
+        raise InvalidRequest(f"sampling.seed={params.seed}: seed + n must stay below 2**32")
+    return [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            for i in range(n)]
 
 
 def _usage(usage) -> pb.Usage:
@@ -104,10 +118,11 @@ def _usage(usage) -> pb.Usage:
     return out
 
 
-def response(out: RequestOutput) -> pb.GenerateResponse:
-    """The proto of one engine output (finish reasons other than "error", which the servicer
-    turns into a status)."""
-    msg = pb.GenerateResponse(request_id=out.request_id, text=out.text, token_ids=out.token_ids)
+def response(out: RequestOutput, request_id: str | None = None, index: int = 0) -> pb.GenerateResponse:
+    """The proto of one engine output of choice `index` (finish reasons other than "error",
+    which the servicer turns into a status); `request_id`: the call's (default: the output's)."""
+    msg = pb.GenerateResponse(request_id=request_id or out.request_id, text=out.text,
+                              token_ids=out.token_ids, index=index)
     for lp in out.logprobs or ():
         msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
                          top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])

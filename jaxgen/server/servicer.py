@@ -17,7 +17,6 @@ while another capture runs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import time
 import uuid
@@ -25,10 +24,11 @@ import uuid
 import grpc
 
 from jaxgen.profiling import ProfileBusyError, trace_chunks
-from jaxgen.engine_api import EngineDeadError, QueueFullError
+from jaxgen.engine_api import EngineDeadError, QueueFullError, add_choices
 from jaxgen.server import request_mapping as rm
+from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
-from jaxgen.server.stream_bridge import drain, outputs, wake_on
+from jaxgen.server.stream_bridge import drain, merged_outputs, wake_on
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
@@ -37,38 +37,20 @@ PROFILE_CHUNK_BYTES = 1 << 20
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self):
-        self.model: ServingModel | None = None  # set once warm-up is done
-        self.draining = False
-        self._in_engine: set[str] = set()  # ids the engine still holds
-        self._calls = 0  # Generate calls in progress
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._tokenize = concurrent.futures.ThreadPoolExecutor(2, "jaxgen-tokenize")
+    def __init__(self, front: FrontEnd):
+        self.front = front
+        # The engine ids of each call's request id still held by the engine (one per choice).
+        self._in_engine: dict[str, list[str]] = {}
 
     @property
     def active_streams(self) -> int:
-        return self._calls
-
-    async def wait_idle(self) -> None:
-        """Returns once no Generate call is in progress."""
-        await self._idle.wait()
-
-    def close(self) -> None:
-        self._tokenize.shutdown(wait=False, cancel_futures=True)
+        return self.front.active_calls
 
     async def _ready(self, context, generating: bool = False) -> ServingModel:
-        m = self.model
-        if m is None:
-            await context.abort(Code.UNAVAILABLE, "the model is warming up; retry shortly")
-        if m.engine.dead is not None:
-            await context.abort(Code.UNAVAILABLE, f"the engine has failed: {m.engine.dead}")
-        if generating and self.draining:
-            await context.abort(Code.UNAVAILABLE, "the server is draining (shutting down)")
-        return m
-
-    async def _off_loop(self, fn):
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn)
+        try:
+            return self.front.ready(generating)
+        except NotReady as e:
+            await context.abort(Code.UNAVAILABLE, str(e))
 
     # -- Generate ---------------------------------------------------------------------------
 
@@ -76,9 +58,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         m = await self._ready(context, generating=True)
         try:
             request_id = rm.request_id(request.request_id) or uuid.uuid4().hex
-            prompt_ids = await self._off_loop(rm.prompt_source(request, m.tokenizer))
-            params = rm.sampling_params(request.sampling, request.priority, len(prompt_ids),
-                                        m.max_context)
+            prompt_ids = await self.front.off_loop(rm.prompt_source(request, m.tokenizer))
+            params = rm.choices(request, rm.sampling_params(
+                request.sampling, request.priority, len(prompt_ids), m.max_context))
         except ValueError as e:  # InvalidRequest, or the tokenizer / chat template refusing
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         if request_id in self._in_engine:
@@ -86,57 +68,63 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                 f"request_id={request_id!r}: a request with this id is in flight")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        ids = [request_id] if len(params) == 1 else [f"{request_id}/{i}" for i in range(len(params))]
         try:
-            stream = m.engine.add_request(prompt_ids, params, request_id, deadline)
+            streams = add_choices(m.engine, prompt_ids, params, ids, deadline)
         except QueueFullError as e:
             await context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; retry later")
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:
             await context.abort(Code.UNAVAILABLE, str(e))
-        self._in_engine.add(request_id)
+        self._in_engine[request_id] = ids
         # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
-        async with contextlib.aclosing(self._stream(m, request_id, stream, context)) as s:
+        async with contextlib.aclosing(self._stream(m, request_id, streams, context)) as s:
             async for msg in s:
                 yield msg
 
-    async def _stream(self, m: ServingModel, request_id: str, stream, context):
-        self._calls += 1
-        self._idle.clear()
-        done = False
-        try:
-            async for out in outputs(stream):
-                done = out.finished
-                if out.finish_reason == "error":
-                    await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
-                if out.outcome == "deadline_exceeded":
-                    await context.abort(Code.DEADLINE_EXCEEDED, out.detail)
-                yield rm.response(out)
-        finally:
-            self._calls -= 1
-            if self._calls == 0:
-                self._idle.set()
-            if done:
-                self._in_engine.discard(request_id)
-            else:  # the call ended first: free the slot and pages at the next step
-                m.engine.abort(request_id)
-                self._forget_when_done(request_id, stream)
+    async def _stream(self, m: ServingModel, request_id: str, streams, context):
+        finished = set()
+        with self.front.call():
+            try:
+                async for index, out in merged_outputs(streams):
+                    if out.finished:
+                        finished.add(index)
+                    if out.finish_reason == "error":
+                        await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
+                    if out.outcome == "deadline_exceeded":
+                        await context.abort(Code.DEADLINE_EXCEEDED, out.detail)
+                    yield rm.response(out, request_id, index)
+            finally:
+                left = [s for i, s in enumerate(streams) if i not in finished]
+                if not left:
+                    self._in_engine.pop(request_id, None)
+                else:  # the call ended first: free the slots and pages at the next step
+                    for stream in left:
+                        m.engine.abort(stream.request_id)
+                    self._forget_when_done(request_id, left)
 
-    def _forget_when_done(self, request_id: str, stream) -> None:
-        """Keeps the id reserved until the engine's final output for it arrives."""
-        def check():
-            if any(out.finished for out in drain(stream)):
-                self._in_engine.discard(request_id)
-        stream.notify(wake_on(asyncio.get_running_loop(), check))
+    def _forget_when_done(self, request_id: str, streams) -> None:
+        """Keeps the id reserved until the engine's final output of every choice arrives."""
+        pending = set(range(len(streams)))
+
+        def check(i):
+            if any(out.finished for out in drain(streams[i])):
+                pending.discard(i)
+                if not pending:
+                    self._in_engine.pop(request_id, None)
+        loop = asyncio.get_running_loop()
+        for i, stream in enumerate(streams):
+            stream.notify(wake_on(loop, lambda i=i: check(i)))
 
     # -- the other RPCs ---------------------------------------------------------------------
 
     async def Abort(self, request: pb.AbortRequest, context):
         m = await self._ready(context)
-        found = request.request_id in self._in_engine
-        if found:
-            m.engine.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+        ids = self._in_engine.get(request.request_id)
+        for engine_id in ids or ():
+            m.engine.abort(engine_id)
+        return pb.AbortResponse(found=ids is not None)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         m = await self._ready(context)
@@ -146,10 +134,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise rm.InvalidRequest("input: one of text, messages is required")
             if kind == "text":
                 add_bos = request.add_bos if request.HasField("add_bos") else None
-                ids = await self._off_loop(lambda: m.tokenizer.encode(request.text, add_bos))
+                ids = await self.front.off_loop(lambda: m.tokenizer.encode(request.text, add_bos))
             else:
                 messages = rm.chat_messages(request.messages.messages, "messages.messages")
-                ids = await self._off_loop(lambda: m.tokenizer.encode_chat(messages))
+                ids = await self.front.off_loop(lambda: m.tokenizer.encode_chat(messages))
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)
@@ -158,7 +146,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         m = await self._ready(context)
         ids = list(request.token_ids)
         try:
-            text = await self._off_loop(lambda: m.tokenizer.decode(ids, request.skip_special_tokens))
+            text = await self.front.off_loop(lambda: m.tokenizer.decode(ids, request.skip_special_tokens))
         except ValueError as e:
             await context.abort(Code.INVALID_ARGUMENT, f"token_ids: {e}")
         return pb.DetokenizeResponse(text=text)

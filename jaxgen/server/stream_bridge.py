@@ -97,3 +97,22 @@ async def outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
             yield out
             if out.finished:
                 return
+
+
+async def merged_outputs(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(position of the stream in `streams`, output) for every output of `streams` — each
+    stream's in order — until every stream has finished: the choices of one request."""
+    ready = asyncio.Event()
+    wake = wake_on(asyncio.get_running_loop(), ready.set)
+    for stream in streams:
+        stream.notify(wake)
+    running = set(range(len(streams)))
+    while running:
+        await ready.wait()
+        ready.clear()  # before draining: a put after the drain sets it again
+        for i in sorted(running):
+            for out in drain(streams[i]):
+                yield i, out
+                if out.finished:
+                    running.discard(i)
+                    break
