@@ -55,6 +55,24 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="dtype of the written weights")
 
+    batch = sub.add_parser("batch", help="run an OpenAI Batch file (JSONL) through the engine; "
+                           "resumable", formatter_class=HELP_FORMAT)
+    batch.add_argument("input", metavar="INPUT", help="OpenAI Batch JSONL (- for stdin)")
+    batch.add_argument("output", metavar="OUTPUT",
+                       help="one record per input line, appended (- for stdout); running the same "
+                            "command again skips the custom_ids already in it")
+    batch.add_argument("--order", default="completion", choices=["completion", "input"],
+                       help="completion: records as lines finish; input: in input order (holds "
+                            "at most --window early finishers in memory)")
+    batch.add_argument("--window", type=int, default=None,
+                       help="lines in the engine at once (default: 2 x --slots)")
+    batch.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGINT / SIGTERM, how long lines in flight may take to finish")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    batch.add_argument("--summary-json", default=None, metavar="FILE",
+                       help="also write the summary as JSON here")
+    config_sources.add_settings(batch, "batch")
+
     server_cli.add_serve_parser(sub, HELP_FORMAT)
     server_cli.add_client_parser(sub, HELP_FORMAT)
     server_cli.add_profile_parser(sub, HELP_FORMAT)
@@ -115,6 +133,31 @@ def _print_stream(prompt: str, stream, as_json: bool) -> int:
     return tokens
 
 
+def cmd_batch(args) -> int:
+    from jaxgen import batch
+
+    config = config_sources.config_from_args(args, "batch")
+    options = batch.BatchOptions(order=args.order, drain_timeout_s=args.drain_timeout,
+                                 window=args.window, quiet=args.quiet,
+                                 summary_json=args.summary_json)
+    try:
+        s = batch.run(args.input, args.output, config, options)
+    except batch.JobError as e:
+        print(f"jaxgen: error: {e}", file=sys.stderr)
+        return e.status
+    if not args.quiet:
+        print(f"jaxgen batch: {s.ok} ok, {s.failed} failed, {s.skipped} skipped (done before), "
+              f"{s.left} left of {s.lines} lines; {s.prompt_tokens} prompt tokens ({s.cached_tokens} "
+              f"cached), {s.output_tokens} output tokens in {s.wall_s:.1f}s = "
+              f"{s.output_tok_s:,.1f} tok/s; prefix-cache hit rate "
+              f"{s.prefix_cache_hit_rate:.0%}", file=sys.stderr)
+    if not s.complete:
+        print(f"jaxgen batch: interrupted with {s.left} line(s) left: run the same command "
+              f"again to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_convert(args) -> int:
     from jaxgen import checkpoints
 
@@ -124,7 +167,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": server_cli.cmd_serve,
+COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "convert": cmd_convert, "serve": server_cli.cmd_serve,
             "client": server_cli.cmd_client, "profile": server_cli.cmd_profile}
 
 
