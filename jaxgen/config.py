@@ -97,9 +97,20 @@ class EngineConfig:
     # Dispatch steps from a launcher thread, so the host's update and text of one step overlap
     # the dispatch of the next (docs/benchmarks.md: no gain measured on the GPU so far).
     overlap_launch: bool = False
+    # Speculative decoding: "ngram" (prompt lookup) drafts K tokens per step from each
+    # request's own tokens, verified in the batch; None: off.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4  # match lengths tried, longest first
+    ngram_min: int = 2
 
     def __post_init__(self):
-        _int_at_least(self, ("num_slots", "decode_steps", "max_prefill_tokens", "max_waiting"), 1)
+        _int_at_least(self, ("num_slots", "decode_steps", "max_prefill_tokens", "max_waiting",
+                             "num_speculative_tokens", "ngram_min"), 1)
+        if self.speculative not in (None, "ngram"):
+            _bad("speculative", self.speculative, "must be 'ngram' (or unset: off)")
+        if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:
+            _bad("ngram_max", self.ngram_max, f"must be an integer >= ngram_min={self.ngram_min}")
         if not isinstance(self.page_size, int) or self.page_size < 16 or self.page_size % 16:
             _bad("page_size", self.page_size, "must be a positive multiple of 16")
         if self.max_model_len is not None:

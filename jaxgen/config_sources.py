@@ -99,6 +99,15 @@ SETTINGS: tuple[Setting, ...] = (
        commands=frozenset({"generate", "batch"})),
     _s("--overlap-launch", target="engine.overlap_launch", type=bool,
        help="dispatch device steps from a launcher thread, overlapping the host's per-step work"),
+    _s("--speculative", target="engine.speculative", choices=("ngram",),
+       help="speculative decoding: ngram drafts tokens from each request's own prompt and "
+            "output (prompt lookup), verified in the batch", default_text="off"),
+    _s("--num-speculative-tokens", target="engine.num_speculative_tokens", type=int,
+       metavar="K", help="with --speculative: tokens drafted and verified per step"),
+    _s("--ngram-max", target="engine.ngram_max", type=int,
+       help="with --speculative ngram: the longest match tried"),
+    _s("--ngram-min", target="engine.ngram_min", type=int,
+       help="with --speculative ngram: the shortest match tried"),
     # -- server ---------------------------------------------------------------------------
     _s("--host", target="server.host", commands=SERVE, help="address to listen on"),
     _s("--port", target="server.port", type=int, commands=SERVE,

@@ -33,6 +33,7 @@ from jaxgen.request_stream import Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner
 from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler import RequestEvent, Scheduler, SchedulerConfig
+from jaxgen.scheduler.ngram import NgramConfig
 from jaxgen.tokenizer.request_text import RequestText
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids) -> Sc
         num_slots=config.num_slots, num_pages=num_pages, page_size=config.page_size,
         max_model_len=config.max_model_len, max_waiting=config.max_waiting,
         max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
-        model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache)
+        model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
+        speculative=NgramConfig(config.num_speculative_tokens, config.ngram_max,
+                                config.ngram_min) if config.speculative == "ngram" else None)
 
 
 class Engine:

@@ -108,6 +108,10 @@ class EngineObserver:
     def on_finish(self, finished: FinishedRequest) -> None:
         """A request ended (any finish reason)."""
 
+    def on_drafts(self, drafts: int, accepted: int) -> None:
+        """Speculative decoding: one request verified `drafts` drafted tokens in a step and
+        `accepted` of them were kept."""
+
 
 class Observers(list):
     """The engine's observers (`engine.observers.append(...)`); `notify` isolates failures."""

@@ -84,7 +84,11 @@ class LaunchPipeline:
             return []
         self._observe(step.start, time.perf_counter())
         with self._lock, jax.profiler.TraceAnnotation("jaxgen.update"):
-            return self.scheduler.update(launched.plan, output)
+            events = self.scheduler.update(launched.plan, output)
+            verified = self.scheduler.take_verified()
+        for drafts, accepted in verified:
+            self._observers.notify("on_drafts", drafts, accepted)
+        return events
 
     def take_failed(self) -> list[RequestEvent]:
         failed, self._failed = self._failed, []

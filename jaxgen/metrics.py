@@ -62,6 +62,17 @@ class ServingMetrics(EngineObserver):
         self.launch = Histogram("jaxgen_step_launch_seconds",
                                 "Host time to dispatch a step launched ahead (uploads, jit calls)",
                                 buckets=STEP_BUCKETS, registry=r)
+        self.draft_tokens = Counter("jaxgen_draft_tokens",
+                                    "Speculative decoding: drafted tokens verified", registry=r)
+        self.accepted_draft_tokens = Counter(
+            "jaxgen_accepted_draft_tokens", "Speculative decoding: drafted tokens accepted",
+            registry=r)
+        self.acceptance = Histogram(
+            "jaxgen_draft_acceptance_rate", "Share of a request's drafts accepted, per verify step",
+            buckets=(0, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1), registry=r)
+        self.accepted_length = Histogram(
+            "jaxgen_draft_accepted_length", "Drafted tokens accepted per request and verify step",
+            buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
         r.register(_OccupancyCollector(engine))
         engine.observers.append(self)
 
@@ -75,6 +86,12 @@ class ServingMetrics(EngineObserver):
         self.launch.observe(launch_seconds)
         if device_drained:
             self.launched_on_drained.inc()
+
+    def on_drafts(self, drafts: int, accepted: int) -> None:
+        self.draft_tokens.inc(drafts)
+        self.accepted_draft_tokens.inc(accepted)
+        self.acceptance.observe(accepted / drafts)
+        self.accepted_length.observe(accepted)
 
     def on_finish(self, finished: FinishedRequest) -> None:
         out, usage = finished.output, finished.output.usage

@@ -42,6 +42,7 @@ class SamplingParams:
     # (token id, bias) pairs added to those tokens' logits before sampling, as OpenAI's
     # logit_bias; a per-slot traced array on device (changing it never recompiles).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    speculative: bool = True  # may use speculative decoding when the engine runs it
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -95,6 +96,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether repetition / presence / frequency penalties apply (they depend on every
+        earlier output token, so such requests decode one token at a time, unspeculated)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
     @property
     def sampling_level(self) -> int:

@@ -134,6 +134,7 @@ def _params(req, max_tokens: int, logprobs: int | None, vocab: int, seed_offset:
             seed=seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos, logprobs=logprobs,
             priority=req.jaxgen.priority if req.jaxgen else 0,
+            speculative=req.jaxgen.speculative if req.jaxgen else True,
             logit_bias=_logit_bias(req, vocab))
     except ValueError as e:
         raise OpenAIError(400, str(e)) from None
@@ -259,9 +260,15 @@ class Responder:
         completion = sum(u.completion_tokens for u in usages if u is not None)
         cached = sum(usages[p * n].cached_prompt_tokens for p in range(len(self.gen.prompts))
                      if usages[p * n] is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        drafted = sum(u.draft_tokens for u in usages if u is not None)
+        accepted = sum(u.accepted_draft_tokens for u in usages if u is not None)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        if drafted:  # speculative decoding, in OpenAI's fields for predicted outputs
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                  "rejected_prediction_tokens": drafted - accepted}
+        return usage
 
     # -- whole response --
     def body(self, completions: Sequence[Completion]) -> dict:

@@ -30,6 +30,7 @@ class JaxgenOptions(_Body):
     """The `jaxgen` extension object (fields jaxgen adds to OpenAI's)."""
 
     priority: StrictInt = Field(0, ge=-2**31, lt=2**31)  # admission order: lower first
+    speculative: StrictBool = True  # false: no speculative decoding for this request
 
 
 class SamplingFields(_Body):

@@ -21,7 +21,7 @@ from jaxgen.config import EngineConfig
 from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, insert
-from jaxgen.runtime.steps import make_generate, make_prefill
+from jaxgen.runtime.steps import make_generate, make_prefill, make_verify
 from jaxgen.sampling_params import GREEDY, MAX_LOGIT_BIAS, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
@@ -70,10 +70,12 @@ class LaunchedStep:
     plan: StepPlan
     prefill: object  # Sampled pytree of the prefill call, or None
     decode: object  # Sampled pytree of the generate call, or None
+    verify: object = None  # Verified pytree of the verify call (speculative decoding), or None
 
     def done(self) -> bool:
         """Whether the device has finished this step (its outputs are ready); never blocks."""
-        return all(leaf.is_ready() for leaf in jax.tree.leaves((self.prefill, self.decode)))
+        return all(leaf.is_ready() for leaf in jax.tree.leaves((self.prefill, self.decode,
+                                                                 self.verify)))
 
 
 class ModelRunner:
@@ -97,6 +99,9 @@ class ModelRunner:
         self._prefill = make_prefill(model)
         self._generate = make_generate(model, cfg.decode_steps)
         self._insert = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
+        # Speculative decoding: K drafts verified per slot and step (0: off).
+        self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
+        self._verify = make_verify(model, self.num_drafts) if self.num_drafts else None
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
 
@@ -117,7 +122,9 @@ class ModelRunner:
     # -- compilation accounting ---------------------------------------------------------------
 
     def _compiled(self) -> int:
-        return sum(f._cache_size() for f in (*self._prefill.jitted, self._generate, self._insert))
+        steps = (*self._prefill.jitted, self._generate, self._insert) + \
+            ((self._verify,) if self._verify is not None else ())
+        return sum(f._cache_size() for f in steps)
 
     def warmup(self) -> None:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
@@ -134,6 +141,11 @@ class ModelRunner:
             out, self.kv_pages, self.state = self._generate(
                 self.params, self.kv_pages, self.state,
                 *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
+            if self._verify is not None:
+                _, self.kv_pages, self.state = self._verify(
+                    self.params, self.kv_pages, self.state, *self._args(
+                        np.zeros((s, self.num_drafts), np.int32), np.zeros(s, np.int32),
+                        np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
         jax.block_until_ready(out.tokens)
         self._baseline_compiles = self._compiled()
 
@@ -183,16 +195,17 @@ class ModelRunner:
             self._assign(plan)
         prefill = self._prefill_chunks(plan) if plan.prefills else None
         decode = self._decode(plan) if plan.decode_slots else None
+        verify = self._run_verify(plan) if plan.verify_slots else None
         # Start the device-to-host copy now: it runs as soon as the step's results exist,
         # while the host does other work, instead of when the host asks.
-        for leaf in jax.tree.leaves((prefill, decode)):
+        for leaf in jax.tree.leaves((prefill, decode, verify)):
             leaf.copy_to_host_async()
         self._check_compiles()
-        return LaunchedStep(plan, prefill, decode)
+        return LaunchedStep(plan, prefill, decode, verify)
 
     def collect(self, launched: "LaunchedStep") -> StepOutput:
         """Waits for a launched step's tokens (one transfer) and returns them on host."""
-        return self._to_host(launched.plan, launched.prefill, launched.decode)
+        return self._to_host(launched.plan, launched.prefill, launched.decode, launched.verify)
 
     def _update_page_table(self, updates) -> None:
         if not updates:
@@ -282,9 +295,28 @@ class ModelRunner:
             level=self._level(list(plan.decode_slots)))
         return out
 
-    def _to_host(self, plan: StepPlan, prefill, decode) -> StepOutput:
+    def _run_verify(self, plan: StepPlan):
+        s, k = self.cfg.num_slots, self.num_drafts
+        if self._verify is None:
+            raise ValueError(f"plan {plan.step} verifies drafts: this runner has no speculative "
+                             f"decoding (EngineConfig.speculative)")
+        drafts = np.zeros((s, k), np.int32)
+        lens = np.zeros(s, np.int32)
+        positions = np.zeros(s, np.int32)
+        active = np.zeros(s, bool)
+        for slot, position, row in zip(plan.verify_slots, plan.verify_positions, plan.verify_drafts):
+            if len(row) > k:
+                raise ValueError(f"slot {slot}: {len(row)} drafts > num_speculative_tokens={k}")
+            drafts[slot, :len(row)] = row
+            lens[slot], positions[slot], active[slot] = len(row), position, True
+        out, self.kv_pages, self.state = self._verify(
+            self.params, self.kv_pages, self.state, *self._args(drafts, lens, positions, active),
+            level=self._level(list(plan.verify_slots)))
+        return out
+
+    def _to_host(self, plan: StepPlan, prefill, decode, verify=None) -> StepOutput:
         n = len(plan.prefills)
-        prefill, decode = jax.device_get((prefill, decode))  # one transfer for the step
+        prefill, decode, verify = jax.device_get((prefill, decode, verify))  # one transfer
         empty_i = np.zeros((0,), np.int32)
         return StepOutput(
             prefill_tokens=prefill.tokens[:n] if prefill is not None else empty_i,
@@ -295,4 +327,9 @@ class ModelRunner:
             decode_logprobs=decode.logprobs if decode is not None else None,
             decode_top_ids=decode.top_ids if decode is not None else None,
             decode_top_logprobs=decode.top_logprobs if decode is not None else None,
+            verify_tokens=verify.tokens if verify is not None else None,
+            verify_counts=verify.counts if verify is not None else None,
+            verify_logprobs=verify.logprobs if verify is not None else None,
+            verify_top_ids=verify.top_ids if verify is not None else None,
+            verify_top_logprobs=verify.top_logprobs if verify is not None else None,
         )

@@ -132,3 +132,76 @@ def sample(logits, rows: SamplingRows, positions, prompt_seen, output_counts,
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(rows.temperature > 0, drawn, greedy)
     return Sampled(tokens, *_logprobs(logits, tokens))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """What a verify step emits per slot: `tokens i32[S, K+1]`, of which the first `counts i32[S]`
+    (accepted drafts, then one token of the model's own) are emitted; logprobs as `Sampled`'s,
+    with a leading [S, K+1]."""
+
+    tokens: jax.Array
+    counts: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+@jax.named_scope("verify_drafts")
+def verify_drafts(logits, drafts, draft_lens, rows: SamplingRows, positions, level: int) -> Verified:
+    """Speculative verification: `logits f32[S, K+1, V]` are the model's at the slot's inputs
+    (its last token, then the drafts `i32[S, K]`, `draft_lens i32[S]` of them real); `positions
+    i32[S]` is each slot's first input position.
+
+    Greedy rows accept the longest prefix of drafts equal to the argmax, plus the argmax after
+    it: exactly what decoding one token at a time gives. Sampled rows use rejection sampling
+    with the drafts as a point-mass proposal: draft j is accepted with probability p_j(d_j); at
+    the first rejection the token is drawn from p_j with d_j removed (the residual), and after
+    K accepted drafts from p_K: every emitted token has the target distribution. The random
+    stream is the request's own (`fold_in(key(seed), position)`, the coin on a fold of it), so
+    seeded output does not depend on batch mates. Penalties are not applied (the scheduler does
+    not speculate for requests that use them); the logit bias and, at FILTER, top-k / top-p /
+    min-p are.
+    """
+    s, w, v = logits.shape
+    logits = logits.astype(jnp.float32)
+    flat_rows = jax.tree.map(lambda a: jnp.repeat(a, w, axis=0), rows)
+    flat = logits.reshape(s * w, v)
+    if level != GREEDY and flat_rows.bias_ids is not None:
+        flat = flat.at[jnp.arange(s * w)[:, None], flat_rows.bias_ids].add(flat_rows.bias_values)
+    greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32).reshape(s, w)
+    j = jnp.arange(w)[None, :]
+    valid = j[:, :-1] < draft_lens[:, None]  # [S, K]
+    if level == GREEDY:
+        accept = valid & (drafts == greedy[:, :-1])
+        n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)
+        tokens = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), greedy)
+        zeros = _no_logprobs(flat, tokens.reshape(-1))
+        return Verified(tokens, n + 1, *(z.reshape(s, w, *z.shape[1:]) for z in zeros))
+    scaled = flat / jnp.maximum(flat_rows.temperature, 1e-6)[:, None]
+    if level == FILTER:
+        scaled = _filtered(scaled, flat_rows)
+    scaled = scaled.reshape(s, w, v)
+    token_positions = positions[:, None] + j + 1  # each emitted token's place in the sequence
+    keys = jax.vmap(jax.vmap(lambda seed, p: jax.random.fold_in(jax.random.key(seed), p)))(
+        jnp.broadcast_to(rows.seed[:, None], (s, w)), token_positions)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    p_draft = jnp.take_along_axis(probs[:, :-1], drafts[..., None], axis=-1)[..., 0]
+    coins = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(keys[:, :-1])
+    sampled_rows = rows.temperature > 0
+    accept = valid & jnp.where(sampled_rows[:, None], coins < p_draft, drafts == greedy[:, :-1])
+    n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # accepted drafts
+    at_n = lambda a: jnp.take_along_axis(a, n[:, None, None], axis=1)[:, 0]  # noqa: E731
+    rejected = n < draft_lens
+    d_n = jnp.take_along_axis(jnp.pad(drafts, ((0, 0), (0, 1))), n[:, None], axis=1)[:, 0]
+    residual = jnp.where(rejected[:, None] & (jnp.arange(v)[None] == d_n[:, None]), -jnp.inf,
+                         at_n(scaled))
+    key_n = jnp.take_along_axis(keys, n[:, None], axis=1)[:, 0]
+    drawn = jax.vmap(jax.random.categorical)(key_n, residual).astype(jnp.int32)
+    last = jnp.where(sampled_rows, drawn, jnp.take_along_axis(greedy, n[:, None], axis=1)[:, 0])
+    tokens = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
+                       jnp.where(j == n[:, None], last[:, None], greedy))
+    chosen, top_ids, top_logprobs = _logprobs(flat, tokens.reshape(-1))
+    return Verified(tokens, n + 1, chosen.reshape(s, w), top_ids.reshape(s, w, -1),
+                    top_logprobs.reshape(s, w, -1))

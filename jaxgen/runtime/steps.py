@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.models import AttentionMetadata, Model
-from jaxgen.runtime.sampling import Sampled, sample
+from jaxgen.runtime.sampling import Sampled, sample, verify_drafts
 from jaxgen.runtime.state import DecodeState
 from jaxgen.sampling_params import GREEDY
 
@@ -130,4 +130,45 @@ def make_generate(model: Model, num_steps: int):
     return generate
 
 
-__all__ = ["Sampled", "make_generate", "make_prefill"]
+def make_verify(model: Model, num_drafts: int):
+    """`verify(params, kv_pages, state, drafts i32[S, K], draft_lens i32[S], positions i32[S],
+    active bool[S], *, level) -> (Verified, kv_pages, state)`: speculative decoding's step.
+
+    Each active slot feeds its last token (`state.tokens`, on device) and its `draft_lens` drafts
+    at `positions`, `positions + 1`, ... as one ragged query of the batch (the kernels take
+    ragged query lengths), writes their K/V, and keeps the tokens `verify_drafts` accepts; the
+    slot's next input becomes the last of them. K/V of rejected drafts stay in the pages past
+    the request's length, which the host moves only over accepted ones: nothing is copied.
+    Shapes are fixed (S x (K + 1) rows), so any mix of draft lengths runs without recompiling.
+    """
+    width = num_drafts + 1
+
+    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",))
+    @jax.named_scope("verify")
+    def verify(params, kv_pages, state: DecodeState, drafts, draft_lens, positions, active, *,
+               level):
+        num_slots = state.tokens.shape[0]
+        rows = num_slots * width
+        q_lens = jnp.where(active, draft_lens + 1, 0).astype(jnp.int32)
+        cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens)]).astype(jnp.int32)
+        inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)  # [S, K+1]
+        offsets = jnp.arange(width)[None, :]
+        # Slot s's rows go to cu_q_lens[s] + j; rows past its length to `rows` (dropped).
+        target = jnp.where(offsets < q_lens[:, None], cu_q_lens[:-1, None] + offsets, rows)
+        tokens = jnp.zeros(rows, jnp.int32).at[target].set(inputs, mode="drop")
+        token_positions = jnp.zeros(rows, jnp.int32).at[target].set(
+            positions[:, None] + offsets, mode="drop")
+        kv_lens = jnp.where(active, positions + q_lens, 0).astype(jnp.int32)
+        md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens,
+                               jnp.array([num_slots], jnp.int32))
+        logits, kv_pages = model.forward(params, tokens, token_positions, kv_pages, md)
+        logits = logits[jnp.minimum(cu_q_lens[:-1, None] + offsets, rows - 1)]  # [S, K+1, V]
+        out = verify_drafts(logits, drafts, draft_lens, state.rows, positions, level)
+        last = jnp.take_along_axis(out.tokens, (out.counts - 1)[:, None], axis=1)[:, 0]
+        state = dataclasses.replace(state, tokens=jnp.where(active, last, state.tokens))
+        return out, kv_pages, state
+
+    return verify
+
+
+__all__ = ["Sampled", "make_generate", "make_prefill", "make_verify"]

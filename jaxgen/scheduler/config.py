@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxgen.scheduler.ngram import NgramConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
@@ -23,6 +25,7 @@ class SchedulerConfig:
     decode_steps: int  # k: tokens each decode slot advances per step (StepPlan.num_steps)
     enable_prefix_cache: bool
     model_stop_ids: frozenset[int] = frozenset()  # ignored for requests with ignore_eos
+    speculative: NgramConfig | None = None  # n-gram drafts verified in the batch (None: off)
 
     def __post_init__(self):
         object.__setattr__(self, "model_stop_ids", frozenset(self.model_stop_ids))

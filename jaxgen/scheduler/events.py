@@ -26,6 +26,8 @@ class Usage:
     num_preemptions: int
     queue_time: float | None  # first scheduled - arrival (s); None if never scheduled
     time_to_first_token: float | None  # first token - arrival (s); None if none was produced
+    draft_tokens: int = 0  # speculative decoding: drafts verified
+    accepted_draft_tokens: int = 0  # ... and accepted (each an output token that cost no step)
 
     @classmethod
     def of(cls, request: Request) -> Usage:
@@ -37,7 +39,9 @@ class Usage:
                    cached_prompt_tokens=request.num_cached_prompt_tokens,
                    num_preemptions=request.num_preemptions,
                    queue_time=since_arrival(request.first_scheduled_time),
-                   time_to_first_token=since_arrival(request.first_token_time))
+                   time_to_first_token=since_arrival(request.first_token_time),
+                   draft_tokens=request.proposer.proposed if request.proposer else 0,
+                   accepted_draft_tokens=request.proposer.accepted if request.proposer else 0)
 
 
 @dataclasses.dataclass(frozen=True)

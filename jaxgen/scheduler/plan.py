@@ -63,6 +63,12 @@ class StepPlan:
     decode_positions: tuple[int, ...] = ()
     decode_serials: tuple[int, ...] = ()
     num_steps: int = 1
+    # Speculative decoding: slots that verify drafts this step instead of decoding (see
+    # `StepOutput.verify_tokens`), with their first input position, serial and drafts.
+    verify_slots: tuple[int, ...] = ()
+    verify_positions: tuple[int, ...] = ()
+    verify_serials: tuple[int, ...] = ()
+    verify_drafts: tuple[tuple[int, ...], ...] = ()
     # slot -> that slot's full page list (row of the page table), for rows that changed.
     page_table_updates: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     assignments: tuple[SlotAssignment, ...] = ()
@@ -74,7 +80,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.decode_slots
+        return not self.prefills and not self.decode_slots and not self.verify_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +101,10 @@ class StepOutput:
     decode_logprobs: np.ndarray | None = None  # f32[k, S]
     decode_top_ids: np.ndarray | None = None  # i32[k, S, n]
     decode_top_logprobs: np.ndarray | None = None  # f32[k, S, n]
+    # Verify steps: i32[S, K+1] tokens, of which the first i32[S] counts are emitted (accepted
+    # drafts, then the model's own); logprobs with the same leading [S, K+1].
+    verify_tokens: np.ndarray | None = None
+    verify_counts: np.ndarray | None = None
+    verify_logprobs: np.ndarray | None = None  # f32[S, K+1]
+    verify_top_ids: np.ndarray | None = None  # i32[S, K+1, n]
+    verify_top_logprobs: np.ndarray | None = None  # f32[S, K+1, n]

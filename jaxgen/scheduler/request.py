@@ -11,6 +11,7 @@ import dataclasses
 import enum
 
 from jaxgen.sampling_params import SamplingParams
+from jaxgen.scheduler.ngram import NgramProposer
 
 
 class RequestStatus(enum.Enum):
@@ -61,6 +62,10 @@ class Request:
     # Another choice of the same prompt (n > 1): this one is admitted once that one's prompt is
     # prefilled, so its pages come from the prefix cache (the prompt is computed once).
     after: "Request | None" = None
+    # Speculative decoding: the request's draft source (None: it does not speculate), and the
+    # drafts of the step being planned.
+    proposer: "NgramProposer | None" = None
+    drafts: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -20,7 +20,7 @@ class StepSamples:
     """Host view of one step's output. Token arrays become Python lists once per step, so the
     per-token path does no numpy scalar work; logprobs are read only for requests that asked.
 
-    A source is ("prefill", chunk index) or ("decode", slot)."""
+    A source is ("prefill", chunk index), ("decode", slot) or ("verify", slot)."""
 
     def __init__(self, plan: StepPlan, output: StepOutput):
         self._output = output
@@ -34,7 +34,10 @@ class StepSamples:
                 raise ValueError(f"decode_tokens shape {shape}: need at least "
                                  f"[{plan.num_steps}, {max(plan.decode_slots) + 1}]")
             self._tokens["decode"] = output.decode_tokens[:plan.num_steps].T.tolist()
-
+        if plan.verify_slots:
+            counts = output.verify_counts.tolist()
+            rows = output.verify_tokens.tolist()
+            self._tokens["verify"] = {s: rows[s][:counts[s]] for s in plan.verify_slots}
     def tokens(self, kind: str, index: int) -> list[int]:
         """The token sampled after a prefill chunk, or the column a decode slot produced."""
         return self._tokens[kind][index]
@@ -49,7 +52,12 @@ class StepSamples:
             return None
         top_ids = getattr(out, f"{kind}_top_ids")
         top_logprobs = getattr(out, f"{kind}_top_logprobs")
-        rows = [(index,)] if kind == "prefill" else [(t, index) for t in range(count)]
+        if kind == "prefill":
+            rows = [(index,)]
+        elif kind == "decode":
+            rows = [(t, index) for t in range(count)]
+        else:
+            rows = [(index, t) for t in range(count)]
         result = []
         for row, token in zip(rows, self.tokens(kind, index)):
             top = ()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler.config import SchedulerConfig
 from jaxgen.scheduler.events import DEADLINE_EXCEEDED, RequestEvent, request_event
+from jaxgen.scheduler.ngram import NgramProposer
 from jaxgen.scheduler.page_allocator import PageAllocator
 from jaxgen.scheduler.plan import PrefillChunk, SlotAssignment, StepOutput, StepPlan
 from jaxgen.scheduler.request import Request, RequestStatus
@@ -61,6 +62,9 @@ class Scheduler:
         self._step = 0
         self._serials = itertools.count(1)
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified, and accepted
+        self.num_accepted_draft_tokens = 0
+        self.verified: list[tuple[int, int]] = []  # (drafts, accepted) per verify, until taken
 
     # -- requests in ------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
@@ -78,6 +82,8 @@ class Scheduler:
                           arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline,
                           serial=next(self._serials),
                           after=self._requests.get(after) if after is not None else None)
+        if cfg.speculative is not None and params.speculative and not params.penalised:
+            request.proposer = NgramProposer(cfg.speculative, request.prompt_ids)
         self._requests[request_id] = request
         self._enqueue(request, preempted=False)
 
@@ -99,6 +105,11 @@ class Scheduler:
             raise ValueError(f"reason={reason!r}: must be 'stop' or 'error'")
         request = self._requests.get(request_id)
         return None if request is None else self._end(request, reason, detail)
+
+    def take_verified(self) -> list[tuple[int, int]]:
+        """(drafts, accepted) of each request's verify since the last call (for metrics)."""
+        verified, self.verified = self.verified, []
+        return verified
 
     def take_finished_events(self) -> list[RequestEvent]:
         """Final events of requests ended by `schedule()` (aborts, deadlines) not yet handed out
@@ -132,8 +143,9 @@ class Scheduler:
         preemption. None when nothing can be planned ahead: call `schedule()` once the in-flight
         plan is updated.
         """
-        if len(self._in_flight) != 1:
+        if len(self._in_flight) != 1 or self._speculating():
             return None
+
         last = self._in_flight[0]
         now = self._clock()
         if any(r.pending_abort is not None or (r.deadline is not None and now >= r.deadline)
@@ -145,17 +157,19 @@ class Scheduler:
         plan = self._plan(now, decode, admit=True, after=last)
         return None if plan.empty else plan
 
-    def _plan(self, now: float, decode: list[tuple[int, int, int]], admit: bool,
+    def _plan(self, now: float, rows: list[tuple], admit: bool,
               after: StepPlan | None = None) -> StepPlan:
-        """The one planner: `decode` (slot, input position, serial) rows whose pages are
-        reserved, plus prompt chunks under the token budget (admitting waiting requests when
-        `admit`); `after`: the plan in flight when planning ahead. An empty plan when nothing
-        is to run (it is not in flight)."""
+        """The one planner: `rows` (slot, input position, serial, drafts) of decoding requests
+        whose pages are reserved — those with drafts verify them, the others decode — plus
+        prompt chunks under the token budget (admitting waiting requests when `admit`);
+        `after`: the plan in flight when planning ahead. An empty plan when nothing is to run
+        (it is not in flight)."""
         prefills, assignments = self._schedule_prefills(now, admit=admit, after=after)
-        if not prefills and not decode:
+        if not prefills and not rows:
             return StepPlan(step=self._step)
         page_table_updates, freed_slots = self._slots.flush({a.slot for a in assignments})
-        decode = sorted(decode)
+        decode = sorted(r for r in rows if not r[3])
+        verify = sorted(r for r in rows if r[3])
         plan = StepPlan(
             step=self._step,
             prefills=tuple(prefills),
@@ -163,6 +177,10 @@ class Scheduler:
             decode_positions=tuple(d[1] for d in decode),
             decode_serials=tuple(d[2] for d in decode),
             num_steps=self.config.decode_steps,
+            verify_slots=tuple(v[0] for v in verify),
+            verify_positions=tuple(v[1] for v in verify),
+            verify_serials=tuple(v[2] for v in verify),
+            verify_drafts=tuple(v[3] for v in verify),
             page_table_updates=page_table_updates,
             assignments=tuple(assignments),
             freed_slots=freed_slots,
@@ -195,7 +213,7 @@ class Scheduler:
             if n:
                 request.pages += self.allocator.allocate(n)
                 self._slots.pages_changed(request.slot)
-        return [(request.slot, start, request.serial) for request, start, _ in grow]
+        return [(request.slot, start, request.serial, ()) for request, start, _ in grow]
 
     def abandon_in_flight(self) -> None:
         """Forget plans that will never be updated (their device step failed)."""
@@ -203,8 +221,8 @@ class Scheduler:
 
     def _live_in(self, plan: StepPlan) -> bool:
         return (any(self._chunk_holder(c) for c in plan.prefills)
-                or any(self._slot_holder(s, n) for s, n in zip(plan.decode_slots,
-                                                               plan.decode_serials)))
+                or any(self._slot_holder(s, n) for s, n in zip(
+                    plan.decode_slots + plan.verify_slots, plan.decode_serials + plan.verify_serials)))
 
     def _chunk_holder(self, chunk: PrefillChunk) -> Request | None:
         """The request `chunk` was planned for, unless it ended since."""
@@ -224,15 +242,18 @@ class Scheduler:
             if detail is not None:
                 self._events.append(self._end(request, "abort", detail))
 
-    def _grow_decoders(self) -> tuple[list[tuple[int, int, int]], bool]:
+    def _grow_decoders(self) -> tuple[list[tuple], bool]:
         """Give every decoding request pages for the tokens it keeps this step, oldest first,
-        preempting the newest running requests when the pool runs dry.
-        Returns (decode rows: slot, input position, serial; whether anyone was preempted)."""
+        preempting the newest running requests when the pool runs dry; a request with drafts
+        (speculative decoding) verifies them instead of decoding. Returns (rows: slot, input
+        position, serial, drafts; whether anyone was preempted)."""
         rows, preempted = [], False
         for request in [r for r in self._running if r.decoding]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room for an older request
-            need = self._pages_to_decode_from(request, request.num_computed_tokens)
+            request.drafts = self._drafts(request)
+            need = self._pages_to_decode_from(request, request.num_computed_tokens,
+                                              len(request.drafts) + 1 if request.drafts else None)
             pages = self.allocator.allocate(need)
             while pages is None:
                 victim = self._running[-1]  # the newest: never an older, already-served one
@@ -248,14 +269,28 @@ class Scheduler:
                 self._slots.pages_changed(request.slot)
             rows.append(request)
         # Read after the loop: a request preempted by a later one's growth leaves the rows.
-        return [(r.slot, r.num_computed_tokens, r.serial) for r in rows
+        return [(r.slot, r.num_computed_tokens, r.serial, r.drafts) for r in rows
                 if r.status is RequestStatus.RUNNING], preempted
 
-    def _pages_to_decode_from(self, request: Request, position: int) -> int:
-        """New pages `request` needs to decode `decode_steps` tokens feeding `position` first.
-        Feeding p writes p .. p+k-1; tokens past max_len are discarded and writes past the
-        page-table row land in the null page, so only kept positions need pages."""
-        last = min(position + self.config.decode_steps - 1, request.max_len - 1)
+    def _speculating(self) -> bool:
+        """Whether a running request drafts now: its drafts come from its latest tokens, known
+        only once the step in flight is read, so nothing is planned ahead (and a request whose
+        drafts keep failing cools down, and lets the look-ahead run meanwhile)."""
+        return any(r.proposer is not None and r.proposer.active for r in self._running)
+
+    def _drafts(self, request: Request) -> tuple[int, ...]:
+        """Draft tokens to verify this step (speculative decoding), () to decode as usual. At
+        most what max_tokens leaves room for: every draft accepted, plus one more token."""
+        if request.proposer is None:
+            return ()
+        return request.proposer.propose(request.params.max_tokens - len(request.output_ids) - 1)
+
+    def _pages_to_decode_from(self, request: Request, position: int, inputs: int | None = None) -> int:
+        """New pages `request` needs to feed `inputs` tokens (default: `decode_steps`) from
+        `position`. Feeding p writes p .. p+k-1; tokens past max_len are discarded and writes
+        past the page-table row land in the null page, so only kept positions need pages."""
+        inputs = self.config.decode_steps if inputs is None else inputs
+        last = min(position + inputs - 1, request.max_len - 1)
         return max(0, last // self.config.page_size + 1 - len(request.pages))
 
     def _schedule_prefills(self, now: float, admit: bool, after: StepPlan | None = None):
@@ -401,6 +436,16 @@ class Scheduler:
             if request is None:
                 continue  # ended while its step was in flight (its slot may be another's now)
             kept[request] = self._take(request, samples, "decode", slot, now)
+        for slot, serial, drafts in zip(plan.verify_slots, plan.verify_serials, plan.verify_drafts):
+            request = self._slot_holder(slot, serial)
+            if request is None:
+                continue
+            accepted = len(samples.tokens("verify", slot)) - 1
+            request.proposer.record(len(drafts), accepted)
+            kept[request] = self._take(request, samples, "verify", slot, now)
+            self.num_draft_tokens += len(drafts)
+            self.num_accepted_draft_tokens += accepted
+            self.verified.append((len(drafts), accepted))
         for request, (token_ids, logprobs, finish) in kept.items():
             self._register_full_pages(request)
             events.append(self._end(request, *finish, token_ids, logprobs) if finish
@@ -411,9 +456,11 @@ class Scheduler:
     def _take(request: Request, samples: StepSamples, kind: str, index: int, now: float):
         tokens = samples.tokens(kind, index)
         n, finish = request.append_outputs(tokens)
-        if kind == "decode":
+        if kind != "prefill":
             # The input of each kept token (the one before it) now has K/V in pages.
             request.num_computed_tokens += n
+        if request.proposer is not None:
+            request.proposer.extend(tokens[:n])
         if request.first_token_time is None:
             request.first_token_time = now
         return tokens[:n], samples.logprobs(kind, index, n, request.params.logprobs), finish

@@ -225,6 +225,8 @@ class EngineClient:
             self.observers.notify("on_step", event.step_seconds, event.host_gap_seconds)
         elif isinstance(event, msg.LaunchTimed):
             self.observers.notify("on_launch", event.device_drained, event.launch_seconds)
+        elif isinstance(event, msg.DraftsVerified):
+            self.observers.notify("on_drafts", event.drafts, event.accepted)
         elif isinstance(event, msg.Rejected):
             self._open.deliver(RequestOutput(event.request_id, (), "", None, "error", event.message))
         elif isinstance(event, msg.Profiled):

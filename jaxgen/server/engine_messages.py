@@ -4,7 +4,7 @@ wake-up on either side, so a busy engine pays one transfer per step, not one per
 
 Server -> engine: `AddRequest`, `AbortRequest`, `CaptureProfile`, `Stop`.
 Engine -> server: first `Ready` (or `Failed`), then `EventBatch`es: a list of `Output`,
-`StepTimed`, `LaunchTimed`, `Rejected`, `Profiled`, `Dead`, each batch with the engine's
+`StepTimed`, `LaunchTimed`, `DraftsVerified`, `Rejected`, `Profiled`, `Dead`, each batch with the engine's
 `EngineStats` as of sending.
 """
 
@@ -75,6 +75,12 @@ class StepTimed:
 class LaunchTimed:
     device_drained: bool
     launch_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftsVerified:
+    drafts: int
+    accepted: int
 
 
 @dataclasses.dataclass(frozen=True)

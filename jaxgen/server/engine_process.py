@@ -43,6 +43,9 @@ class _Forward(EngineObserver):
     def on_launch(self, device_drained, launch_seconds):
         self.core.emit(msg.LaunchTimed(device_drained, launch_seconds))
 
+    def on_drafts(self, drafts, accepted):
+        self.core.emit(msg.DraftsVerified(drafts, accepted))
+
 
 class _EngineCore:
     """Requests in on the main thread, outputs out on a sender thread."""

@@ -22,7 +22,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 MAX_N = 16  # choices per request
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                      "presence_penalty", "frequency_penalty", "seed", "logprobs")
+                      "presence_penalty", "frequency_penalty", "seed", "logprobs", "speculative")
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "abort": pb.FINISH_REASON_ABORT}
 
@@ -110,7 +110,8 @@ def choices(request: pb.GenerateRequest, params: SamplingParams) -> list[Samplin
 def _usage(usage) -> pb.Usage:
     out = pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                    cached_prompt_tokens=usage.cached_prompt_tokens,
-                   num_preemptions=usage.num_preemptions)
+                   num_preemptions=usage.num_preemptions, draft_tokens=usage.draft_tokens,
+                   accepted_draft_tokens=usage.accepted_draft_tokens)
     if usage.queue_time is not None:
         out.queue_time_s = usage.queue_time
     if usage.time_to_first_token is not None:
