@@ -131,6 +131,3 @@ def ragged_paged_attention(
     return mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat,
                            cu_q_lens.astype(jnp.int32), num_seqs,
                            block_q=block_sizes.num_queries_per_block, **common)
-
-
-
