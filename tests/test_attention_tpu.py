@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.tpu import TpuBlockSizes
@@ -156,25 +157,30 @@ def test_block_sizes_and_promises_are_validated():
         ragged_paged_attention(*args, sm_scale=0.1, backend="tpu", decode_only=True)
 
 
-@pytest.mark.parametrize("decode_only", [False, True])
-def test_kernels_lower_to_mosaic(decode_only):
-    """The Pallas -> Mosaic lowering for a TPU target (a v5e named by an abstract mesh) accepts
-    both kernels at serving shapes (Llama 32/8 x 128, Gemma 3 MQA x 256, SmolLM2 9/3 x 64; bf16
-    and f32): the interpreter runs things Mosaic rejects. Only the first compile stage:
-    libtpu's passes need a TPU."""
-    chip = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=chip)
-    sds = jax.ShapeDtypeStruct
-    for (hq, hkv, d), dtype in [((32, 8, 128), BF16), ((4, 1, 256), F32), ((9, 3, 64), BF16)]:
-        t, s, page_size, pages_per_seq = (16 if decode_only else 128), 16, 16, 64
-        args = (sds((t, hq, d), dtype), sds((t, hkv, d), dtype), sds((t, hkv, d), dtype),
-                sds((2048, page_size, 2 * hkv, d), dtype), sds((s,), jnp.int32),
-                sds((s, pages_per_seq), jnp.int32), sds((s + 1,), jnp.int32),
-                sds((1,), jnp.int32))
-        kernel = functools.partial(
-            ragged_paged_attention, sm_scale=d ** -0.5, sliding_window=512, soft_cap=30.0,
-            backend="tpu", decode_only=decode_only, block_sizes=TpuBlockSizes(8, 32))
-        # Lower for the chip, not for the interpreter the fixture forces.
-        with pltpu.force_tpu_interpret_mode(None), jax.sharding.use_abstract_mesh(mesh):
-            exported = jax.export.export(jax.jit(kernel), platforms=["tpu"])(*args)
-        assert "tpu_custom_call" in exported.mlir_module()
+@pytest.mark.parametrize("mesh_shape, hq, hkv, decode_only", [
+    ((1, 4), 16, 4, False),  # kv heads split over `model`, one head per device
+    ((2, 2), 8, 2, True),  # split over `model`, replicated over `data`
+    ((1, 4), 4, 1, False),  # MQA: replicated, every device runs the whole call
+])
+def test_on_a_mesh_each_device_runs_its_kv_heads(mesh_shape, hq, hkv, decode_only):
+    """With a context mesh the kernel runs per device (XLA cannot partition a Mosaic call):
+    the outputs and the whole pool equal one device's reference, and the pool keeps the heads
+    split the caller gave it."""
+    mesh = jax.make_mesh(mesh_shape, ("data", "model"), devices=jax.devices()[:4])
+    rng = np.random.default_rng(7)
+    if decode_only:
+        args = _decode_case(rng, [20, 9, 33], hq, hkv, 64, 16, F32)
+    else:
+        args, _ = make_case(rng, [(20, 1), (0, 9), (33, 2)], hq, hkv, 64, 16, F32)
+    split = "model" if hkv % mesh_shape[1] == 0 else None
+    specs = [P(None, split, None)] * 3 + [P(None, None, split, None)] + [P()] * 4
+    placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
+    kernel = functools.partial(ragged_paged_attention, sm_scale=0.125, backend="tpu",
+                               decode_only=decode_only, block_sizes=TpuBlockSizes(2, 8))
+    with jax.set_mesh(mesh):
+        out, pool = jax.jit(kernel)(*placed)
+    assert pool.sharding.spec == specs[3]
+    want, want_pool = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.125,
+                                                backend="reference"))(*args)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(pool), np.asarray(want_pool))

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench_serving import add_preset_workload_args, preset_engine_and_workload
-from jaxgen.engine import EngineObserver
+from jaxgen.engine_api import EngineObserver
 from jaxgen.sampling_params import SamplingParams
 
 

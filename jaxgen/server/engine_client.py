@@ -173,13 +173,19 @@ class EngineClient:
         self._wake.notify()
 
     def _exited(self, timeout_s: float) -> bool:
-        """Whether the engine process has exited within `timeout_s`; reaps it if so. Two threads
-        joining one process race in waitpid, and the loser then sees it alive (that was the
-        server's "did not stop within 30s; killing it" seconds after a clean stop): only this
-        method reaps, one caller at a time, after waiting on the exit sentinel unlocked."""
-        multiprocessing.connection.wait([self._proc.sentinel], timeout_s)
+        """Whether the engine process has exited within `timeout_s`; reaps it if so.
+
+        Two threads joining one process race in waitpid: the loser gets ECHILD and then sees
+        the process alive (that was the server's "did not stop within 30s; killing it" seconds
+        after a clean stop, the receiver thread joining it at the same time). So only this
+        method reaps, one caller at a time. The wait itself is on the exit sentinel, unlocked;
+        once it fires the process has closed its files, which the kernel does just before it
+        turns it into a zombie, so the reap that follows blocks (a non-blocking waitpid there
+        can still find it running)."""
+        exiting = multiprocessing.connection.wait([self._proc.sentinel], timeout_s)
         with self._reap_lock:
-            self._proc.join(0)
+            if exiting:
+                self._proc.join()
             return self._proc.exitcode is not None
 
     def _kill(self) -> None:

@@ -5,20 +5,24 @@ and every query token attends to its own sequence's pages only. Backends sit beh
 `ragged_paged_attention`: the plain-jnp reference (the oracle), a blocked plain-XLA version (the
 CPU path: reads only live context), a TPU Mosaic kernel and a GPU kernel, all under the same
 signature. Kernel modules are imported on first use, so the
-reference path needs nothing beyond jax.
+reference path needs nothing beyond jax. On a context mesh the Pallas kernels run per device,
+split by kv heads (`sharding`); the plain-jnp backends are partitioned by XLA itself.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
 
-from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention import reference, sharding
 
 BACKENDS = ("reference", "xla", "tpu", "gpu")
 # What "auto" picks per platform ("xla": blocked plain-XLA, the CPU path); else the reference.
 _AUTO = {"tpu": "tpu", "gpu": "gpu", "cpu": "xla"}
+# Pallas custom calls, which XLA cannot partition over a mesh by itself.
+_KERNEL_BACKENDS = ("tpu", "gpu")
 
 
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
@@ -52,6 +56,7 @@ def ragged_paged_attention(
     decode_only: bool = False,
     block_sizes=None,
     backend: str = "auto",
+    head_axis: str | None = "model",
 ) -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V into their pages, then attends each query token to its sequence.
 
@@ -79,6 +84,9 @@ def ragged_paged_attention(
       block_sizes: backend-specific block-size / memory-budget parameters (a dataclass of the
         backend module), or None for its defaults. Ignored by the reference.
       backend: "auto" (by platform) or one of `BACKENDS`.
+      head_axis: the axis of the context mesh (if any) that splits kv heads: a Pallas kernel
+        runs per device on its heads when this axis divides Hkv, else replicated (`sharding`).
+        The caller shards `q`, `k`, `v` and the pool's `2*Hkv` dimension the same way.
 
     Returns:
       `(out [T, Hq, D] in q.dtype, kv_pages with the new K/V written)`.
@@ -87,7 +95,10 @@ def ragged_paged_attention(
     positions below its `kv_lens` entry, so stale or foreign data (even NaN) never leaks in.
     """
     resolved = resolve_backend(backend)
-    return _backend_module(resolved).ragged_paged_attention(
-        q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+    call = functools.partial(
+        _backend_module(resolved).ragged_paged_attention, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, decode_only=decode_only,
         block_sizes=block_sizes)
+    if resolved in _KERNEL_BACKENDS:
+        call = sharding.per_device(call, kv_pages.shape[2] // 2, head_axis)
+    return call(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)

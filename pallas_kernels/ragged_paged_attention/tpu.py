@@ -48,7 +48,9 @@ Limits
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention import tpu_kv_stream
@@ -111,7 +113,18 @@ def ragged_paged_attention(
     """TPU kernels; see `pallas_kernels.ragged_paged_attention` for shapes and semantics."""
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, decode_only, sliding_window,
               soft_cap)
-    block_sizes = block_sizes or TpuBlockSizes()
+    return _attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                      sm_scale=float(sm_scale), sliding_window=sliding_window,
+                      soft_cap=None if soft_cap is None else float(soft_cap),
+                      decode_only=decode_only, block_sizes=block_sizes or TpuBlockSizes())
+
+
+# Jitted so that a model's layers (same shapes, same options) share one traced and lowered
+# kernel instead of tracing the kernel body once per layer, which dominated compile time.
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
+                                             "decode_only", "block_sizes"))
+def _attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+               sliding_window, soft_cap, decode_only, block_sizes):
     t, _, d = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     pages_per_seq = page_indices.shape[1]
@@ -120,8 +133,7 @@ def ragged_paged_attention(
         pages_per_block=min(block_sizes.num_kv_pages_per_block, pages_per_seq),
         num_kv_heads=two_hkv // 2, pages_per_seq=pages_per_seq)
     new_kv = jnp.stack([k, v], axis=2).reshape(t, two_hkv, d).astype(kv_pages.dtype)
-    common = dict(geo=geo, sm_scale=float(sm_scale), sliding_window=sliding_window,
-                  soft_cap=None if soft_cap is None else float(soft_cap),
+    common = dict(geo=geo, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   vmem_limit_bytes=block_sizes.vmem_limit_bytes)
     kv_lens = kv_lens.astype(jnp.int32)
     pages_flat = page_indices.astype(jnp.int32).reshape(-1)
@@ -131,6 +143,3 @@ def ragged_paged_attention(
     return mixed_attention(q, new_kv, kv_pages, kv_lens, pages_flat,
                            cu_q_lens.astype(jnp.int32), num_seqs,
                            block_q=block_sizes.num_queries_per_block, **common)
-
-
-

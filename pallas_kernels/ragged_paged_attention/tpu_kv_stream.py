@@ -189,7 +189,9 @@ def update_softmax(q, k, v, visible, key_valid, m_ref, l_ref, acc_ref, *, sm_sca
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     # Select, never multiply: 0 * NaN is NaN. Scores are selected below, so only V needs it.
     v = jnp.where(key_valid, v, jnp.zeros_like(v))
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    # Explicit both ways: a global jax_default_matmul_precision="highest" would otherwise ask
+    # Mosaic for a bf16 matmul at f32 precision, which it rejects ("Bad lhs type").
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:

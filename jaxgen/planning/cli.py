@@ -1,0 +1,173 @@
+"""`jaxgen plan`: compile the serving program for a TPU target with no TPU attached and report
+HBM per chip, what fits, and each step's estimates, as a table or as JSON (`--json`).
+
+`add_plan_parser(subparsers)` registers the command using only the standard library;
+`cmd_plan(args)` imports jax. `main(argv)` runs it alone (python -m jaxgen.planning.cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+GIB = 1 << 30
+LEVELS = {"greedy": 0, "draw": 1, "filter": 2}  # jaxgen.sampling_params.SAMPLING_LEVELS
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    try:
+        data, model = (int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh={text!r}: must be DATA,MODEL, e.g. 4,4") from None
+    return data, model
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated integers") from None
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="compile the serving program for a TPU slice (no TPU needed) and report "
+                     "HBM per chip and step estimates",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="shape preset (llama-3-8b, llama-3.2-1b, gemma3-270m), bundled model "
+                        "(gemma3-270m, smollm2-135m), or a .json / .gguf path")
+    p.add_argument("--target", required=True,
+                   help="TPU chip or slice: v5e-1, v5e:2x2, v5e:4x4, v6e:4x8, v5p:2x2x1, ...")
+    p.add_argument("--mesh", type=_mesh, default=None,
+                   help="DATA,MODEL (default: every chip on model)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--slots", type=int, default=8, help="decode slots (requests at once)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens (default: min(model context, 4096))")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pool pages (default: every slot at max-model-len, plus the null page)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="largest prefill bucket (buckets: 16, 32, ... up to it)")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call")
+    p.add_argument("--decode-batches", type=_ints, default=(1,),
+                   help="decode batch sizes to estimate besides --slots (default: 1)")
+    p.add_argument("--sampling", choices=tuple(LEVELS), default="filter",
+                   help="sampling level compiled (default filter: the largest program)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(args) -> int:
+    from jaxgen.config import EngineConfig
+    from jaxgen.planning.plan import PlanRequest, make_plan
+    from jaxgen.planning.targets import TargetError
+
+    try:
+        engine = EngineConfig(num_slots=args.slots, page_size=args.page_size,
+                              max_model_len=args.max_model_len, decode_steps=args.decode_steps,
+                              max_prefill_tokens=args.max_prefill_tokens,
+                              num_pages=args.num_pages)
+        plan = make_plan(PlanRequest(args.model, args.target, engine, mesh=args.mesh,
+                                     dtype=args.dtype, decode_batches=args.decode_batches,
+                                     level=LEVELS[args.sampling]))
+    except (TargetError, ValueError) as e:  # bad flags, unknown model / target: one line
+        print(f"jaxgen plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan_json(plan), indent=2) if args.json else render(plan))
+    return 1 if plan.failure else 0
+
+
+def plan_json(plan) -> dict:
+    m = plan.memory
+    return {
+        "model": plan.config.name, "dtype": plan.config.dtype, "target": plan.target.name,
+        "chip": plan.target.chip.name, "devices": plan.num_devices, "hosts": plan.num_hosts,
+        "mesh": {"data": plan.mesh[0], "model": plan.mesh[1]},
+        "engine": dataclasses.asdict(plan.engine) | {
+            "pages_per_seq": plan.engine.pages_per_seq,
+            "prefill_buckets": list(plan.engine.prefill_buckets)},
+        "fits": plan.failure is None, "failure": plan.failure,
+        "memory_per_device": dataclasses.asdict(m) | {
+            "used": m.used, "headroom": m.headroom, "max_pages": m.max_pages,
+            "max_slots": m.max_slots},
+        "compiled_pages": plan.compiled_pages,
+        "steps": [dataclasses.asdict(s.step) | {
+            "roofline": None if s.roofline is None else dataclasses.asdict(s.roofline),
+            "xla_tokens_per_s": s.xla_tokens_per_s,
+            "roofline_tokens_per_s": s.roofline_tokens_per_s} for s in plan.steps],
+        "compile_seconds": plan.compile_seconds,
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def _ms(s: float | None) -> str:
+    return "       -" if s is None else f"{s * 1e3:8.2f}"
+
+
+def _rate(r: float | None) -> str:
+    return "        -" if r is None else f"{r:9,.0f}"
+
+
+def render(plan) -> str:
+    c, t, e, m = plan.config, plan.target, plan.engine, plan.memory
+    lines = [
+        f"jaxgen plan: {c.name} ({c.dtype}) on {t.name}: {plan.num_devices} chip(s), "
+        f"{plan.num_hosts} host(s), mesh data={plan.mesh[0]} model={plan.mesh[1]}, "
+        "TPU attention kernels",
+        f"serving: {e.num_slots} slots x {e.max_model_len} tokens, page {e.page_size}, "
+        f"{m.num_pages} pages ({e.pages_per_seq} per sequence), prefill buckets "
+        f"{e.prefill_buckets[0]}..{e.prefill_buckets[-1]}, {e.decode_steps} decode steps per call",
+        "",
+        f"per chip ({t.chip.name}: {t.chip.hbm_bytes / GIB:.0f} GiB HBM, "
+        f"{t.chip.hbm_bytes_per_s / 1e9:,.0f} GB/s, {t.chip.bf16_flops_per_s / 1e12:,.0f} bf16 TFLOP/s)"
+        "        GiB",
+        f"  HBM the compiler allows      {_gib(m.capacity)}",
+        f"  weights                      {_gib(m.weights)}",
+        f"  KV pool ({m.num_pages} pages){' ' * max(0, 14 - len(str(m.num_pages)))}{_gib(m.kv_pool)}",
+        f"  decode state                 {_gib(m.decode_state)}",
+        f"  compiled temporaries (max)   {_gib(m.temporaries)}   ({m.temporaries_of})",
+        f"  executables                  {_gib(m.executables)}",
+        f"  headroom                     {_gib(m.headroom)}",
+        f"  largest pool that fits       {m.max_pages:8,} pages; {m.max_slots} slots at "
+        f"{e.max_model_len} tokens",
+    ]
+    if plan.compiled_pages != m.num_pages and plan.compiled_pages:
+        lines.append(f"  (programs compiled with a {plan.compiled_pages}-page pool: the requested "
+                     "one does not fit)")
+    lines += ["", "per step (one chip; XLA: cost_analysis optimal_seconds; roofline: bytes and "
+              f"FLOPs at {e.max_model_len} context)",
+              "  step           tokens   XLA ms      tok/s  roofline ms    tok/s  bound    "
+              "compile s"]
+    for s in plan.steps:
+        r = s.roofline
+        unpriced = f"  ({s.step.unpriced_ops} ops unpriced)" if s.step.unpriced_ops else ""
+        lines.append(
+            f"  {s.step.name:14s} {s.step.tokens:6d} {_ms(s.step.xla_seconds)} "
+            f"{_rate(s.xla_tokens_per_s)} {_ms(r.seconds if r else None)}     "
+            f"{_rate(s.roofline_tokens_per_s)}  {r.bound if r else '-':7s} "
+            f"{s.step.compile_seconds:8.1f}{unpriced}")
+    if plan.mesh[0] > 1:
+        lines.append(f"  (data={plan.mesh[0]}: the runner replicates slots over `data`, so each "
+                     "replica computes the same batch; tok/s is the slice's)")
+    lines.append(f"compile: {len(plan.steps)} programs, {plan.compile_seconds:.1f} s")
+    lines.append(plan.failure or "fits")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxgen")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
