@@ -148,33 +148,79 @@ def _chi_square(a: np.ndarray, b: np.ndarray) -> float:
 def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
     """Tokens 2..4 of many seeded requests, with and without speculation, come from one
     distribution; accepting drafts without the rejection-sampling correction does not."""
-    model, params = tiny
-    prompt = repetitive(1, seed=4, period=5, repeats=4)[0]
-    seeds = range(480)
-    kw = dict(num_slots=16, num_pages=128)
-    plain = _first_tokens(engine(tiny, **kw), prompt, seeds, 4, 0.7)
-    spec_engine = engine(tiny, **kw, **SPEC)
-    spec = _first_tokens(spec_engine, prompt, seeds, 4, 0.7)
-    assert spec_engine.scheduler.num_draft_tokens > 500  # the drafts were really tried
-    stats = [_chi_square(plain[:, i], spec[:, i]) for i in range(1, 4)]
-    assert max(stats) < 2.0, stats
+    import functools
 
+    import jax.numpy as jnp
+
+    from jaxgen import engine as engine_module
     from jaxgen.runtime import sampling, steps
 
+    # Drafts at every step (no cooldown), so the test sees many accepted and rejected ones.
+    monkeypatch.setattr(engine_module, "NgramConfig",
+                        functools.partial(NgramConfig, min_acceptance=0.0))
+    # Every token occurs in the prompt: whatever is sampled, the n-gram index drafts what
+    # followed it there, which the model mostly does not want (rejections) and sometimes does.
+    prompt = list(range(1, 256))
+    seeds, temperature = range(480), 0.05  # the tiny models' logits are small: sharpened
+    kw = dict(num_slots=16, num_pages=400, max_model_len=272)
+    plain = _first_tokens(engine(tiny, **kw), prompt, seeds, 4, temperature)
+    spec_engine = engine(tiny, **kw, **SPEC)
+    spec = _first_tokens(spec_engine, prompt, seeds, 4, temperature)
+    s = spec_engine.scheduler
+    assert s.num_draft_tokens > 300 and s.num_accepted_draft_tokens < s.num_draft_tokens
+    stats = [_chi_square(plain[:, i], spec[:, i]) for i in range(1, 4)]
+    print("chi-square per degree of freedom, with / without speculation:", stats)
+    assert max(stats) < 2.0, stats
+
     def uncorrected(logits, drafts, draft_lens, rows, positions, level):
+        """Every draft accepted, as speculation without the correction would emit."""
         out = sampling.verify_drafts(logits, drafts, draft_lens, rows, positions, level)
-        everything = dataclasses.replace(rows, temperature=rows.temperature * 0)  # no coins
-        forced = sampling.verify_drafts(logits, drafts, draft_lens, everything, positions,
-                                        sampling.GREEDY)
-        import jax.numpy as jnp
-        accept_all = jnp.where(jnp.arange(drafts.shape[1] + 1)[None] < draft_lens[:, None],
-                               jnp.pad(drafts, ((0, 0), (0, 1))), out.tokens)
-        return dataclasses.replace(out, tokens=accept_all, counts=draft_lens + 1) \
-            if forced is not None else out
+        j = jnp.arange(drafts.shape[1] + 1)[None]
+        tokens = jnp.where(j < draft_lens[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), out.tokens)
+        return dataclasses.replace(out, tokens=tokens, counts=draft_lens + 1)
 
     monkeypatch.setattr(steps, "verify_drafts", uncorrected)
-    wrong = _first_tokens(engine(tiny, **kw, **SPEC), prompt, seeds, 4, 0.7)
-    assert max(_chi_square(plain[:, i], wrong[:, i]) for i in range(1, 4)) > 5.0
+    wrong = _first_tokens(engine(tiny, **kw, **SPEC), prompt, seeds, 4, temperature)
+    stats = [_chi_square(plain[:, i], wrong[:, i]) for i in range(1, 4)]
+    print("... and uncorrected:", stats)
+    assert max(stats) > 5.0, stats
+
+
+def test_verify_draws_every_emitted_token_from_the_target_distribution():
+    """`verify_drafts` alone, on known distributions and many seeds: the first emitted token
+    (draft accepted, or the residual drawn) and the one after an accepted draft follow the
+    target's probabilities; a filter (top-k) is honoured."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen.runtime.sampling import SamplingRows, verify_drafts
+    from jaxgen.sampling_params import DRAW, FILTER
+
+    n, v = 6000, 6
+    p0 = np.array([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
+    p1 = np.array([0.1, 0.2, 0.3, 0.25, 0.1, 0.05])
+    logits = jnp.log(jnp.asarray(np.stack([p0, p1, p1]) + 1e-12, jnp.float32))
+    logits = jnp.broadcast_to(logits, (n, 3, v))
+    drafts = jnp.tile(jnp.array([[1, 2]], jnp.int32), (n, 1))  # p0(1) = 0.3: mostly rejected
+    rows = SamplingRows(*(jnp.full((n,), x, jnp.float32) for x in (1.0,)),
+                        top_k=jnp.zeros(n, jnp.int32), top_p=jnp.ones(n), min_p=jnp.zeros(n),
+                        repetition_penalty=jnp.ones(n), presence_penalty=jnp.zeros(n),
+                        frequency_penalty=jnp.zeros(n), seed=jnp.arange(n, dtype=jnp.uint32))
+    out = jax.jit(verify_drafts, static_argnums=5)(logits, drafts, jnp.full(n, 2, jnp.int32),
+                                                   rows, jnp.full(n, 10, jnp.int32), DRAW)
+    tokens, counts = np.asarray(out.tokens), np.asarray(out.counts)
+
+    def close(sample, p):
+        freq = np.bincount(sample, minlength=v) / len(sample)
+        assert np.abs(freq - p).max() < 4 * np.sqrt(0.25 / len(sample)), (freq, p)
+
+    close(tokens[:, 0], p0)
+    close(tokens[counts >= 2, 1], p1)  # after the first draft was accepted
+    assert abs((counts >= 2).mean() - 0.3) < 0.03
+    filtered = dataclasses.replace(rows, top_k=jnp.full(n, 2, jnp.int32))
+    out = jax.jit(verify_drafts, static_argnums=5)(logits, drafts, jnp.full(n, 2, jnp.int32),
+                                                   filtered, jnp.full(n, 10, jnp.int32), FILTER)
+    close(np.asarray(out.tokens)[:, 0], np.array([0.4, 0.3, 0, 0, 0, 0]) / 0.7)
 
 
 def test_seeded_speculative_output_ignores_batch_mates(tiny):
