@@ -104,8 +104,8 @@ def plan_json(plan) -> dict:
     }
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f}"
+def _row(label: str, n: float) -> str:
+    return f"  {label:36s} {n / GIB:8.2f}"
 
 
 def _ms(s: float | None) -> str:
@@ -127,25 +127,28 @@ def render(plan) -> str:
         f"{e.prefill_buckets[0]}..{e.prefill_buckets[-1]}, {e.decode_steps} decode steps per call",
         "",
         f"per chip ({t.chip.name}: {t.chip.hbm_bytes / GIB:.0f} GiB HBM, "
-        f"{t.chip.hbm_bytes_per_s / 1e9:,.0f} GB/s, {t.chip.bf16_flops_per_s / 1e12:,.0f} bf16 TFLOP/s)"
-        "        GiB",
-        f"  HBM the compiler allows      {_gib(m.capacity)}",
-        f"  weights                      {_gib(m.weights)}",
-        f"  KV pool ({m.num_pages} pages){' ' * max(0, 14 - len(str(m.num_pages)))}{_gib(m.kv_pool)}",
-        f"  decode state                 {_gib(m.decode_state)}",
-        f"  compiled temporaries (max)   {_gib(m.temporaries)}   ({m.temporaries_of})",
-        f"  executables                  {_gib(m.executables)}",
-        f"  headroom                     {_gib(m.headroom)}",
-        f"  largest pool that fits       {m.max_pages:8,} pages; {m.max_slots} slots at "
+        f"{t.chip.hbm_bytes_per_s / 1e9:,.0f} GB/s, "
+        f"{t.chip.bf16_flops_per_s / 1e12:,.0f} bf16 TFLOP/s)                GiB",
+        _row("HBM the compiler allows", m.capacity),
+        _row("weights", m.weights),
+        _row(f"KV pool ({m.num_pages} pages)", m.kv_pool),
+        _row("decode state", m.decode_state),
+        _row("compiled temporaries (max)", m.temporaries) + f"   ({m.temporaries_of})",
+        _row("executables", m.executables),
+        _row("headroom", m.headroom),
+        f"  {'largest pool that fits':36s} {m.max_pages:,} pages; {m.max_slots} slots at "
         f"{e.max_model_len} tokens",
     ]
-    if plan.compiled_pages != m.num_pages and plan.compiled_pages:
+    if not plan.steps:
+        lines.append("  (nothing compiled: temporaries and executables are not in these numbers)")
+    elif plan.compiled_pages != m.num_pages:
         lines.append(f"  (programs compiled with a {plan.compiled_pages}-page pool: the requested "
                      "one does not fit)")
-    lines += ["", "per step (one chip; XLA: cost_analysis optimal_seconds; roofline: bytes and "
-              f"FLOPs at {e.max_model_len} context)",
-              "  step           tokens   XLA ms      tok/s  roofline ms    tok/s  bound    "
-              "compile s"]
+    if plan.steps:
+        lines += ["", "per step (one chip; XLA: cost_analysis optimal_seconds; roofline: bytes "
+                  f"and FLOPs at {e.max_model_len} context)",
+                  "  step           tokens   XLA ms      tok/s  roofline ms    tok/s  bound    "
+                  "compile s"]
     for s in plan.steps:
         r = s.roofline
         unpriced = f"  ({s.step.unpriced_ops} ops unpriced)" if s.step.unpriced_ops else ""
