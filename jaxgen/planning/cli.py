@@ -12,8 +12,10 @@ import dataclasses
 import json
 import sys
 
+from jaxgen.sampling_params import DRAW, FILTER, GREEDY  # plain Python, no jax
+
 GIB = 1 << 30
-LEVELS = {"greedy": 0, "draw": 1, "filter": 2}  # jaxgen.sampling_params.SAMPLING_LEVELS
+LEVELS = {"greedy": GREEDY, "draw": DRAW, "filter": FILTER}
 
 
 def _mesh(text: str) -> tuple[int, int]:
