@@ -16,6 +16,7 @@ import time
 from importlib import metadata
 
 from jaxgen import config_sources
+from jaxgen.planning.cli import add_plan_parser, cmd_plan
 from jaxgen.server import cli as server_cli
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
                       help="dtype of the written weights")
 
     server_cli.add_serve_parser(sub, HELP_FORMAT)
+    add_plan_parser(sub, HELP_FORMAT)
     server_cli.add_client_parser(sub, HELP_FORMAT)
     server_cli.add_profile_parser(sub, HELP_FORMAT)
     return p
@@ -132,7 +134,7 @@ def cmd_convert(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": server_cli.cmd_serve,
-            "client": server_cli.cmd_client, "profile": server_cli.cmd_profile}
+            "client": server_cli.cmd_client, "profile": server_cli.cmd_profile, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
