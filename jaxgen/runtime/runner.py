@@ -10,6 +10,7 @@ beyond an argmax. Knows nothing about requests, queues or text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -129,6 +130,10 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
         with no-op inputs."""
+        with self._on_mesh():
+            self._warmup()
+
+    def _warmup(self) -> None:
         s = self.cfg.num_slots
         rows = jax.tree.map(np.asarray, SamplingRows.zeros(s))  # host arrays, as _assign's
         self.state = self._insert(self.state, *self._args(np.full(s, s, np.int32), rows,
@@ -187,9 +192,19 @@ class ModelRunner:
         """Runs `plan` and returns its tokens on host (launch + collect)."""
         return self.collect(self.launch(plan))
 
+    def _on_mesh(self):
+        """The mesh as the context of every jitted call (a no-op without one): the Pallas
+        attention kernels run per device under it, since XLA cannot partition a Mosaic or
+        Triton call by itself."""
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+
     def launch(self, plan: StepPlan) -> "LaunchedStep":
         """Dispatches `plan`'s device work and returns at once. Plans run on device in launch
         order, so a later plan may be launched before an earlier one is collected."""
+        with self._on_mesh():
+            return self._launch(plan)
+
+    def _launch(self, plan: StepPlan) -> "LaunchedStep":
         self._update_page_table(plan.page_table_updates)
         if plan.assignments:
             self._assign(plan)
