@@ -9,6 +9,7 @@ the field, the value and the limit, as gRPC's INVALID_ARGUMENT messages do.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from jaxgen.engine_api import EngineInfo
 from jaxgen.openai_api import schemas as s
 from jaxgen.request_stream import Completion, RequestOutput
-from jaxgen.sampling_params import SamplingParams
+from jaxgen.sampling_params import MAX_STOP_STRINGS, SamplingParams
 
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -43,10 +44,27 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
+# How pydantic names the member of a union that an error is about, in an error's location.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict)\[.*\]|[A-Z]\w*)$")
+# What each union field accepts, said once for all its members' errors.
+_UNION_FIELDS = {
+    "prompt": f"a string, a list of strings, a list of token ids or a list of such lists "
+              f"(1..{s.MAX_PROMPTS} prompts)",
+    "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
+    "content": "a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+}
+
+
 def invalid(e: ValidationError) -> OpenAIError:
     """The first validation error as one line: `field=value: what is wrong`."""
     err = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str", "int", "bool", "dict[", "float", "constrained")))
+    parts = [str(p) for p in err["loc"]]
+    member = next((i for i, p in enumerate(parts) if _UNION_MEMBER.match(p)), None)
+    if member is not None and parts[member - 1] in _UNION_FIELDS:  # one message for the union
+        loc = ".".join(parts[:member])
+        return OpenAIError(400, f"{loc}={_shown(err.get('input'))}: must be "
+                                f"{_UNION_FIELDS[parts[member - 1]]}", loc)
+    loc = ".".join(p for p in parts if not _UNION_MEMBER.match(p))
     if err["type"] == "missing":
         return OpenAIError(400, f"{loc}: field required", loc or None)
     return OpenAIError(400, f"{loc}={_shown(err.get('input'))}: {err['msg']}", loc or None)
