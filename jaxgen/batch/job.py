@@ -26,8 +26,8 @@ from jaxgen.batch.files import BatchInput, BatchOutput, Line
 from jaxgen.batch.progress import Progress
 from jaxgen.engine_api import EngineObserver, QueueFullError, RequestError, add_choices
 from jaxgen.openai_api import schemas
-from jaxgen.openai_api.mapping import (OpenAIError, Responder, chat_generation,
-                                       completion_generation, parse)
+from jaxgen.openai_api.requests import OpenAIError, chat_generation, completion_generation, parse
+from jaxgen.openai_api.responses import Responder
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jaxgen.engine_api import EngineDeadError, QueueFullError, RequestError, add_choices
 from jaxgen.openai_api import schemas
-from jaxgen.openai_api.mapping import (Generation, OpenAIError, Responder, chat_generation,
-                                       chat_messages, check_model, completion_generation, parse)
+from jaxgen.openai_api.requests import (Generation, OpenAIError, chat_generation, chat_messages,
+                                        check_model, completion_generation, parse)
+from jaxgen.openai_api.responses import Responder
 from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.stream_bridge import merged_outputs
 
