@@ -25,14 +25,11 @@ import uuid
 from jaxgen.batch.files import BatchInput, BatchOutput, Line
 from jaxgen.batch.progress import Progress
 from jaxgen.engine_api import EngineObserver, QueueFullError, RequestError, add_choices
-from jaxgen.openai_api import schemas
-from jaxgen.openai_api.requests import OpenAIError, chat_generation, completion_generation, parse
+from jaxgen.openai_api.requests import ENDPOINTS, OpenAIError, parse
 from jaxgen.openai_api.responses import Responder
 
 log = logging.getLogger(__name__)
 
-URLS = {"/v1/completions": (schemas.CompletionRequest, completion_generation),
-        "/v1/chat/completions": (schemas.ChatCompletionRequest, chat_generation)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +191,7 @@ class Job:
         problem = _check_envelope(request)
         if problem:
             return self._done(entry, _line_error(line, problem), progress)
-        model, plan = URLS[request["url"]]
+        model, plan = ENDPOINTS[request["url"]]
         responder_id = f"batch-{uuid.uuid4().hex}"
         try:
             body = dict(request["body"])
@@ -296,8 +293,8 @@ def _check_envelope(request) -> str | None:
         return f"custom_id={request['custom_id']!r}: must be a non-empty string"
     if request["method"] != "POST":
         return f"method={request['method']!r}: must be 'POST'"
-    if request["url"] not in URLS:
-        return f"url={request['url']!r}: must be one of {', '.join(URLS)}"
+    if request["url"] not in ENDPOINTS:
+        return f"url={request['url']!r}: must be one of {', '.join(ENDPOINTS)}"
     if not isinstance(request["body"], dict):
         return "body: expected a JSON object"
     return None

@@ -227,3 +227,9 @@ def chat_generation(req: s.ChatCompletionRequest, tokenizer, info: EngineInfo) -
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return _generation("chat", req, [ids], max_tokens, logprobs, info)
+
+
+# The generation endpoints: URL -> (request schema, its mapping to a Generation). The HTTP app
+# serves them; batch lines name them in `url`.
+ENDPOINTS = {"/v1/completions": (s.CompletionRequest, completion_generation),
+             "/v1/chat/completions": (s.ChatCompletionRequest, chat_generation)}
