@@ -49,7 +49,8 @@ def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids) -> Sc
         max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
         model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
         speculative=NgramConfig(config.num_speculative_tokens, config.ngram_max,
-                                config.ngram_min) if config.speculative == "ngram" else None)
+                                config.ngram_min, max_batch=config.speculative_max_batch)
+        if config.speculative == "ngram" else None)
 
 
 class Engine:
