@@ -148,16 +148,13 @@ def _chi_square(a: np.ndarray, b: np.ndarray) -> float:
 def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
     """Tokens 2..4 of many seeded requests, with and without speculation, come from one
     distribution; accepting drafts without the rejection-sampling correction does not."""
-    import functools
-
     import jax.numpy as jnp
 
     from jaxgen import engine as engine_module
     from jaxgen.runtime import sampling, steps
 
     # Drafts at every step (no cooldown), so the test sees many accepted and rejected ones.
-    monkeypatch.setattr(engine_module, "NgramConfig",
-                        functools.partial(NgramConfig, min_acceptance=0.0))
+    monkeypatch.setattr(engine_module, "DEFAULT_MIN_ACCEPTANCE", 0.0)
     # Every token occurs in the prompt: whatever is sampled, the n-gram index drafts what
     # followed it there, which the model mostly does not want (rejections) and sometimes does.
     prompt = list(range(1, 256))
