@@ -14,6 +14,10 @@ MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's limit)
 MAX_ABS_LOGIT_BIAS = 100.0
+MAX_CACHE_SALT_LEN = 256  # characters of a client's cache_salt (front ends check it)
+# A request's whole salt: what the server derives from the API key or the request, plus the
+# client's cache_salt.
+MAX_SALT_LEN = 1024
 
 # Sampling levels, each a superset of the one before: the on-device stages a step runs for the
 # requests in it (the highest level among them). GREEDY: argmax only; DRAW: penalties, logprobs
@@ -43,6 +47,10 @@ class SamplingParams:
     # logit_bias; a per-slot traced array on device (changing it never recompiles).
     logit_bias: tuple[tuple[int, float], ...] = ()
     speculative: bool = True  # may use speculative decoding when the engine runs it
+    # Prefix-cache isolation: the request shares cached KV pages only with requests of the same
+    # salt ("" with every unsalted one). Set by the server from --prefix-cache-scope (the API
+    # key, or the request) and the client's cache_salt.
+    cache_salt: str = ""
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -79,6 +87,11 @@ class SamplingParams:
             bad("priority", self.priority, "must be an integer in [-2**31, 2**31)")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             bad("logit_bias", f"<{len(self.logit_bias)} entries>", f"at most {MAX_LOGIT_BIAS} entries")
+        if not isinstance(self.cache_salt, str):
+            bad("cache_salt", self.cache_salt, "must be a string")
+        if len(self.cache_salt) > MAX_SALT_LEN:
+            bad("cache_salt", f"<{len(self.cache_salt)} characters>",
+                f"at most {MAX_SALT_LEN} characters")
         seen = set()
         for token, bias in self.logit_bias:
             if not isinstance(token, int) or token < 0 or token in seen:

@@ -184,6 +184,53 @@ def test_http_answers_429_past_the_queue_bound_while_queued_requests_complete(tl
     assert all(r.json()["usage"]["completion_tokens"] == 24 for r in served)
 
 
+def test_a_more_urgent_request_displaces_the_newest_of_the_least_urgent(tls):
+    """Every slot busy and the 2-request queue full: a request of higher priority is queued in
+    place of the newest waiting one of the lowest priority, which ends 429 (HTTP) or
+    RESOURCE_EXHAUSTED (gRPC) saying so; one no more urgent than any waiting one is refused."""
+    long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    calls = [tls.stub.Generate(pb.GenerateRequest(text=f"Story {i}:", sampling=long))
+             for i in range(8)]
+    http = {}
+    try:
+        wait_stats(tls, lambda s: s.num_running == 8)
+        later = tls.stub.Generate(pb.GenerateRequest(text="Later:", sampling=long, priority=5))
+        calls.append(later)
+        wait_stats(tls, lambda s: s.num_waiting == 1)
+        waiter = threading.Thread(target=lambda: http.update(response=tls.http.post(
+            "/v1/completions", json={"prompt": "Later over HTTP:", "max_tokens": 400,
+                                     "ignore_eos": True, "jaxgen": {"priority": 5}})))
+        waiter.start()
+        wait_stats(tls, lambda s: s.num_waiting == 2)
+        urgent = tls.stub.Generate(pb.GenerateRequest(text="Urgent:", sampling=long, priority=0))
+        calls.append(urgent)
+        waiter.join(60)  # the newest of priority 5: displaced
+        assert http["response"].status_code == 429
+        assert "displaced" in http["response"].json()["error"]["message"]
+        calls.append(tls.stub.Generate(pb.GenerateRequest(text="Urgent too:", sampling=long,
+                                                          priority=-1)))
+        with pytest.raises(grpc.RpcError) as err:  # then the other one of priority 5
+            list(later)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "displaced" in err.value.details() and "max_waiting=2" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # as urgent as the least urgent waiting one
+            list(tls.stub.Generate(pb.GenerateRequest(text="Same:", sampling=long, priority=0)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "displaced" not in err.value.details()
+        wait_stats(tls, lambda s: s.num_displaced == 2 and s.num_waiting == 2)
+    finally:
+        for call in calls:
+            call.cancel()
+    wait_stats(tls, lambda s: s.num_running == s.num_waiting == 0)
+
+
+def wait_stats(tls, condition, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while not condition(s := tls.stub.GetServerStats(pb.GetServerStatsRequest())):
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(tls):
     """The last test of the shared server: it is gone afterwards."""
     results, first_chunk = [None] * 3, [threading.Event() for _ in range(3)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,7 @@ class ModelRunner:
         self._verify = make_verify(model, self.num_drafts) if self.num_drafts else None
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
+        self.slowest_warmup_s: float | None = None  # set by warmup()
 
     def _args(self, *arrays):
         """A step's small host inputs (positions, masks, prompt chunks, sampling rows). On one
@@ -128,25 +130,37 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
-        with no-op inputs."""
+        with no-op inputs. Each call is waited for: `slowest_warmup_s` (the longest, compilation
+        or cache load included) sizes the default step watchdog."""
         s = self.cfg.num_slots
+        slowest = 0.0
+
+        def timed(call):
+            nonlocal slowest
+            start = time.perf_counter()
+            result = call()
+            jax.block_until_ready(result)
+            slowest = max(slowest, time.perf_counter() - start)
+            return result
+
         rows = jax.tree.map(np.asarray, SamplingRows.zeros(s))  # host arrays, as _assign's
-        self.state = self._insert(self.state, *self._args(np.full(s, s, np.int32), rows,
-                                                          np.zeros(s, np.int32)))
+        self.state = timed(lambda: self._insert(self.state, *self._args(
+            np.full(s, s, np.int32), rows, np.zeros(s, np.int32))))
         for level in SAMPLING_LEVELS:
             for t in self.cfg.prefill_buckets:
-                self._run_prefill(np.zeros(t, np.int32), np.zeros(t, np.int32),
-                                  np.full(t, s, np.int32), np.full(s, s, np.int32),
-                                  np.zeros(s + 1, np.int32), 0, np.zeros(s, bool), level)
-            out, self.kv_pages, self.state = self._generate(
+                timed(lambda: self._run_prefill(
+                    np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, s, np.int32),
+                    np.full(s, s, np.int32), np.zeros(s + 1, np.int32), 0, np.zeros(s, bool),
+                    level))
+            out, self.kv_pages, self.state = timed(lambda: self._generate(
                 self.params, self.kv_pages, self.state,
-                *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
+                *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=level))
             if self._verify is not None:
-                _, self.kv_pages, self.state = self._verify(
+                _, self.kv_pages, self.state = timed(lambda: self._verify(
                     self.params, self.kv_pages, self.state, *self._args(
                         np.zeros((s, self.num_drafts), np.int32), np.zeros(s, np.int32),
-                        np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
-        jax.block_until_ready(out.tokens)
+                        np.zeros(s, np.int32), np.zeros(s, bool)), level=level))
+        self.slowest_warmup_s = slowest
         self._baseline_compiles = self._compiled()
 
     def _check_compiles(self) -> None:

@@ -1,7 +1,8 @@
 """What the gRPC servicer and the HTTP app share in the front-end process: the serving model once
 warm-up is done, the drain flag, the count of generation calls in progress (the drain waits for
-it to reach zero), a small pool that runs tokenization off the event loop, and the metrics
-registry both expose. One per server; everything here runs on the server's event loop.
+it to reach zero), a small pool that runs tokenization off the event loop, the metrics registry
+both expose, the limits on streams whose client stops reading, and the prefix-cache salt of a
+call. One per server; everything here runs on the server's event loop.
 """
 
 from __future__ import annotations
@@ -9,8 +10,38 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
+import uuid
 
+from jaxgen.sampling_params import MAX_CACHE_SALT_LEN
 from jaxgen.server.serving_model import ServingModel
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """A stream whose client reads nothing is ended (and its request aborted) after
+    `stall_timeout_s` with output waiting, or once `buffer_tokens` tokens wait unsent."""
+
+    stall_timeout_s: float = 60.0
+    buffer_tokens: int = 8192
+
+
+def cache_salt(scope: str, api_key: str | None, given: str) -> str:
+    """The prefix-cache salt of one call (`SamplingParams.cache_salt`): "global" shares pages
+    among all callers, "key" among callers of the same API key (salted with a digest of it, so
+    the key itself never travels further), "request" not at all (a fresh salt per call; the
+    choices of one call still share its prompt). The client's `given` salt (vLLM's cache_salt)
+    narrows any scope further. Raises ValueError for a salt over MAX_CACHE_SALT_LEN."""
+    if len(given) > MAX_CACHE_SALT_LEN:
+        raise ValueError(f"cache_salt=<{len(given)} characters>: at most {MAX_CACHE_SALT_LEN}")
+    if scope == "key" and api_key:
+        base = "key:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+    elif scope == "request":
+        base = "request:" + uuid.uuid4().hex
+    else:
+        base = ""
+    return f"{base}|salt:{given}" if given else base
 
 
 class NotReady(Exception):
@@ -18,7 +49,9 @@ class NotReady(Exception):
 
 
 class FrontEnd:
-    def __init__(self):
+    def __init__(self, cache_scope: str = "global", stream_limits: StreamLimits = StreamLimits()):
+        self.cache_scope = cache_scope  # ServerConfig.cache_scope
+        self.stream_limits = stream_limits
         self.model: ServingModel | None = None  # set once warm-up is done
         self.metrics = None  # jaxgen.metrics.ServingMetrics, created with the model
         self.draining = False
@@ -28,12 +61,16 @@ class FrontEnd:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, "jaxgen-tokenize")
 
     def ready(self, generating: bool = False) -> ServingModel:
-        """The model, or NotReady saying why not (generating: also refused while draining)."""
+        """The model, or NotReady saying why not (generating: also refused while the engine
+        restarts and while draining)."""
         m = self.model
         if m is None:
             raise NotReady("the model is warming up; retry shortly")
         if m.engine.dead is not None:
             raise NotReady(f"the engine has failed: {m.engine.dead}")
+        if generating and m.engine.restarting is not None:
+            raise NotReady(f"the engine is restarting after a failure ({m.engine.restarting}); "
+                           f"retry shortly")
         if generating and self.draining:
             raise NotReady("the server is draining (shutting down)")
         return m
@@ -57,6 +94,11 @@ class FrontEnd:
     async def wait_idle(self) -> None:
         """Returns once no generation call is in progress."""
         await self._idle.wait()
+
+    def salted(self, params: list, api_key: str | None, given: str) -> list:
+        """`params` (one SamplingParams per choice of a call) with the call's cache salt."""
+        salt = cache_salt(self.cache_scope, api_key, given)
+        return [dataclasses.replace(p, cache_salt=salt) for p in params] if salt else params
 
     async def off_loop(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
