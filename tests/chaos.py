@@ -29,7 +29,7 @@ SLOTS = 8
 TOPICS = ["the sea", "a mountain", "autumn", "a city at night", "coffee", "the moon", "trains",
           "a library"]
 REQUESTS = [pb.GenerateRequest(text=f"Fact {i} about {TOPICS[i % 8]}:", sampling=pb.SamplingParams(
-    max_tokens=6 + i % 7, temperature=0.0)) for i in range(64)]
+    max_tokens=4 + i % 5, temperature=0.0)) for i in range(64)]
 # A request long enough to outlive any test that starts it: 120 engine steps.
 LONG = pb.SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True, logprobs=20)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -158,7 +158,7 @@ def unread_http_stream(chaos: Chaos) -> socket.socket:
     """A streamed chat completion (top-20 logprobs: large events) on a socket with a small
     receive buffer that nobody reads."""
     body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}],
-                       "max_tokens": LONG.max_tokens, "temperature": 0, "ignore_eos": True,
+                       "max_tokens": 460, "temperature": 0, "ignore_eos": True,
                        "logprobs": True, "top_logprobs": 20, "stream": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -77,7 +77,7 @@ def test_two_api_keys_share_no_prefix_pages_and_each_hits_its_own(chaos):
     assert cached(KEYS[0]) == 0
     assert cached(KEYS[1]) == 0  # the same prompt, another tenant: no page shared
     own = cached(KEYS[0])
-    assert own >= 48 and cached(KEYS[1]) == own  # each hits its own pages
+    assert own >= 32 and cached(KEYS[1]) == own  # each hits its own pages
     assert cached(KEYS[0], salt="project-x") == 0  # a salt is a scope of its own ...
     assert cached_http(KEYS[0], "project-x") == own  # ... over gRPC and HTTP alike
     assert cached_http(KEYS[1], "project-x") == 0  # and stays within its key
@@ -110,10 +110,12 @@ def test_a_grpc_client_that_reads_nothing_is_cut_off_and_32_others_stream_on_tim
 
 
 def test_an_http_client_that_reads_nothing_is_cut_off(chaos):
+    cut = "read nothing for stream_stall_timeout"
+    before = chaos.server.log.count(cut)
     sock = unread_http_stream(chaos)
     try:
         start = time.monotonic()
-        while "read nothing for stream_stall_timeout" not in chaos.server.log:
+        while chaos.server.log.count(cut) == before:
             assert time.monotonic() - start < STALL_TIMEOUT_S + 120, chaos.server.log[-2000:]
             time.sleep(0.1)
         chaos.wait_idle()

@@ -65,8 +65,11 @@ def test_a_hung_step_on_a_thread_turns_the_server_not_serving_and_stops_it(monke
             request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
                                          sampling=pb.SamplingParams(max_tokens=3, temperature=0))
             assert sum(len(c.token_ids) for c in stub.Generate(request)) >= 1
-            # The next step's tokens never reach the host (a wedged device).
-            monkeypatch.setattr(engine.runner, "collect", lambda launched: release.wait(120))
+            def wedged(launched):  # the next step's tokens never reach the host
+                release.wait(120)
+                raise RuntimeError("the device came back after the test")
+
+            monkeypatch.setattr(engine.runner, "collect", wedged)
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(request, timeout=60))
@@ -74,7 +77,7 @@ def test_a_hung_step_on_a_thread_turns_the_server_not_serving_and_stops_it(monke
             assert "hung" in err.value.details() and "step_timeout=1.5s" in err.value.details()
             assert 1.5 <= time.monotonic() - start < 30
             assert server.wait_stopped(60), "the server kept running with a hung engine"
-            assert isinstance(server.error, EngineHungError)
+            assert isinstance(engine.dead, EngineHungError) and "hung" in str(server.error)
     finally:
         release.set()
         server.close()
