@@ -129,9 +129,9 @@ class ModelRunner:
         return sum(f._cache_size() for f in steps)
 
     def warmup(self) -> None:
-        """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
-        with no-op inputs. Each call is waited for: `slowest_warmup_s` (the longest, compilation
-        or cache load included) sizes the default step watchdog."""
+        """Compiles `insert`, every prefill bucket, and prefill's sampling and `generate` at every
+        sampling level, with no-op inputs. Each call is waited for: `slowest_warmup_s` (the
+        longest, compilation or cache load included) sizes the default step watchdog."""
         s = self.cfg.num_slots
         slowest = 0.0
 
@@ -146,8 +146,13 @@ class ModelRunner:
         rows = jax.tree.map(np.asarray, SamplingRows.zeros(s))  # host arrays, as _assign's
         self.state = timed(lambda: self._insert(self.state, *self._args(
             np.full(s, s, np.int32), rows, np.zeros(s, np.int32))))
+        buckets = self.cfg.prefill_buckets
         for level in SAMPLING_LEVELS:
-            for t in self.cfg.prefill_buckets:
+            # A prefill is two programs (make_prefill): the forward, one per bucket whatever the
+            # level, and the sampling, one per level whatever the bucket. Every bucket at one
+            # level and every level at the smallest bucket compile them all, without running
+            # the largest forwards once per level (most of a warm-up from the compile cache).
+            for t in buckets if level == SAMPLING_LEVELS[0] else buckets[:1]:
                 timed(lambda: self._run_prefill(
                     np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, s, np.int32),
                     np.full(s, s, np.int32), np.zeros(s + 1, np.int32), 0, np.zeros(s, bool),
