@@ -170,3 +170,38 @@ def test_an_engine_sheds_requests_waiting_past_max_queue_time():
         assert engine.stats().num_queue_timeouts == 1
     finally:
         engine.stop()
+
+
+def test_the_cache_salt_of_each_scope():
+    from jaxgen.config import ConfigError, ServerConfig
+    from jaxgen.server.front_end import cache_salt
+
+    assert cache_salt("global", "key-1", "") == ""  # shared by everyone
+    one, two = cache_salt("key", "key-1", ""), cache_salt("key", "key-2", "")
+    assert one != two and one == cache_salt("key", "key-1", "") and "key-1" not in one
+    assert cache_salt("request", "key-1", "") != cache_salt("request", "key-1", "")
+    assert len({one, cache_salt("key", "key-1", "a"), cache_salt("key", "key-1", "b")}) == 3
+    assert cache_salt("global", None, "a") == cache_salt("global", "key-2", "a")
+    with pytest.raises(ValueError, match="cache_salt=<257 characters>: at most 256"):
+        cache_salt("global", None, "x" * 257)
+    assert ServerConfig().cache_scope == "global"
+    assert ServerConfig(api_keys=("k",)).cache_scope == "key"
+    with pytest.raises(ConfigError, match="prefix_cache_scope='key': needs API keys"):
+        ServerConfig(prefix_cache_scope="key")
+
+
+def test_the_restart_breaker_allows_the_limit_within_the_window_and_backs_off():
+    from jaxgen.server.restart_breaker import RestartBreaker
+
+    clock = FakeClock()
+    breaker = RestartBreaker(3, window_s=600, clock=clock)
+    delays = []
+    for _ in range(3):
+        assert breaker.allow()
+        delays.append(breaker.backoff_s())
+        clock.now += 10
+    assert delays == [0.0, 0.5, 1.0] and not breaker.allow()  # the fourth within 10 minutes
+    assert "3 restart(s) within 600s (--max-engine-restarts=3)" in breaker.describe()
+    clock.now += 575  # the first one leaves the window
+    assert breaker.allow() and breaker.backoff_s() == 1.0 and breaker.total == 4
+    assert not RestartBreaker(0).allow()  # 0: never restart

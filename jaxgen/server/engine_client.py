@@ -299,28 +299,34 @@ class EngineClient:
             try:
                 conn, ready = self._connect()
             except Exception as e:
-                if not self._restart_failed(e):
-                    return
-                continue
+                if self._restart_failed(e):
+                    continue
+                return
             shutil.rmtree(ready.tokenizer_dir, ignore_errors=True)
-            with self._lock:
-                if self._stopping.is_set():
-                    break
-                self._conn = conn
-                self._stats = _with_counters(ready.stats, self._carried, self._breaker.total)
-                resent = [m for rid, m in self._unanswered.items() if rid in self._open]
-                for add in resent:
-                    conn.post(add)
-                conn.start()
-                self.restarting = None
+            resent = self._resume(conn, ready)
+            if resent is None:  # the client stopped while this process warmed up
+                conn.stop(STOP_TIMEOUT_S)
+                return
             seconds = time.monotonic() - failed_at
             log.warning("engine process restarted in %.1fs (pid %d); %d request(s) resumed",
-                        seconds, conn.pid, len(resent))
+                        seconds, conn.pid, resent)
             self.observers.notify("on_engine_restart", seconds)
             return
-        else:
-            return
-        conn.stop(STOP_TIMEOUT_S)  # ready just as the client stopped
+
+    def _resume(self, conn: EngineConnection, ready: msg.Ready) -> int | None:
+        """Makes `conn` the engine and sends it the kept requests still open; their count
+        (None when the client has stopped)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            self._conn = conn
+            self._stats = _with_counters(ready.stats, self._carried, self._breaker.total)
+            resent = [m for rid, m in self._unanswered.items() if rid in self._open]
+            for add in resent:
+                conn.post(add)
+            conn.start()
+            self.restarting = None
+        return len(resent)
 
     def _restart_failed(self, e: Exception) -> bool:
         """A restarted process did not start: whether to try again (the breaker counts it)."""
