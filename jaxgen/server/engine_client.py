@@ -231,7 +231,8 @@ class EngineClient:
                 else:
                     future.set_exception(event.error)
         elif isinstance(event, msg.Dead):
-            self._failed(conn, "failed", f"the engine failed: {event.message}")
+            cause = "hung" if event.hung else "failed"
+            self._failed(conn, cause, f"the engine failed: {event.message}")
         else:
             log.error("unknown engine event %r", event)
 

@@ -108,6 +108,7 @@ class Profiled:
 @dataclasses.dataclass(frozen=True)
 class Dead:
     message: str
+    hung: bool = False  # the engine's step watchdog fired (EngineHungError), not a crash
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import threading
 import time
 
 from jaxgen.config import Config
-from jaxgen.engine_api import EngineObserver, QueueFullError
+from jaxgen.engine_api import EngineHungError, EngineObserver, QueueFullError
 from jaxgen.request_stream import RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.stream_bridge import drain
@@ -134,7 +134,9 @@ class _EngineCore:
                 closing = self._closing
             if self.engine.dead is not None and not self._dead_sent:
                 self._dead_sent = True
-                batch.append(msg.Dead(f"{type(self.engine.dead).__name__}: {self.engine.dead}"))
+                dead = self.engine.dead
+                batch.append(msg.Dead(f"{type(dead).__name__}: {dead}",
+                                      hung=isinstance(dead, EngineHungError)))
             stats = self.engine.stats()
             if batch or stats != last or time.monotonic() - sent >= msg.HEARTBEAT_INTERVAL_S:
                 try:
