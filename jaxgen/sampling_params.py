@@ -7,7 +7,9 @@ the sampling fields into per-slot traced arrays, the server maps its proto messa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import uuid
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
@@ -25,6 +27,23 @@ MAX_SALT_LEN = 1024
 # Rows that need less come out of a higher level exactly as from their own.
 GREEDY, DRAW, FILTER = 0, 1, 2
 SAMPLING_LEVELS = (GREEDY, DRAW, FILTER)
+
+
+def cache_salt(scope: str, api_key: str | None, given: str) -> str:
+    """The prefix-cache salt of one call (`SamplingParams.cache_salt`): "global" shares pages
+    among all callers, "key" among callers of the same API key (salted with a digest of it, so
+    the key itself never travels further), "request" not at all (a fresh salt per call; the
+    choices of one call still share its prompt). The client's `given` salt (vLLM's cache_salt)
+    narrows any scope further. Raises ValueError for a salt over MAX_CACHE_SALT_LEN."""
+    if len(given) > MAX_CACHE_SALT_LEN:
+        raise ValueError(f"cache_salt=<{len(given)} characters>: at most {MAX_CACHE_SALT_LEN}")
+    if scope == "key" and api_key:
+        base = "key:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+    elif scope == "request":
+        base = "request:" + uuid.uuid4().hex
+    else:
+        base = ""
+    return f"{base}|salt:{given}" if given else base
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import grpc
 import httpx2 as httpx
@@ -36,6 +37,16 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class Ended(NamedTuple):
+    """How one stream ended."""
+
+    tokens: list[int]
+    code: grpc.StatusCode
+    details: str
+    first_output_at: float | None  # time.monotonic() when its first token arrived
+    queue_time_s: float | None  # from its final usage (a stream that ended ok)
+
+
 class Chaos:
     def __init__(self, server: ServerProcess):
         self.server = server
@@ -47,7 +58,7 @@ class Chaos:
         self.health = health_pb2_grpc.HealthStub(self.raw)
         self.metrics_url = re.search(r"metrics on (http://[^\s]+)", server.log).group(1)
         start = time.monotonic()
-        self.reference = [tokens for tokens, _, _ in self.run(REQUESTS)]
+        self.reference = [ended.tokens for ended in self.run(REQUESTS)]
         self.reference_seconds = time.monotonic() - start
 
     def stub_for(self, key: str, **options) -> pb_grpc.GenerationStub:
@@ -56,9 +67,7 @@ class Chaos:
 
     def engine_pid(self) -> int:
         """The current engine process: the last one the server started."""
-        pids = re.findall(r"engine=process pid=(\d+)|restarted in [\d.]+s \(pid (\d+)\)",
-                          self.server.log)
-        return int(next(p for p in reversed(pids[-1]) if p))
+        return self.server.engine_pid
 
     def stats(self) -> pb.ServerStats:
         return self.stub.GetServerStats(pb.GetServerStatsRequest(), timeout=30)
@@ -78,50 +87,79 @@ class Chaos:
         return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
                                          if line and not line.startswith("#"))}
 
-    def run(self, requests, on_output=None):
-        """Streams every request at once; for each (tokens, status code, details)."""
+    def run(self, requests, on_output=None) -> list[Ended]:
+        """Streams every request at once; how each ended."""
         def one(request):
-            tokens = []
+            tokens, first, usage = [], None, None
             try:
                 for response in self.stub.Generate(request, timeout=STREAM_TIMEOUT_S):
+                    if response.token_ids and first is None:
+                        first = time.monotonic()
                     tokens += response.token_ids
+                    usage = response.usage if response.HasField("usage") else usage
                     if on_output is not None and response.token_ids:
                         on_output()
-                return tokens, grpc.StatusCode.OK, ""
+                queue_time = usage.queue_time_s if usage is not None and \
+                    usage.HasField("queue_time_s") else None
+                return Ended(tokens, grpc.StatusCode.OK, "", first, queue_time)
             except grpc.RpcError as e:
-                return tokens, e.code(), e.details()
+                return Ended(tokens, e.code(), e.details(), first, None)
 
         with ThreadPoolExecutor(len(requests)) as pool:
             return list(pool.map(one, requests))
 
-    def run_killed(self, sig=signal.SIGKILL):
-        """REQUESTS streamed while the engine process gets `sig` once some have output."""
-        pid, started = self.engine_pid(), threading.Event()
-        killer = threading.Thread(target=lambda: started.wait(60) and os.kill(pid, sig))
+    def run_killed(self, sig=signal.SIGKILL) -> tuple[list[Ended], float, int]:
+        """REQUESTS streamed while the engine process gets `sig` once some have output; how
+        each ended, when the signal was sent, and the length of the server's log then."""
+        pid, started, sent = self.engine_pid(), threading.Event(), []
+
+        def kill():
+            if started.wait(60):
+                sent.append((time.monotonic(), len(self.server.log)))
+                os.kill(pid, sig)
+
+        killer = threading.Thread(target=kill)
         killer.start()
         results = self.run(REQUESTS, on_output=started.set)
         killer.join()
+        assert sent, "no stream had output within 60s"
         assert wait_gone(pid, 60), "the engine process was not replaced"
-        return results
+        return (results, *sent[0])
 
-    def check_round(self, results) -> int:
+    def check_round(self, results: list[Ended], killed_at: float, log_at_kill: int) -> int:
         """Every stream ended ok and exact, or UNAVAILABLE after streaming output; both
-        happened; the server serves again, exactly, holding nothing. The failed ones' count."""
-        kept = failed = 0
-        for (tokens, code, details), want in zip(results, self.reference):
-            assert code != grpc.StatusCode.DEADLINE_EXCEEDED, "a stream hung"
-            if code == grpc.StatusCode.OK:
-                assert tokens == want
-                kept += 1
-            else:
-                assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
-                assert tokens and "engine unavailable" in details and "retried" in details
-                failed += 1
-        assert kept and failed
+        happened, and some streams with no output at the kill were kept and ran on the new
+        engine, with exactly the greedy tokens of the clean run (so the new engine's greedy
+        output is exact), their wait, the restart included, shown as queue time; the server
+        serves again, holding nothing once they are done. The failed ones' count."""
         self.wait_status(SERVING)
-        assert [t for t, _, _ in self.run(REQUESTS[:4])] == self.reference[:4]
+        restart_s = float(self.wait_log(r"engine process restarted in ([\d.]+)s", log_at_kill))
+        kept = failed = 0
+        for ended, want in zip(results, self.reference):
+            assert ended.code != grpc.StatusCode.DEADLINE_EXCEEDED, "a stream hung"
+            if ended.code == grpc.StatusCode.OK:
+                assert ended.tokens == want
+                # First output a second after the kill: the new engine's (the old one's last
+                # words arrive within milliseconds; a new process takes seconds to start).
+                if ended.first_output_at > killed_at + 1.0:
+                    assert ended.queue_time_s >= restart_s - 0.1, (ended, restart_s)
+                    kept += 1
+            else:
+                assert ended.code == grpc.StatusCode.UNAVAILABLE, ended
+                assert ended.tokens and ended.first_output_at < killed_at + 1.0, ended
+                assert "engine unavailable" in ended.details and "retried" in ended.details
+                failed += 1
+        assert kept and failed, (kept, failed)
         self.wait_idle()
         return failed
+
+    def wait_log(self, pattern: str, start: int, timeout_s: float = 30) -> str:
+        """The first group of `pattern` in the server's log past offset `start`, once there."""
+        deadline = time.monotonic() + timeout_s
+        while not (found := re.search(pattern, self.server.log[start:])):
+            assert time.monotonic() < deadline, f"no {pattern!r}:\n{self.server.log[-3000:]}"
+            time.sleep(0.05)
+        return found.group(1)
 
     def wait_idle(self, timeout_s: float = 30) -> float:
         """Seconds until no request holds a slot or a page."""

@@ -97,7 +97,7 @@ def test_a_grpc_client_that_reads_nothing_is_cut_off_and_32_others_stream_on_tim
     start = time.monotonic()
     results = chaos.run(REQUESTS[:32])
     seconds = time.monotonic() - start
-    assert [tokens for tokens, _, _ in results] == chaos.reference[:32]
+    assert [ended.tokens for ended in results] == chaos.reference[:32]
     assert seconds < 2 * clean_seconds + 10, (seconds, clean_seconds)
     chaos.wait_idle(STALL_TIMEOUT_S + 30)  # the unread request no longer holds its slot
     tokens = []
@@ -136,7 +136,7 @@ def test_sigkill_under_64_streams_five_times_in_a_row(chaos):
     before = chaos.scrape()
     restarts, unavailable = chaos.stats().engine_restarts, 0
     for _ in range(KILLS):
-        unavailable += chaos.check_round(chaos.run_killed())
+        unavailable += chaos.check_round(*chaos.run_killed())
     after = chaos.scrape()
 
     def grew(name):
@@ -186,10 +186,10 @@ def test_the_restart_breaker_opens_past_the_limit_and_the_server_exits_1(chaos):
         assert wait_gone(pid, 30)
         chaos.wait_status(NOT_SERVING, 30)
         chaos.wait_status(SERVING)
-    results = chaos.run_killed()  # one failure too many
-    for tokens, code, details in results:
-        assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), (code, details)
-    assert any(code == grpc.StatusCode.UNAVAILABLE for _, code, _ in results)
+    results, _, _ = chaos.run_killed()  # one failure too many
+    for ended in results:
+        assert ended.code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), ended
+    assert any(ended.code == grpc.StatusCode.UNAVAILABLE for ended in results)
     assert chaos.server.proc.wait(60) == 1
     log = chaos.server.log
     assert "not restarting it" in log and f"--max-engine-restarts={MAX_RESTARTS}" in log

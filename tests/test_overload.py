@@ -174,7 +174,7 @@ def test_an_engine_sheds_requests_waiting_past_max_queue_time():
 
 def test_the_cache_salt_of_each_scope():
     from jaxgen.config import ConfigError, ServerConfig
-    from jaxgen.server.front_end import cache_salt
+    from jaxgen.sampling_params import cache_salt
 
     assert cache_salt("global", "key-1", "") == ""  # shared by everyone
     one, two = cache_salt("key", "key-1", ""), cache_salt("key", "key-2", "")

@@ -1,6 +1,7 @@
 """A `jaxgen serve` process over TLS, from a serving preset with a waiting-queue bound of 2:
 health through warm-up, the TLS round trip, `jaxgen client`, RESOURCE_EXHAUSTED past the queue
-bound, and (last of the tests using it: it ends the process) the SIGTERM drain. Then SIGTERM
+bound, displacement by priority, the engine process killed and replaced, and (last of the tests
+using it: it ends the process) the SIGTERM drain, of the restarted engine process. Then SIGTERM
 during warm-up, on a process of its own."""
 
 from __future__ import annotations
@@ -232,6 +233,37 @@ def wait_stats(tls, condition, timeout_s: float = 60):
     while not condition(s := tls.stub.GetServerStats(pb.GetServerStatsRequest())):
         assert time.monotonic() < deadline, s
         time.sleep(0.05)
+
+
+def test_a_killed_engine_process_is_replaced_and_serves_the_same_greedy_output(tls):
+    """SIGKILL of the engine process: health NOT_SERVING and new calls refused as UNAVAILABLE
+    (HTTP: 503 with Retry-After) while a new one starts from the same config, then SERVING
+    with the same greedy output. (Then the SIGTERM test below stops the restarted engine.)"""
+    pid = tls.server.engine_pid
+    if pid is None:
+        pytest.skip("the engine runs on a thread of the server: no process to kill")
+    request = pb.GenerateRequest(text="The capital of France is", sampling=pb.SamplingParams(
+        max_tokens=16, temperature=0))
+    want = [t for c in tls.stub.Generate(request) for t in c.token_ids]
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    while tls.health.Check(health_pb2.HealthCheckRequest()).status != NOT_SERVING:
+        assert time.monotonic() - start < 10, "health still SERVING with the engine killed"
+        time.sleep(0.01)
+    refused = tls.http.post("/v1/completions", json={"prompt": "during the restart"})
+    with pytest.raises(grpc.RpcError) as err:
+        list(tls.stub.Generate(pb.GenerateRequest(text="during the restart"), timeout=30))
+    assert wait_gone(pid, 5)
+    start = time.monotonic()
+    while tls.health.Check(health_pb2.HealthCheckRequest()).status != SERVING:
+        assert time.monotonic() - start < 240, tls.server.log[-3000:]
+        time.sleep(0.05)
+    assert [t for c in tls.stub.Generate(request) for t in c.token_ids] == want
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in err.value.details()
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert "restarting" in refused.json()["error"]["message"]
+    assert tls.server.engine_pid != pid and tls.stub.GetServerStats(
+        pb.GetServerStatsRequest()).engine_restarts == 1
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tls):

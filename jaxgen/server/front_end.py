@@ -11,10 +11,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
-import uuid
 
-from jaxgen.sampling_params import MAX_CACHE_SALT_LEN
+from jaxgen.sampling_params import cache_salt
 from jaxgen.server.serving_model import ServingModel
 
 
@@ -25,23 +23,6 @@ class StreamLimits:
 
     stall_timeout_s: float = 60.0
     buffer_tokens: int = 8192
-
-
-def cache_salt(scope: str, api_key: str | None, given: str) -> str:
-    """The prefix-cache salt of one call (`SamplingParams.cache_salt`): "global" shares pages
-    among all callers, "key" among callers of the same API key (salted with a digest of it, so
-    the key itself never travels further), "request" not at all (a fresh salt per call; the
-    choices of one call still share its prompt). The client's `given` salt (vLLM's cache_salt)
-    narrows any scope further. Raises ValueError for a salt over MAX_CACHE_SALT_LEN."""
-    if len(given) > MAX_CACHE_SALT_LEN:
-        raise ValueError(f"cache_salt=<{len(given)} characters>: at most {MAX_CACHE_SALT_LEN}")
-    if scope == "key" and api_key:
-        base = "key:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
-    elif scope == "request":
-        base = "request:" + uuid.uuid4().hex
-    else:
-        base = ""
-    return f"{base}|salt:{given}" if given else base
 
 
 class NotReady(Exception):
@@ -95,9 +76,13 @@ class FrontEnd:
         """Returns once no generation call is in progress."""
         await self._idle.wait()
 
+    def salt(self, api_key: str | None, given: str) -> str:
+        """The prefix-cache salt of a call (`cache_salt` within this server's scope)."""
+        return cache_salt(self.cache_scope, api_key, given)
+
     def salted(self, params: list, api_key: str | None, given: str) -> list:
         """`params` (one SamplingParams per choice of a call) with the call's cache salt."""
-        salt = cache_salt(self.cache_scope, api_key, given)
+        salt = self.salt(api_key, given)
         return [dataclasses.replace(p, cache_salt=salt) for p in params] if salt else params
 
     async def off_loop(self, fn):

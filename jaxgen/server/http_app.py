@@ -17,7 +17,6 @@ requests: slots and pages are freed at the next step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -165,10 +164,8 @@ async def _plan(front: FrontEnd, fn) -> Generation:
 
 def _salted(front: FrontEnd, gen: Generation, req, request: Request) -> Generation:
     """`gen` with the call's prefix-cache salt (its API key, the request, its cache_salt)."""
-    params = front.salted([c.params for c in gen.choices],
-                          bearer_key(request.headers.get("authorization")), req.cache_salt or "")
-    return dataclasses.replace(gen, choices=tuple(
-        dataclasses.replace(c, params=p) for c, p in zip(gen.choices, params)))
+    return gen.salted(front.salt(bearer_key(request.headers.get("authorization")),
+                                 req.cache_salt or ""))
 
 
 def _submit(m, gen: Generation, responder: Responder):
