@@ -193,11 +193,11 @@ def test_a_more_urgent_request_displaces_the_newest_of_the_least_urgent(tls):
     place of the newest waiting one of the lowest priority, which ends 429 (HTTP) or
     RESOURCE_EXHAUSTED (gRPC) saying so; one no more urgent than any waiting one is refused."""
     long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    calls = [tls.stub.Generate(pb.GenerateRequest(text=f"Story {i}:", sampling=long))
-             for i in range(8)]
-    http = {}
+    calls, http = [], {}
     try:
-        wait_stats(tls, lambda s: s.num_running == 8)
+        for i in range(8):  # one at a time: eight at once can find the 2-request queue full
+            calls.append(tls.stub.Generate(pb.GenerateRequest(text=f"Story {i}:", sampling=long)))
+            wait_stats(tls, lambda s: s.num_running == i + 1)
         later = tls.stub.Generate(pb.GenerateRequest(text="Later:", sampling=long, priority=5))
         calls.append(later)
         wait_stats(tls, lambda s: s.num_waiting == 1)
