@@ -25,7 +25,11 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_PROFILE_DIR = os.path.join(tempfile.gettempdir(), "jaxgen-profiles")
 DEFAULT_MAX_MODEL_LEN = 4096  # when the model allows more and none is asked for
+STEP_TIMEOUT_FLOOR_S = 60.0  # the step watchdog's default: at least this ...
+STEP_TIMEOUT_WARMUP_FACTOR = 20.0  # ... and this many times the slowest warm-up call
+RESTART_WINDOW_S = 600.0  # --max-engine-restarts counts the restarts within this window
 DTYPES = ("auto", "float32", "bfloat16")
+PREFIX_CACHE_SCOPES = ("global", "key", "request")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -92,6 +96,11 @@ class EngineConfig:
     # of zeros for a test server).
     memory_utilization: float | None = None
     max_waiting: int = 1024  # waiting-queue bound: past it add_request raises QueueFullError
+    # Seconds a request may wait before it is first scheduled; past it, it is shed (None: no limit).
+    max_queue_time_s: float | None = None
+    # A device step running longer marks the engine hung (a watchdog). None: the larger of
+    # STEP_TIMEOUT_FLOOR_S and STEP_TIMEOUT_WARMUP_FACTOR x the slowest warm-up call; 0: off.
+    step_timeout_s: float | None = None
     enable_prefix_cache: bool = True
     warmup: bool = True  # compile every shape at start
     # Dispatch steps from a launcher thread, so the host's update and text of one step overlap
@@ -120,6 +129,17 @@ class EngineConfig:
             _int_at_least(self, ("num_pages",), 2)
         if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
             _bad("memory_utilization", self.memory_utilization, "must be in (0, 1]")
+        if self.max_queue_time_s is not None and not self.max_queue_time_s > 0:
+            _bad("max_queue_time_s", self.max_queue_time_s, "must be > 0 (unset: no limit)")
+        if self.step_timeout_s is not None and not self.step_timeout_s >= 0:
+            _bad("step_timeout_s", self.step_timeout_s, "must be >= 0 (0: no watchdog)")
+
+    def step_timeout(self, slowest_warmup_s: float | None) -> float | None:
+        """The step watchdog's limit in seconds (None: off): as set, else the generous default
+        from the slowest warm-up call (compilation included, so never tight)."""
+        if self.step_timeout_s is not None:
+            return self.step_timeout_s or None
+        return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_WARMUP_FACTOR * (slowest_warmup_s or 0.0))
 
     def resolved(self, model_context: int) -> "EngineConfig":
         """With `max_model_len` set: as asked (at most the model's context), else
@@ -171,6 +191,17 @@ class ServerConfig:
     profiler_port: int | None = None  # JAX's profiler server (TensorBoard / XProf capture)
     profile_dir: str = DEFAULT_PROFILE_DIR  # where `jaxgen profile` captures are written
     engine_process: bool = True  # the engine in a process of its own (else a thread)
+    # Engine restarts (engine process only) within RESTART_WINDOW_S before the server gives up:
+    # it stays NOT_SERVING and exits non-zero after draining. 0: never restart.
+    max_engine_restarts: int = 5
+    # A stream whose client has read nothing for this long, with output waiting, is ended and
+    # its request aborted; so is one holding more than stream_buffer_tokens unsent tokens.
+    stream_stall_timeout_s: float = 60.0
+    stream_buffer_tokens: int = 8192
+    # Who may share prefix-cache pages: everyone ("global"), callers of the same API key
+    # ("key"), nobody beyond one request's choices ("request"). None: "key" with API keys set,
+    # else "global".
+    prefix_cache_scope: str | None = None
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in the per-request log lines
 
@@ -197,6 +228,24 @@ class ServerConfig:
             _bad("metrics_port", self.metrics_port, "must differ from port")
         if self.log_level not in LOG_LEVELS:
             _bad("log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        if not isinstance(self.max_engine_restarts, int) or self.max_engine_restarts < 0:
+            _bad("max_engine_restarts", self.max_engine_restarts, "must be an integer >= 0")
+        if not self.stream_stall_timeout_s > 0:
+            _bad("stream_stall_timeout_s", self.stream_stall_timeout_s, "must be > 0")
+        if not isinstance(self.stream_buffer_tokens, int) or self.stream_buffer_tokens < 1:
+            _bad("stream_buffer_tokens", self.stream_buffer_tokens, "must be an integer >= 1")
+        if self.prefix_cache_scope is not None:
+            if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+                _bad("prefix_cache_scope", self.prefix_cache_scope,
+                     f"must be one of {', '.join(PREFIX_CACHE_SCOPES)}")
+            if self.prefix_cache_scope == "key" and not self.api_keys:
+                _bad("prefix_cache_scope", self.prefix_cache_scope,
+                     "needs API keys (--api-key): the key is what separates tenants")
+
+    @property
+    def cache_scope(self) -> str:
+        """prefix_cache_scope, resolved: "key" with API keys set, else "global"."""
+        return self.prefix_cache_scope or ("key" if self.api_keys else "global")
 
     @property
     def address(self) -> str:

@@ -17,8 +17,9 @@ import json
 import os
 from collections.abc import Mapping
 
-from jaxgen.config import (DTYPES, LOG_LEVELS, Config, ConfigError, EngineConfig, ModelSource,
-                           ServerConfig)
+from jaxgen.config import (DTYPES, LOG_LEVELS, PREFIX_CACHE_SCOPES, RESTART_WINDOW_S,
+                           STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_WARMUP_FACTOR, Config, ConfigError,
+                           EngineConfig, ModelSource, ServerConfig)
 
 API_KEY_ENV = "JAXGEN_API_KEY"  # comma-separated keys the server accepts; the key a client sends
 OLD_API_KEYS_ENV = "JAXGEN_API_KEYS"  # still read by the server
@@ -92,6 +93,14 @@ SETTINGS: tuple[Setting, ...] = (
        type=int, help="prompt tokens prefilled per step (longer prompts are chunked)"),
     _s("--max-waiting", target="engine.max_waiting", type=int,
        help="waiting-queue bound; past it requests are refused (RESOURCE_EXHAUSTED / 429)"),
+    _s("--max-queue-time", target="engine.max_queue_time_s", type=float, metavar="SECONDS",
+       help="a request still waiting to be scheduled after this long is shed "
+            "(RESOURCE_EXHAUSTED / 429)", default_text="no limit"),
+    _s("--step-timeout", target="engine.step_timeout_s", type=float, metavar="SECONDS",
+       help="a device step running longer marks the engine hung: with the engine in its own "
+            "process it is killed and restarted, on a thread the server exits non-zero; 0: off",
+       default_text=f"the larger of {STEP_TIMEOUT_FLOOR_S:g}s and "
+                    f"{STEP_TIMEOUT_WARMUP_FACTOR:g}x the slowest warm-up call"),
     _s("--prefix-cache", target="engine.enable_prefix_cache", type=bool,
        help="share the KV pages of prompt prefixes already computed"),
     _s("--warmup", target="engine.warmup", type=bool,
@@ -146,6 +155,22 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--engine-process", target="server.engine_process", type=bool, commands=SERVE,
        help="run the engine in a process of its own, so the front end and the engine loop never "
             "wait on one GIL (--no-engine-process: on a thread of the server)"),
+    _s("--max-engine-restarts", target="server.max_engine_restarts", type=int, commands=SERVE,
+       metavar="N", help=f"restarts of a failed engine process within {RESTART_WINDOW_S:g}s; "
+                         f"one more failure and the server stays NOT_SERVING, drains and exits "
+                         f"non-zero (0: never restart)"),
+    _s("--stream-stall-timeout", target="server.stream_stall_timeout_s", type=float,
+       commands=SERVE, metavar="SECONDS",
+       help="a stream whose client reads nothing for this long, with output waiting, is ended "
+            "and its request aborted"),
+    _s("--stream-buffer-tokens", target="server.stream_buffer_tokens", type=int, commands=SERVE,
+       metavar="N", help="a stream holding more unsent tokens than this (its client not "
+                         "reading) is ended and its request aborted"),
+    _s("--prefix-cache-scope", target="server.prefix_cache_scope", choices=PREFIX_CACHE_SCOPES,
+       commands=SERVE, help="who shares prefix-cache pages: everyone (global), callers of the "
+                            "same API key (key), or nobody beyond one request's choices "
+                            "(request); a request's cache_salt narrows it further",
+       default_text="key with API keys set, else global"),
     _s("--log-level", target="server.log_level", choices=LOG_LEVELS, commands=SERVE,
        help="jaxgen log level (INFO: a startup summary and one line per finished request)"),
     _s("--log-prompts", target="server.log_prompts", type=bool, commands=SERVE,

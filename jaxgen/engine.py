@@ -26,20 +26,23 @@ import uuid
 import jax
 
 from jaxgen.config import DEFAULT_PROFILE_DIR, EngineConfig
-from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, Observers, OpenRequests,
-                               QueueFullError, check_request)
+from jaxgen.engine_api import (EngineDeadError, EngineHungError, EngineInfo, EngineStats,
+                               Observers, OpenRequests, QueueFullError, check_request)
 from jaxgen.launch_pipeline import LaunchPipeline
-from jaxgen.request_stream import Completion, RequestOutput, RequestStream
+from jaxgen.request_stream import ENGINE_UNAVAILABLE, Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner
 from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler import RequestEvent, Scheduler, SchedulerConfig
 from jaxgen.scheduler.ngram import NgramConfig
+from jaxgen.step_watchdog import StepWatchdog
 from jaxgen.tokenizer.request_text import RequestText
 
 log = logging.getLogger(__name__)
 # The acceptance rate a drafting request must keep: from the measured verify cost, within these
 # bounds; without a measurement (no warm-up), the default.
 MIN_ACCEPTANCE, MAX_ACCEPTANCE, DEFAULT_MIN_ACCEPTANCE = 0.1, 0.9, 0.25
+
+STOP_DEAD_TIMEOUT_S = 5.0  # stop(): a dead engine's loop may be stuck in a device call
 
 __all__ = ["Engine", "scheduler_config"]
 
@@ -61,10 +64,12 @@ def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids,
         max_model_len=config.max_model_len, max_waiting=config.max_waiting,
         max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
         model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
-        speculative=draft)
+        max_queue_time=config.max_queue_time_s, speculative=draft)
 
 
 class Engine:
+    restarting = None  # the surface's: an engine on a thread is never restarted
+
     def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), mesh=None,
                  *, name: str = "", profile_dir: str | None = None):
         self.tokenizer = tokenizer
@@ -72,10 +77,14 @@ class Engine:
         self.runner = ModelRunner(model, params, config, mesh=mesh)
         self.warmup_seconds: float | None = None
         self.verify_cost: float | None = None  # speculative decoding: see scheduler_config
+        self._watchdog: StepWatchdog | None = None
+        # Off without warm-up unless asked for: steps would compile, for as long as they take.
+        self.step_timeout_s = config.step_timeout_s or None
         if config.warmup:
             start = time.perf_counter()
             self.runner.warmup()
             self.warmup_seconds = time.perf_counter() - start
+            self.step_timeout_s = config.step_timeout(self.runner.slowest_warmup_s)
             log.info("warm-up compiled in %.1fs", self.warmup_seconds)
             if config.speculative:
                 self.verify_cost = self.runner.verify_cost()
@@ -102,17 +111,20 @@ class Engine:
     # -- the surface --------------------------------------------------------------------------
 
     def add_request(self, prompt_ids, params: SamplingParams, request_id: str | None = None,
-                    deadline: float | None = None, after: str | None = None) -> RequestStream:
+                    deadline: float | None = None, after: str | None = None, *,
+                    arrival: float | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises RequestError for bad input,
         QueueFullError at the waiting bound (nothing is queued then), EngineDeadError.
-        `after`: another request of the same prompt, prefilled first (see `add_choices`)."""
+        `after`: another request of the same prompt, prefilled first (see `add_choices`).
+        `arrival`: time.monotonic() of its first arrival, when that was earlier (a request kept
+        across an engine restart: its wait counts as queue time)."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
         request_id = request_id or uuid.uuid4().hex
         check_request(self._info, prompt_ids, params)
         seed = params.seed if params.seed is not None else next(self._seeds)
         with self._work:
-            self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline, after)
+            self.scheduler.add(request_id, list(prompt_ids), params, seed, deadline, after, arrival)
             stream = self._open.open(request_id, prompt_ids)
             self._text[request_id] = RequestText(self.tokenizer, prompt_ids, params.stop,
                                                  params.stop_ids(self.tokenizer.stop_ids))
@@ -132,9 +144,14 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler
-            return EngineStats(s.num_running, s.num_waiting, s.num_free_slots, s.num_pages_used,
-                               s.num_pages_free, s.num_preemptions, s.prefix_cache_query_tokens,
-                               s.prefix_cache_hit_tokens, self.runner.compilations_after_warmup)
+            return EngineStats(
+                num_running=s.num_running, num_waiting=s.num_waiting,
+                num_free_slots=s.num_free_slots, num_pages_used=s.num_pages_used,
+                num_pages_free=s.num_pages_free, num_preemptions=s.num_preemptions,
+                num_displaced=s.num_displaced, num_queue_timeouts=s.num_queue_timeouts,
+                prefix_cache_query_tokens=s.prefix_cache_query_tokens,
+                prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+                compilations_after_warmup=self.runner.compilations_after_warmup)
 
     def capture_profile(self, duration_s: float) -> str:
         from jaxgen.profiling import ProfileCapture
@@ -154,7 +171,8 @@ class Engine:
             max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
             decode_steps=cfg.decode_steps, max_prefill_tokens=cfg.max_prefill_tokens,
             device=f"{jax.devices()[0].platform} x{devices}", mesh=axes,
-            jax_version=jax.__version__, warmup_seconds=self.warmup_seconds)
+            jax_version=jax.__version__, warmup_seconds=self.warmup_seconds,
+            step_timeout_s=self.step_timeout_s)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -230,17 +248,33 @@ class Engine:
             return self.scheduler.has_work()
 
     def start(self) -> None:
-        """Runs `step()` on a background thread whenever there is work."""
+        """Runs `step()` on a background thread whenever there is work, watched by the step
+        watchdog (with `step_timeout_s`)."""
+        if self.step_timeout_s:
+            self._watchdog = StepWatchdog(self.step_timeout_s, self._hung).start()
         self._thread = threading.Thread(target=self._loop, name="jaxgen-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the loop after its step; bounded once the engine is dead (its loop may be stuck
+        in a device call that never returns)."""
         with self._work:
             self._stopping = True
             self._work.notify()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._thread is not None:
-            self._thread.join()
-        self._pipeline.shutdown()
+            self._thread.join(None if self.dead is None else STOP_DEAD_TIMEOUT_S)
+        self._pipeline.shutdown(wait=self.dead is None)
+
+    def _hung(self, seconds: float) -> None:
+        """The watchdog's call: a step has run past step_timeout_s. The engine is dead, and its
+        requests end as retryable (nothing was wrong with them)."""
+        detail = (f"a device step has run for {seconds:.0f}s, over step_timeout="
+                  f"{self.step_timeout_s:g}s: the engine is hung")
+        log.error("%s", detail)
+        self.dead = EngineHungError(detail)
+        self._open.fail_all(f"{ENGINE_UNAVAILABLE}: {detail}")
 
     @contextlib.contextmanager
     def quiesced(self, timeout_s: float = 60.0):
@@ -287,10 +321,11 @@ class Engine:
                     if self._stopping:
                         return
                     pausing = bool(self._pauses)
-                if pausing:
-                    self._drain()
-                else:
-                    self.step()
+                with self._watched():
+                    if pausing:
+                        self._drain()
+                    else:
+                        self.step()
                 if self.dead is not None:
                     return
         except BaseException as e:  # the loop must never die silently: health reads `dead`
@@ -299,6 +334,9 @@ class Engine:
             raise
         finally:  # no step will be launched any more: a quiesced() caller need not wait
             self._quiet.set()
+
+    def _watched(self):
+        return self._watchdog.step() if self._watchdog is not None else contextlib.nullcontext()
 
     # -- offline ------------------------------------------------------------------------------
 

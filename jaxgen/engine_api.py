@@ -25,7 +25,7 @@ from jaxgen.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineDeadError", "EngineInfo", "EngineObserver", "EngineStats", "EngineSurface",
+__all__ = ["EngineDeadError", "EngineHungError", "EngineInfo", "EngineObserver", "EngineStats", "EngineSurface",
            "FinishedRequest", "Observers", "OpenRequests", "QueueFullError", "RequestError",
            "RequestTooLongError", "add_choices", "check_request"]
 
@@ -40,8 +40,12 @@ class RequestTooLongError(RequestError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine can no longer serve (its loop or device failed, its process died): front
-    ends answer UNAVAILABLE / 503."""
+    """The engine can no longer serve (its loop or device failed, its process died), or not
+    now (it is restarting): front ends answer UNAVAILABLE / 503."""
+
+
+class EngineHungError(EngineDeadError):
+    """A device step ran past the step watchdog's limit (`EngineInfo.step_timeout_s`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,7 @@ class EngineInfo:
     mesh: tuple[tuple[str, int], ...]  # (axis, size), e.g. (("data", 1), ("model", 8))
     jax_version: str
     warmup_seconds: float | None = None
+    step_timeout_s: float | None = None  # the step watchdog's limit (None: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +81,12 @@ class EngineStats:
     num_pages_used: int = 0
     num_pages_free: int = 0  # allocatable now: free plus cached pages nobody holds
     num_preemptions: int = 0
+    num_displaced: int = 0  # shed from a full queue by a more urgent request
+    num_queue_timeouts: int = 0  # shed after waiting longer than max_queue_time
     prefix_cache_query_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     compilations_after_warmup: int = 0
+    num_engine_restarts: int = 0  # engine processes restarted after a failure (EngineClient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +120,13 @@ class EngineObserver:
         """Speculative decoding: one request verified `drafts` drafted tokens in a step and
         `accepted` of them were kept."""
 
+    def on_engine_failure(self, cause: str, detail: str, restarting: bool) -> None:
+        """The engine failed (cause: "killed", "exited", "hung" or "failed"); `restarting`:
+        whether a restart follows (else the restart limit is reached)."""
+
+    def on_engine_restart(self, seconds: float) -> None:
+        """A restarted engine serves again, `seconds` after its failure."""
+
 
 class Observers(list):
     """The engine's observers (`engine.observers.append(...)`); `notify` isolates failures."""
@@ -133,7 +148,13 @@ class EngineSurface(Protocol):
 
     @property
     def dead(self) -> BaseException | None:
-        """Set once the engine can no longer serve: health reports NOT_SERVING."""
+        """Set once the engine can no longer serve, for good: health reports NOT_SERVING and
+        a server drains and exits non-zero."""
+
+    @property
+    def restarting(self) -> BaseException | None:
+        """The failure a restart in progress recovers from; None while serving. Health reports
+        NOT_SERVING and add_request raises EngineDeadError meanwhile."""
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None, deadline: float | None = None,

@@ -98,9 +98,9 @@ class LaunchPipeline:
         """The engine waits for work: the next step's host gap is not measured from the last."""
         self._last_read = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         if self._launcher is not None:
-            self._launcher.shutdown(wait=True)
+            self._launcher.shutdown(wait=wait)
 
     def _dispatch(self, plan, previous):
         """`runner.launch(plan)`; with `previous` (the step before it, observed), whether that

@@ -2,9 +2,11 @@
 
 `ServingMetrics(engine)` registers itself as an engine observer: per finished request it counts
 outcomes and tokens and observes the latency histograms (from the request's `Usage` and its
-end-to-end time); per step it observes the step time and the host gap between device steps.
-Occupancy (running, waiting, slots, pages, prefix cache, preemptions, compilations after warm-up)
-is read at scrape time from the engine surface's `stats()` snapshot and `info()`. Each instance has its own
+end-to-end time); per step it observes the step time and the host gap between device steps;
+per engine failure its cause, and per restart the time to serving again. Occupancy and counters
+(running, waiting, slots, pages, prefix cache, preemptions, shed requests, restarts,
+compilations after warm-up) are read at scrape time from the engine surface's `stats()`
+snapshot and `info()`. Each instance has its own
 registry: no module-level state. The engine never imports this module.
 """
 
@@ -73,6 +75,12 @@ class ServingMetrics(EngineObserver):
         self.accepted_length = Histogram(
             "jaxgen_draft_accepted_length", "Drafted tokens accepted per request and verify step",
             buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
+        self.engine_failures = Counter(
+            "jaxgen_engine_failures", "Engine failures by cause (killed, exited, hung, failed)",
+            ("cause",), registry=r)
+        self.engine_restart = Histogram(
+            "jaxgen_engine_restart_seconds", "Engine failure to serving again, per restart",
+            buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600), registry=r)
         r.register(_OccupancyCollector(engine))
         engine.observers.append(self)
 
@@ -92,6 +100,12 @@ class ServingMetrics(EngineObserver):
         self.accepted_draft_tokens.inc(accepted)
         self.acceptance.observe(accepted / drafts)
         self.accepted_length.observe(accepted)
+
+    def on_engine_failure(self, cause: str, detail: str, restarting: bool) -> None:
+        self.engine_failures.labels(cause).inc()
+
+    def on_engine_restart(self, seconds: float) -> None:
+        self.engine_restart.observe(seconds)
 
     def on_finish(self, finished: FinishedRequest) -> None:
         out, usage = finished.output, finished.output.usage
@@ -157,4 +171,14 @@ class _OccupancyCollector:
         yield counter("jaxgen_compilations_after_warmup",
                       "XLA compilations while serving (should stay 0)",
                       s.compilations_after_warmup)
-        yield gauge("jaxgen_engine_up", "1 while the engine loop can serve", int(self.engine.dead is None))
+        yield counter("jaxgen_requests_displaced",
+                      "Waiting requests shed from a full queue by a more urgent arrival",
+                      s.num_displaced)
+        yield counter("jaxgen_requests_queue_timeouts",
+                      "Requests shed after waiting longer than --max-queue-time",
+                      s.num_queue_timeouts)
+        yield counter("jaxgen_engine_restarts", "Engine processes restarted after a failure",
+                      s.num_engine_restarts)
+        engine = self.engine
+        yield gauge("jaxgen_engine_up", "1 while the engine can serve (0 while it restarts)",
+                    int(engine.dead is None and engine.restarting is None))

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 from collections.abc import Callable
 
-from jaxgen.scheduler.events import DEADLINE_EXCEEDED, Usage
+from jaxgen.scheduler.events import DEADLINE_EXCEEDED, SHED, Usage
 from jaxgen.scheduler.samples import TokenLogprobs
+
+# The detail of an "error" that the loss of the engine caused (it restarted, or cannot) starts
+# with this: nothing in the request was wrong, so front ends answer UNAVAILABLE / 503 (retry).
+ENGINE_UNAVAILABLE = "engine unavailable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +34,19 @@ class RequestOutput:
 
     @property
     def outcome(self) -> str | None:
-        """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or an abort),
-        error; None until the final output."""
+        """ok (stop/length), deadline_exceeded, shed (overload: the queue was full or the wait
+        too long; RESOURCE_EXHAUSTED), aborted (cancelled by the client or an abort),
+        unavailable (the engine was lost under it; retryable), error; None until the final
+        output."""
         if self.finish_reason in ("stop", "length"):
             return "ok"
         if self.finish_reason == "abort":
-            return "deadline_exceeded" if self.detail.startswith(DEADLINE_EXCEEDED) else "aborted"
-        return None if self.finish_reason is None else "error"
+            if self.detail.startswith(DEADLINE_EXCEEDED):
+                return "deadline_exceeded"
+            return "shed" if self.detail.startswith(SHED) else "aborted"
+        if self.finish_reason is None:
+            return None
+        return "unavailable" if self.detail.startswith(ENGINE_UNAVAILABLE) else "error"
 
 
 class RequestStream:
@@ -45,14 +56,28 @@ class RequestStream:
         self.request_id = request_id
         self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()  # C, no task tracking
         self._notify: Callable[[], None] | None = None
+        self._pending = 0  # tokens put and not yet taken (a reader that stopped reading holds them)
+        self._pending_lock = threading.Lock()
         self.finished = False
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens of the outputs waiting to be taken."""
+        return self._pending
+
     def put(self, output: RequestOutput) -> None:
+        with self._pending_lock:
+            self._pending += len(output.token_ids)
         self._queue.put(output)
         # Read after the put: either this sees the callback, or `notify` sees the output.
         callback = self._notify
         if callback is not None:
             callback()
+
+    def _taken(self, output: RequestOutput) -> RequestOutput:
+        with self._pending_lock:
+            self._pending -= len(output.token_ids)
+        return output
 
     def notify(self, callback: Callable[[], None]) -> None:
         """Calls `callback()` after every later `put`, on the putting thread (the engine loop:
@@ -63,15 +88,15 @@ class RequestStream:
             callback()
 
     def get(self, timeout: float | None = None) -> RequestOutput:
-        return self._queue.get(timeout=timeout)
+        return self._taken(self._queue.get(timeout=timeout))
 
     def get_nowait(self) -> RequestOutput:
         """The next output; raises queue.Empty when none is waiting."""
-        return self._queue.get_nowait()
+        return self._taken(self._queue.get_nowait())
 
     def __iter__(self):
         while not self.finished:
-            out = self._queue.get()
+            out = self.get()
             self.finished = out.finished
             yield out
 

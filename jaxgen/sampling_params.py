@@ -7,13 +7,19 @@ the sampling fields into per-slot traced arrays, the server maps its proto messa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import uuid
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's limit)
 MAX_ABS_LOGIT_BIAS = 100.0
+MAX_CACHE_SALT_LEN = 256  # characters of a client's cache_salt (front ends check it)
+# A request's whole salt: what the server derives from the API key or the request, plus the
+# client's cache_salt.
+MAX_SALT_LEN = 1024
 
 # Sampling levels, each a superset of the one before: the on-device stages a step runs for the
 # requests in it (the highest level among them). GREEDY: argmax only; DRAW: penalties, logprobs
@@ -21,6 +27,23 @@ MAX_ABS_LOGIT_BIAS = 100.0
 # Rows that need less come out of a higher level exactly as from their own.
 GREEDY, DRAW, FILTER = 0, 1, 2
 SAMPLING_LEVELS = (GREEDY, DRAW, FILTER)
+
+
+def cache_salt(scope: str, api_key: str | None, given: str) -> str:
+    """The prefix-cache salt of one call (`SamplingParams.cache_salt`): "global" shares pages
+    among all callers, "key" among callers of the same API key (salted with a digest of it, so
+    the key itself never travels further), "request" not at all (a fresh salt per call; the
+    choices of one call still share its prompt). The client's `given` salt (vLLM's cache_salt)
+    narrows any scope further. Raises ValueError for a salt over MAX_CACHE_SALT_LEN."""
+    if len(given) > MAX_CACHE_SALT_LEN:
+        raise ValueError(f"cache_salt=<{len(given)} characters>: at most {MAX_CACHE_SALT_LEN}")
+    if scope == "key" and api_key:
+        base = "key:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+    elif scope == "request":
+        base = "request:" + uuid.uuid4().hex
+    else:
+        base = ""
+    return f"{base}|salt:{given}" if given else base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +66,10 @@ class SamplingParams:
     # logit_bias; a per-slot traced array on device (changing it never recompiles).
     logit_bias: tuple[tuple[int, float], ...] = ()
     speculative: bool = True  # may use speculative decoding when the engine runs it
+    # Prefix-cache isolation: the request shares cached KV pages only with requests of the same
+    # salt ("" with every unsalted one). Set by the server from --prefix-cache-scope (the API
+    # key, or the request) and the client's cache_salt.
+    cache_salt: str = ""
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -79,6 +106,11 @@ class SamplingParams:
             bad("priority", self.priority, "must be an integer in [-2**31, 2**31)")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             bad("logit_bias", f"<{len(self.logit_bias)} entries>", f"at most {MAX_LOGIT_BIAS} entries")
+        if not isinstance(self.cache_salt, str):
+            bad("cache_salt", self.cache_salt, "must be a string")
+        if len(self.cache_salt) > MAX_SALT_LEN:
+            bad("cache_salt", f"<{len(self.cache_salt)} characters>",
+                f"at most {MAX_SALT_LEN} characters")
         seen = set()
         for token, bias in self.logit_bias:
             if not isinstance(token, int) or token < 0 or token in seen:

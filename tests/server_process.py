@@ -98,9 +98,10 @@ class ServerProcess:
 
     @property
     def engine_pid(self) -> int | None:
-        """The engine process's pid (from the startup line) in process mode (the default), else None."""
-        found = re.search(r"engine=process pid=(\d+)", self.log)
-        return int(found.group(1)) if found else None
+        """The current engine process's pid in process mode (the default): the startup line's,
+        or the last restarted one's; None with the engine on a thread."""
+        pids = re.findall(r"engine=process pid=(\d+)|restarted in [\d.]+s \(pid (\d+)\)", self.log)
+        return int(next(p for p in reversed(pids[-1]) if p)) if pids else None
 
     def wait_listening(self) -> int:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -1,6 +1,7 @@
 """A `jaxgen serve` process over TLS, from a serving preset with a waiting-queue bound of 2:
 health through warm-up, the TLS round trip, `jaxgen client`, RESOURCE_EXHAUSTED past the queue
-bound, and (last of the tests using it: it ends the process) the SIGTERM drain. Then SIGTERM
+bound, displacement by priority, the engine process killed and replaced, and (last of the tests
+using it: it ends the process) the SIGTERM drain, of the restarted engine process. Then SIGTERM
 during warm-up, on a process of its own."""
 
 from __future__ import annotations
@@ -185,6 +186,84 @@ def test_http_answers_429_past_the_queue_bound_while_queued_requests_complete(tl
     assert all("max_waiting=2" in r.json()["error"]["message"] for r in refused)
     assert len(served) >= 3
     assert all(r.json()["usage"]["completion_tokens"] == 24 for r in served)
+
+
+def test_a_more_urgent_request_displaces_the_newest_of_the_least_urgent(tls):
+    """Every slot busy and the 2-request queue full: a request of higher priority is queued in
+    place of the newest waiting one of the lowest priority, which ends 429 (HTTP) or
+    RESOURCE_EXHAUSTED (gRPC) saying so; one no more urgent than any waiting one is refused."""
+    long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    calls, http = [], {}
+    try:
+        for i in range(8):  # one at a time: eight at once can find the 2-request queue full
+            calls.append(tls.stub.Generate(pb.GenerateRequest(text=f"Story {i}:", sampling=long)))
+            wait_stats(tls, lambda s: s.num_running == i + 1)
+        later = tls.stub.Generate(pb.GenerateRequest(text="Later:", sampling=long, priority=5))
+        calls.append(later)
+        wait_stats(tls, lambda s: s.num_waiting == 1)
+        waiter = threading.Thread(target=lambda: http.update(response=tls.http.post(
+            "/v1/completions", json={"prompt": "Later over HTTP:", "max_tokens": 400,
+                                     "ignore_eos": True, "jaxgen": {"priority": 5}})))
+        waiter.start()
+        wait_stats(tls, lambda s: s.num_waiting == 2)
+        urgent = tls.stub.Generate(pb.GenerateRequest(text="Urgent:", sampling=long, priority=0))
+        calls.append(urgent)
+        waiter.join(60)  # the newest of priority 5: displaced
+        assert http["response"].status_code == 429
+        assert "displaced" in http["response"].json()["error"]["message"]
+        calls.append(tls.stub.Generate(pb.GenerateRequest(text="Urgent too:", sampling=long,
+                                                          priority=-1)))
+        with pytest.raises(grpc.RpcError) as err:  # then the other one of priority 5
+            list(later)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "displaced" in err.value.details() and "max_waiting=2" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # as urgent as the least urgent waiting one
+            list(tls.stub.Generate(pb.GenerateRequest(text="Same:", sampling=long, priority=0)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "displaced" not in err.value.details()
+        wait_stats(tls, lambda s: s.num_displaced == 2 and s.num_waiting == 2)
+    finally:
+        for call in calls:
+            call.cancel()
+    wait_stats(tls, lambda s: s.num_running == s.num_waiting == 0)
+
+
+def wait_stats(tls, condition, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while not condition(s := tls.stub.GetServerStats(pb.GetServerStatsRequest())):
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+
+
+def test_a_killed_engine_process_is_replaced_and_serves_the_same_greedy_output(tls):
+    """SIGKILL of the engine process: health NOT_SERVING and new calls refused as UNAVAILABLE
+    (HTTP: 503 with Retry-After) while a new one starts from the same config, then SERVING
+    with the same greedy output. (Then the SIGTERM test below stops the restarted engine.)"""
+    pid = tls.server.engine_pid
+    if pid is None:
+        pytest.skip("the engine runs on a thread of the server: no process to kill")
+    request = pb.GenerateRequest(text="The capital of France is", sampling=pb.SamplingParams(
+        max_tokens=16, temperature=0))
+    want = [t for c in tls.stub.Generate(request) for t in c.token_ids]
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    while tls.health.Check(health_pb2.HealthCheckRequest()).status != NOT_SERVING:
+        assert time.monotonic() - start < 10, "health still SERVING with the engine killed"
+        time.sleep(0.01)
+    refused = tls.http.post("/v1/completions", json={"prompt": "during the restart"})
+    with pytest.raises(grpc.RpcError) as err:
+        list(tls.stub.Generate(pb.GenerateRequest(text="during the restart"), timeout=30))
+    assert wait_gone(pid, 5)
+    start = time.monotonic()
+    while tls.health.Check(health_pb2.HealthCheckRequest()).status != SERVING:
+        assert time.monotonic() - start < 240, tls.server.log[-3000:]
+        time.sleep(0.05)
+    assert [t for c in tls.stub.Generate(request) for t in c.token_ids] == want
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in err.value.details()
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert "restarting" in refused.json()["error"]["message"]
+    assert tls.server.engine_pid != pid and tls.stub.GetServerStats(
+        pb.GetServerStatsRequest()).engine_restarts == 1
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tls):

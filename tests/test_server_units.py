@@ -59,7 +59,9 @@ def test_serving_without_metrics_never_imports_prometheus():
 @pytest.mark.parametrize("reason, detail, outcome", [
     (None, "", None), ("stop", "stop string '\\n'", "ok"), ("length", "", "ok"),
     ("abort", "deadline exceeded (0.010s past)", "deadline_exceeded"), ("abort", "aborted", "aborted"),
-    ("error", "out of device memory", "error")])
+    ("abort", "shed: waited 3.0s in the queue, over max_queue_time=2s", "shed"),
+    ("error", "out of device memory", "error"),
+    ("error", "engine unavailable: the engine process exited (killed by SIGKILL)", "unavailable")])
 def test_outcome_of_a_final_output(reason, detail, outcome):
     """One outcome serves the metrics label, the request log and the servicer's status code."""
     assert RequestOutput("r", (), "", finish_reason=reason, detail=detail).outcome == outcome
@@ -224,18 +226,30 @@ class InProcessServer:
         from jaxgen.server.lifecycle import serve
 
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.error = None
 
         def listening(port):
             self.port = port
             self._ready.set()
-        await serve(config, load, self._stop, on_listening=listening)
+        try:
+            await serve(config, load, self._stop, on_listening=listening)
+        except Exception as e:
+            self.error = e
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def close(self):
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
 
 
-def test_engine_failure_turns_health_not_serving(monkeypatch):
+def test_engine_failure_turns_health_not_serving_and_stops_the_server_with_an_error(monkeypatch):
+    """An engine on a thread cannot be restarted: once it is dead the server turns NOT_SERVING,
+    drains and stops with EngineDeadError (`jaxgen serve` exits 1 for its orchestrator)."""
+    from jaxgen.engine_api import EngineDeadError
     from jaxgen.models import Model
     from jaxgen.server.serving_model import ServingModel
     from tests.helpers import TINY_LLAMA, ByteTokenizer, engine_for
@@ -266,14 +280,12 @@ def test_engine_failure_turns_health_not_serving(monkeypatch):
                 list(stub.Generate(request))
             assert err.value.code() == grpc.StatusCode.INTERNAL
             assert "out of device memory" in err.value.details()
-            deadline = time.monotonic() + 5
-            while status() != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health still SERVING with a dead engine"
-                time.sleep(0.02)
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(request))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "engine has failed" in err.value.details()
+            assert server.wait_stopped(30), "the server kept running with a dead engine"
+            assert isinstance(server.error, EngineDeadError)
+            assert "out of device memory" in str(server.error)
     finally:
         server.close()
 

@@ -27,6 +27,7 @@ from jaxgen.batch.progress import Progress
 from jaxgen.engine_api import EngineObserver, QueueFullError, RequestError, add_choices
 from jaxgen.openai_api.requests import ENDPOINTS, OpenAIError, parse
 from jaxgen.openai_api.responses import Responder
+from jaxgen.sampling_params import cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,10 @@ class Job:
             body = dict(request["body"])
             if body.get("stream"):
                 raise OpenAIError(400, "stream=true: a batch job writes whole responses", "stream")
-            gen = plan(parse(model, body), self.engine.tokenizer, self.info)
+            req = parse(model, body)
+            # A batch job is one tenant: its prefix cache is global, narrowed by a cache_salt.
+            gen = plan(req, self.engine.tokenizer, self.info).salted(
+                cache_salt("global", None, req.cache_salt or ""))
             entry.responder = Responder(gen, self.info.name, self.engine.tokenizer, responder_id)
             self.in_flight[entry.seq] = entry
             for p, prompt in enumerate(gen.prompts):

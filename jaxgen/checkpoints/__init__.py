@@ -12,7 +12,7 @@ import os
 import time
 
 from jaxgen.checkpoints import gguf_file, hf_safetensors, orbax_format
-from jaxgen.checkpoints.errors import CheckpointError
+from jaxgen.checkpoints.errors import CheckpointError, one_line
 from jaxgen.checkpoints.hf_layout import load_params
 from jaxgen.checkpoints.registry import BUNDLED, CACHE_ENV, DEFAULT_MODEL, bundled, cache_dir
 from jaxgen.models import Model
@@ -86,13 +86,26 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None
         raise CheckpointError(
             f"model {name_or_path!r}: not a bundled model ({', '.join(sorted(BUNDLED))}) "
             "and no such file or directory")
-    model, params, tokenizer = _load_source(path, dtype, mesh, attn_backend, embed_layout)
+    model, params, tokenizer = _read(path, dtype, mesh, attn_backend, embed_layout)
     return LoadedModel(model, params, tokenizer, path, time.perf_counter() - start, converted)
+
+
+def _read(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str):
+    """`_load_source`, with any failure one `CheckpointError` naming the checkpoint: a damaged
+    file can trip any parser on the way (metadata, tokenizer, config checks), and a user should
+    see one line saying which file, not a traceback from deep inside one of them."""
+    try:
+        return _load_source(path, dtype, mesh, attn_backend, embed_layout)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load this checkpoint (damaged or unsupported?): "
+                              f"{type(e).__name__}: {one_line(e)}") from e
 
 
 def convert(src: str, dst: str, dtype: str = "float32") -> None:
     """Writes `src` (bundled name, GGUF, HF dir, jaxgen dir) as a jaxgen checkpoint at `dst`."""
     entry = bundled(src)
     path = entry.locate_gguf() if entry is not None else src
-    model, params, tokenizer = _load_source(path, dtype, None, "auto", "vocab_major")
+    model, params, tokenizer = _read(path, dtype, None, "auto", "vocab_major")
     orbax_format.save(dst, model.config, model.canonical_params(params), tokenizer)

@@ -14,7 +14,7 @@ import shutil
 
 import jax
 
-from jaxgen.checkpoints.errors import CheckpointError
+from jaxgen.checkpoints.errors import CheckpointError, one_line
 from jaxgen.models import Model, ModelConfig
 from jaxgen.models.base import transposed_sharding
 
@@ -117,5 +117,6 @@ def restore(directory: str, model: Model, mesh=None):
     try:
         flat = ocp.StandardCheckpointer().restore(path, flatten(target))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot restore params: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{path}: cannot restore params: {type(e).__name__}: "
+                              f"{one_line(e)}") from None
     return model.from_canonical(unflatten(flat, abstract))

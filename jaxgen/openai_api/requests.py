@@ -93,6 +93,14 @@ class Generation:
     top_logprobs: int | None  # logprobs asked for (with so many alternatives), else None
     echo: tuple[str, ...] | None = None  # completions with echo: each prompt's text
 
+    def salted(self, salt: str) -> "Generation":
+        """This generation with every choice's prefix-cache salt set (`cache_salt`)."""
+        if not salt:
+            return self
+        return dataclasses.replace(self, choices=tuple(
+            dataclasses.replace(c, params=dataclasses.replace(c.params, cache_salt=salt))
+            for c in self.choices))
+
 
 def check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:

@@ -15,6 +15,21 @@ from jaxgen.request_stream import Completion, RequestOutput
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
+def failure(out: RequestOutput | Completion) -> OpenAIError | None:
+    """The error a request that ended without a result answers with: 500 when the engine failed
+    it, 503 when the engine was lost under it (retryable), 429 when it was shed under
+    overload; None for every other end."""
+    outcome = RequestOutput(out.request_id, (), "", None, out.finish_reason, out.detail).outcome
+    if outcome == "error":
+        return OpenAIError(500, f"the engine failed this request: {out.detail}")
+    if outcome == "unavailable":
+        return OpenAIError(503, out.detail, code="engine_unavailable")
+    if outcome == "shed":
+        return OpenAIError(429, out.detail, code="overloaded")
+    return None
+
+
+
 class Responder:
     """Builds one request's response body, or its stream chunks, from engine outputs."""
 
@@ -71,8 +86,8 @@ class Responder:
         """The non-streamed response of the request (every choice finished)."""
         choices = []
         for choice, c in zip(self.gen.choices, completions):
-            if c.finish_reason == "error":
-                raise OpenAIError(500, f"the engine failed this request: {c.detail}")
+            if (error := failure(c)) is not None:
+                raise error
             lp = self._logprobs(choice.index, c.logprobs)
             if self.gen.kind == "chat":
                 choices.append({"index": choice.index, "message": {"role": "assistant",
@@ -107,8 +122,8 @@ class Responder:
 
     def chunk(self, index: int, out: RequestOutput) -> dict | None:
         """The chunk of one engine output of choice `index` (None when it carries nothing)."""
-        if out.finish_reason == "error":
-            raise OpenAIError(500, f"the engine failed this request: {out.detail}")
+        if (error := failure(out)) is not None:
+            raise error
         finish = FINISH.get(out.finish_reason) if out.finished else None
         if not out.text and not out.token_ids and finish is None:
             return None

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from jaxgen.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_STRINGS
+from jaxgen.sampling_params import (MAX_CACHE_SALT_LEN, MAX_LOGIT_BIAS, MAX_LOGPROBS,
+                                    MAX_STOP_STRINGS)
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts per completions request
@@ -53,6 +54,9 @@ class SamplingFields(_Body):
     # Token id (as a JSON object key) -> bias added to its logit.
     logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: StrictStr | None = None  # accepted, ignored
+    # Prefix-cache isolation (vLLM's field): pages are shared only among requests of the same
+    # salt, within the server's --prefix-cache-scope.
+    cache_salt: StrictStr | None = Field(None, max_length=MAX_CACHE_SALT_LEN)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     jaxgen: JaxgenOptions | None = None

@@ -26,6 +26,8 @@ class SchedulerConfig:
     enable_prefix_cache: bool
     model_stop_ids: frozenset[int] = frozenset()  # ignored for requests with ignore_eos
     speculative: NgramConfig | None = None  # n-gram drafts verified in the batch (None: off)
+    # Seconds a request may wait, never scheduled, before it is shed (None: no limit).
+    max_queue_time: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "model_stop_ids", frozenset(self.model_stop_ids))
@@ -49,6 +51,8 @@ class SchedulerConfig:
             bad("num_pages", self.num_pages,
                 f"must be >= {need} (the null page + {need - 1} pages for one request of "
                 f"max_model_len={self.max_model_len})")
+        if self.max_queue_time is not None and not self.max_queue_time > 0:
+            bad("max_queue_time", self.max_queue_time, "must be > 0 (or None: no limit)")
         if any(not isinstance(t, int) or t < 0 for t in self.model_stop_ids):
             bad("model_stop_ids", sorted(self.model_stop_ids), "must be non-negative token ids")
 

@@ -16,6 +16,8 @@ from jaxgen.scheduler.samples import TokenLogprobs
 FINISH_REASONS = ("stop", "length", "abort", "error")
 # The detail of an "abort" that a request's deadline caused starts with this.
 DEADLINE_EXCEEDED = "deadline exceeded"
+# ... and of one that shed load (displaced from a full queue, or waited too long: overload.py).
+SHED = "shed"
 
 
 @dataclasses.dataclass(frozen=True)

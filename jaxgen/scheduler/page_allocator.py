@@ -20,7 +20,14 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 NULL_PAGE = 0
-_ROOT_HASH = hashlib.sha256(b"jaxgen prefix cache root").digest()
+ROOT_HASH = hashlib.sha256(b"jaxgen prefix cache root").digest()
+
+
+def salted_root(salt: str) -> bytes:
+    """The first link of a hash chain: `ROOT_HASH` unsalted, else a root of the salt's own.
+    Pages registered under one root are never found from another, so requests of different
+    salts (tenants, see `SamplingParams.cache_salt`) share no pages even for the same prompt."""
+    return ROOT_HASH if not salt else hashlib.sha256(ROOT_HASH + salt.encode("utf-8")).digest()
 
 
 def chain_hash(parent: bytes, page_token_ids: Sequence[int]) -> bytes:
@@ -110,21 +117,23 @@ class PageAllocator:
                     self._free.append(page)
 
     # -- prefix cache -----------------------------------------------------------------------
-    def full_page_hashes(self, token_ids: Sequence[int],
-                         known: Sequence[bytes] = ()) -> list[bytes]:
+    def full_page_hashes(self, token_ids: Sequence[int], known: Sequence[bytes] = (),
+                         root: bytes = ROOT_HASH) -> list[bytes]:
         """Chain hashes of a sequence's full pages: `known` (the hashes of its first pages,
-        computed before) extended by the full pages of `token_ids`, the tokens that follow."""
+        computed before) extended by the full pages of `token_ids`, the tokens that follow;
+        `root`: the chain's first link (`salted_root`)."""
         hashes = list(known)
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        parent = hashes[-1] if hashes else root
         ps = self.page_size
         for i in range(len(token_ids) // ps):
             parent = chain_hash(parent, token_ids[i * ps:(i + 1) * ps])
             hashes.append(parent)
         return hashes
 
-    def lookup_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """The longest run of cached full pages holding a prefix of `token_ids`. No side effects."""
-        pages, parent, ps = [], _ROOT_HASH, self.page_size
+    def lookup_prefix(self, token_ids: Sequence[int], root: bytes = ROOT_HASH) -> list[int]:
+        """The longest run of cached full pages holding a prefix of `token_ids`, registered under
+        `root`. No side effects."""
+        pages, parent, ps = [], root, self.page_size
         for i in range(len(token_ids) // ps):
             parent = chain_hash(parent, token_ids[i * ps:(i + 1) * ps])
             page = self._page_by_hash.get(parent)
@@ -133,9 +142,9 @@ class PageAllocator:
             pages.append(page)
         return pages
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], root: bytes = ROOT_HASH) -> list[int]:
         """`lookup_prefix`, taking a reference on each page found (and counting the lookup)."""
-        pages = self.lookup_prefix(token_ids)
+        pages = self.lookup_prefix(token_ids, root)
         for page in pages:
             if self._refs[page] == 0:
                 del self._evictable[page]
@@ -145,15 +154,16 @@ class PageAllocator:
         return pages
 
     def register_full_pages(self, token_ids: Sequence[int], pages: Sequence[int],
-                            known: Sequence[bytes] = ()) -> list[bytes]:
+                            known: Sequence[bytes] = (), root: bytes = ROOT_HASH) -> list[bytes]:
         """Make the full pages of a sequence (tokens whose K/V are written in `pages`, its whole
         page list) findable by later prefix lookups. Idempotent. To extend a registration
         cheaply, pass as `known` the hashes this call returned last time and as `token_ids` only
-        the tokens after them; with no `known`, `token_ids` is the whole sequence.
+        the tokens after them; with no `known`, `token_ids` is the whole sequence. `root`: as
+        the sequence's lookups use.
 
         When another page already holds the same prefix, that one stays the cached copy and this
         page stays unregistered (it goes back to the free list when released)."""
-        hashes = self.full_page_hashes(token_ids, known)
+        hashes = self.full_page_hashes(token_ids, known, root)
         if len(hashes) > len(pages):
             raise ValueError(f"the tokens fill {len(hashes)} pages, but only {len(pages)} pages "
                              f"were given")

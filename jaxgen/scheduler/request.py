@@ -50,8 +50,10 @@ class Request:
     num_computed_tokens: int = 0
     decoding: bool = False  # a chunk reaching the last known token sampled in the current slot
     pages: list[int] = dataclasses.field(default_factory=list)
-    # Chain hashes of the full computed pages already offered to the prefix cache.
+    # Chain hashes of the full computed pages already offered to the prefix cache, and the
+    # chain's root (from params.cache_salt: requests of other salts never share a page).
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    cache_root: bytes = b""
     slot: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at first admission

@@ -26,7 +26,8 @@ from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler.config import SchedulerConfig
 from jaxgen.scheduler.events import DEADLINE_EXCEEDED, RequestEvent, request_event
 from jaxgen.scheduler.ngram import NgramProposer
-from jaxgen.scheduler.page_allocator import PageAllocator
+from jaxgen.scheduler.overload import displaced_by, displaced_detail, overdue
+from jaxgen.scheduler.page_allocator import PageAllocator, salted_root
 from jaxgen.scheduler.plan import PrefillChunk, SlotAssignment, StepOutput, StepPlan
 from jaxgen.scheduler.request import Request, RequestStatus
 from jaxgen.scheduler.samples import StepSamples, TokenLogprobs
@@ -34,7 +35,8 @@ from jaxgen.scheduler.slots import SlotTable
 
 
 class QueueFullError(RuntimeError):
-    """The waiting queue holds `max_waiting` requests; nothing was enqueued (shed load)."""
+    """The waiting queue holds `max_waiting` requests, none of which the new one may displace;
+    nothing was enqueued (shed load)."""
 
 
 def check_length(cfg: SchedulerConfig, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -62,26 +64,39 @@ class Scheduler:
         self._step = 0
         self._serials = itertools.count(1)
         self.num_preemptions = 0
+        self.num_displaced = 0  # shed from a full queue by a more urgent arrival
+        self.num_queue_timeouts = 0  # shed after waiting longer than max_queue_time
         self.num_draft_tokens = 0  # speculative decoding: drafts verified, and accepted
         self.num_accepted_draft_tokens = 0
         self.verified: list[tuple[int, int]] = []  # (drafts, accepted) per verify, until taken
 
     # -- requests in ------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, seed: int,
-            deadline: float | None = None, after: str | None = None) -> None:
+            deadline: float | None = None, after: str | None = None,
+            arrival: float | None = None) -> None:
         """Queues a request. `after`: the id of another request of the same prompt (a choice of
-        n); this one is admitted only once that one's prompt is prefilled and cached."""
+        n); this one is admitted only once that one's prompt is prefilled and cached. `arrival`:
+        when it first arrived (clock seconds; default now), e.g. before an engine restart, so
+        its whole wait counts as queue time. With the queue full, a more urgent request
+        displaces the newest of the least urgent ones never scheduled (see overload.py), else
+        QueueFullError."""
         cfg = self.config
         if request_id in self._requests:
             raise ValueError(f"request_id={request_id!r}: a request with this id is in flight")
         check_length(cfg, prompt_ids, params)
         if len(self._waiting) >= cfg.max_waiting:
-            raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
+            victim = displaced_by(self._waiting, params.priority)
+            if victim is None:
+                raise QueueFullError(f"waiting queue is full: max_waiting={cfg.max_waiting}")
+            self._events.append(self._end(victim, "abort", displaced_detail(
+                cfg.max_waiting, victim, params.priority)))
+            self.num_displaced += 1
         stop_ids = params.stop_ids(cfg.model_stop_ids)
         request = Request(request_id, tuple(int(t) for t in prompt_ids), params, seed,
-                          arrival_time=self._clock(), stop_ids=stop_ids, deadline=deadline,
-                          serial=next(self._serials),
-                          after=self._requests.get(after) if after is not None else None)
+                          arrival_time=self._clock() if arrival is None else arrival,
+                          stop_ids=stop_ids, deadline=deadline, serial=next(self._serials),
+                          after=self._requests.get(after) if after is not None else None,
+                          cache_root=salted_root(params.cache_salt))
         if cfg.speculative is not None and params.speculative and not params.penalised:
             request.proposer = NgramProposer(cfg.speculative, request.prompt_ids)
         self._requests[request_id] = request
@@ -239,6 +254,9 @@ class Scheduler:
             detail = request.pending_abort
             if detail is None and request.deadline is not None and now >= request.deadline:
                 detail = f"{DEADLINE_EXCEEDED} ({now - request.deadline:.3f}s past)"
+            if detail is None and request.status is RequestStatus.WAITING:
+                detail = overdue(request, now, self.config.max_queue_time)
+                self.num_queue_timeouts += detail is not None
             if detail is not None:
                 self._events.append(self._end(request, "abort", detail))
 
@@ -357,12 +375,13 @@ class Scheduler:
         # Never the whole sequence from cache: its last token must be fed to get logits.
         use_cache = self.config.enable_prefix_cache
         cacheable = request.token_ids(0, n - 1)
-        hit = self.allocator.lookup_prefix(cacheable) if use_cache else []
+        root = request.cache_root
+        hit = self.allocator.lookup_prefix(cacheable, root) if use_cache else []
         need = -(-n // ps) - len(hit)
         if not self.allocator.can_allocate(need, sharing=hit):
             return False
         if use_cache:
-            hit = self.allocator.match_prefix(cacheable)
+            hit = self.allocator.match_prefix(cacheable, root)
         request.pages = hit + self.allocator.allocate(need)
         request.page_hashes = []
         request.num_computed_tokens = len(hit) * ps
@@ -477,7 +496,8 @@ class Scheduler:
         full = request.num_computed_tokens // ps
         if self.config.enable_prefix_cache and full > done:
             request.page_hashes = self.allocator.register_full_pages(
-                request.token_ids(done * ps, full * ps), request.pages, request.page_hashes)
+                request.token_ids(done * ps, full * ps), request.pages, request.page_hashes,
+                request.cache_root)
 
     # -- stats ------------------------------------------------------------------------------
     @property

@@ -16,6 +16,20 @@ from grpc import aio
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
+def bearer_key(header: str | bytes | None) -> str | None:
+    """The key of an `authorization: Bearer <key>` header value; None without one."""
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    if not header or not header.startswith("Bearer "):
+        return None
+    return header[len("Bearer "):].strip()
+
+
+def metadata_key(metadata) -> str | None:
+    """The bearer key of a call's metadata (None without one)."""
+    return bearer_key(next((v for k, v in metadata or () if k == "authorization"), None))
+
+
 class ApiKeyInterceptor(aio.ServerInterceptor):
     def __init__(self, api_keys, open_services=(HEALTH_SERVICE,)):
         if not api_keys:
@@ -24,12 +38,10 @@ class ApiKeyInterceptor(aio.ServerInterceptor):
         self._open = tuple(f"/{s}/" for s in open_services)
 
     def authorized(self, metadata) -> bool:
-        header = next((v for k, v in metadata or () if k == "authorization"), None)
-        if isinstance(header, bytes):
-            header = header.decode("latin-1")
-        if not header or not header.startswith("Bearer "):
+        key = metadata_key(metadata)
+        if key is None:
             return False
-        given = header[len("Bearer "):].strip().encode("latin-1", "replace")
+        given = key.encode("latin-1", "replace")
         # Check every key, so the time taken does not tell which one nearly matched.
         return any([hmac.compare_digest(given, key) for key in self._keys])
 

@@ -30,11 +30,20 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
 
 
 def cmd_serve(args) -> int:
+    from jaxgen.engine_api import EngineDeadError
     from jaxgen.server.lifecycle import LOAD_THREAD, serve
 
     config = config_sources.config_from_args(args, "serve")
     logging.getLogger("jaxgen").setLevel(config.server.log_level)
-    asyncio.run(_serve_until_signalled(serve, config.server, lambda: _load_serving_model(config)))
+    try:
+        asyncio.run(_serve_until_signalled(serve, config.server,
+                                           lambda: _load_serving_model(config)))
+    except EngineDeadError as e:  # drained; exit non-zero so that an orchestrator replaces us
+        print(f"jaxgen: error: {e}", file=sys.stderr, flush=True)
+        # A hung engine's thread may be stuck in a device call, which the interpreter's
+        # teardown would wait for or abort in; nothing is left to save.
+        sys.stdout.flush()
+        os._exit(1)
     if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
         # Stopped during warm-up. The loading thread is inside XLA, which cannot be interrupted
         # and aborts if the interpreter is torn down under it; nothing else is left to clean up.

@@ -1,48 +1,63 @@
 """`EngineClient`: the engine in a process of its own (`jaxgen serve`'s default), seen from the
-server process through the engine surface (`EngineSurface`), as the in-process `Engine` is.
+server process through the engine surface (`EngineSurface`), as the in-process `Engine` is; and
+restarted when that process dies or hangs.
 
 Why a process: in one process the gRPC front end and the engine loop share one GIL. Under load
 the event loop held the GIL about four times as long as the engine thread (py-spy `--gil` on the
 CPU box), and every moment the engine thread waits for it the device may idle; with the engine
 in its own process the two never contend (docs/benchmarks.md has the measurements). vLLM (its
-V1 engine core) and SGLang (its scheduler process) are split the same way.
+V1 engine core) and SGLang (its scheduler process) are split the same way. A process can also be
+killed and started again, which a thread stuck in a device call cannot.
 
 The client runs the surface's checks before queueing (`check_request`, the queue bound), so a
 caller gets the same exceptions as from `Engine.add_request`; the rare refusal only the engine
-can make ends the stream with an error. Messages are the dataclasses of `engine_messages`. The
-finish path is the surface's (`OpenRequests`): observers run here, `on_step` and `on_launch` as
-forwarded, `on_finish` when a final output arrives. If the engine process dies, every open
-stream ends with an error and `dead` is set (health NOT_SERVING); if the server process dies,
-the engine process exits.
+can make ends the stream (a full queue as shed load, RESOURCE_EXHAUSTED). The finish path is the
+surface's (`OpenRequests`): observers run here, `on_step` and `on_launch` as forwarded,
+`on_finish` when a final output arrives. If the server process dies, the engine process exits.
+
+Recovery: when the engine process exits unasked (a crash, the OOM killer, SIGKILL), reports its
+engine dead, or sends nothing for longer than the step watchdog's limit (stopped, or wedged),
+it is killed and a new one started from the same config (`EngineConnection`; the persistent
+compilation cache makes its warm-up quick), after a back-off, while `RestartBreaker` allows.
+Meanwhile `restarting` is set (health NOT_SERVING, new requests refused as UNAVAILABLE).
+Requests that had streamed nothing are kept and sent to the new engine with their arrival time
+(their wait shows as queue time); those that had streamed output end with an error whose detail
+starts with ENGINE_UNAVAILABLE (UNAVAILABLE / 503: they may be retried). Once the breaker opens,
+`dead` is set and every request ends so: the server drains and exits non-zero.
 
 The queue bound: at most `max_waiting + slots` requests held at once (with every slot busy,
-exactly `max_waiting` waiting, as in one process); the engine process's own bound is above that,
-so it never refuses what was accepted here.
+exactly `max_waiting` waiting, as in one process). At the bound a request more urgent than one
+still unanswered goes through: the engine's scheduler displaces the least urgent waiting one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.connection
-import os
 import shutil
 import threading
+import time
 import uuid
 
 from jaxgen.config import Config
-from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, Observers, OpenRequests,
-                               QueueFullError, check_request)
-from jaxgen.request_stream import RequestOutput, RequestStream
+from jaxgen.engine_api import (EngineDeadError, EngineHungError, EngineInfo, EngineStats,
+                               Observers, OpenRequests, QueueFullError, check_request)
+from jaxgen.request_stream import ENGINE_UNAVAILABLE, SHED, RequestOutput, RequestStream
 from jaxgen.server import engine_messages as msg
-from jaxgen.server.engine_process import engine_main
+from jaxgen.server.engine_connection import EngineConnection
+from jaxgen.server.restart_breaker import RestartBreaker
 
 log = logging.getLogger(__name__)
 
+START_TIMEOUT_S = 1800.0  # for an engine process to load and warm up
 STOP_TIMEOUT_S = 30.0  # the server's wait for the engine process to exit
 PROFILE_EXTRA_S = 300.0  # beyond the duration: the pause, JAX's export, the Perfetto copy
+WATCH_INTERVAL_S = 0.5
+# Counters of EngineStats, summed over the engine processes a client has had.
+_COUNTERS = ("num_preemptions", "num_displaced", "num_queue_timeouts",
+             "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "compilations_after_warmup")
 
 
 class EngineClient:
@@ -50,91 +65,93 @@ class EngineClient:
     the caller until it is ready) and serves the engine surface over its pipes."""
 
     def __init__(self, config: Config):
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a device
-        requests_r, self._requests = ctx.Pipe(duplex=False)
-        self._events, events_w = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=engine_main, args=(config, os.getpid(), requests_r, events_w),
-                                 name="jaxgen-engine", daemon=True)
-        self._proc.start()
-        requests_r.close()
-        events_w.close()
-        self._reap_lock = threading.Lock()  # see _exited
+        self._config = config
+        self._breaker = RestartBreaker(config.server.max_engine_restarts)
         self.observers = Observers()
         self.dead: BaseException | None = None
-        self._stopping = False
-        try:
-            ready = self._await_ready()
-            from jaxgen.tokenizer import load_tokenizer
-
-            try:
-                self.tokenizer = load_tokenizer(ready.tokenizer_dir)
-            finally:
-                shutil.rmtree(ready.tokenizer_dir, ignore_errors=True)
-        except BaseException:
-            self._kill()
-            raise
-        self._info: EngineInfo = ready.info
-        self._stats: EngineStats = ready.stats
-        self._capacity = self._info.max_waiting + self._info.num_slots
+        self.restarting: BaseException | None = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._open = OpenRequests(self.observers)
+        # Requests that have streamed nothing yet: sent again to a restarted engine.
+        self._unanswered: dict[str, msg.AddRequest] = {}
         self._profiles: dict[int, concurrent.futures.Future] = {}
         self._profile_seq = itertools.count()
-        self._outbox: list = []
-        self._wake = threading.Condition(self._lock)
-        self._sender = threading.Thread(target=self._send_loop, name="jaxgen-engine-send", daemon=True)
-        self._receiver = threading.Thread(target=self._receive_loop, name="jaxgen-engine-receive",
-                                          daemon=True)
-        self._sender.start()
-        self._receiver.start()
+        self._conn, ready = self._connect()
+        from jaxgen.tokenizer import load_tokenizer
+
+        try:
+            self.tokenizer = load_tokenizer(ready.tokenizer_dir)
+        except BaseException:
+            self._conn.kill()
+            raise
+        finally:
+            shutil.rmtree(ready.tokenizer_dir, ignore_errors=True)
+        self._info: EngineInfo = ready.info
+        self._carried = EngineStats()  # counters of the engine processes before this one
+        self._stats: EngineStats = ready.stats
+        self._capacity = self._info.max_waiting + self._info.num_slots
+        self._conn.start()
+        threading.Thread(target=self._watch, name="jaxgen-engine-watch", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
+        return self._conn.pid
 
     def info(self) -> EngineInfo:
         return self._info
 
     def stats(self) -> EngineStats:
-        """As of the engine's last message (an idle engine reports a few times a second)."""
+        """As of the engine's last message (an idle engine reports a few times a second), with
+        the counters of the engine processes before it."""
         return self._stats
 
-    def _await_ready(self) -> msg.Ready:
+    def _connect(self) -> tuple[EngineConnection, msg.Ready]:
+        conn = EngineConnection(self._config, self._on_events, self._on_gone)
         try:
-            message = self._events.recv()
-        except EOFError:
-            self._exited(5)
-            raise RuntimeError(f"the engine process exited during start-up (exit code "
-                               f"{self._proc.exitcode}); its output above says why") from None
-        if isinstance(message, msg.Failed):
-            raise message.error
-        if not isinstance(message, msg.Ready):
-            raise RuntimeError(f"the engine process sent {type(message).__name__} before Ready")
-        return message
+            return conn, conn.await_ready(START_TIMEOUT_S)
+        except BaseException:
+            conn.kill()
+            raise
 
     # -- requests -----------------------------------------------------------------------------
 
     def add_request(self, prompt_ids, params, request_id: str | None = None,
                     deadline: float | None = None, after: str | None = None) -> RequestStream:
         """As `Engine.add_request`: RequestError for bad input, QueueFullError at the bound
-        (nothing is queued then), EngineDeadError once the engine is dead."""
-        if self.dead is not None:
-            raise EngineDeadError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
+        (nothing is queued then), EngineDeadError while the engine is dead or restarting."""
         request_id = request_id or uuid.uuid4().hex
         prompt_ids = tuple(prompt_ids)
         check_request(self._info, prompt_ids, params)
         with self._lock:  # the bound and the opening as one: callers may be on several threads
-            if len(self._open) >= self._capacity:
+            self._check_serving()
+            if len(self._open) >= self._capacity and not any(
+                    m.params.priority > params.priority for m in self._unanswered.values()):
                 raise QueueFullError(f"waiting queue is full: max_waiting={self._info.max_waiting}")
             stream = self._open.open(request_id, prompt_ids)
-            self._post(msg.AddRequest(request_id, prompt_ids, params, deadline, after))
+            add = msg.AddRequest(request_id, prompt_ids, params, deadline, after, time.monotonic())
+            self._unanswered[request_id] = add
+            self._conn.post(add)
         return stream
 
+    def _check_serving(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is not serving: {type(self.dead).__name__}: {self.dead}")
+        if self.restarting is not None:
+            raise EngineDeadError(f"the engine is restarting after a failure "
+                                  f"({self.restarting}); retry shortly")
+
     def abort(self, request_id: str) -> None:
-        """Ends the request at the engine's next step; unknown ids are ignored."""
+        """Ends the request at the engine's next step (at once while the engine restarts);
+        unknown ids are ignored."""
         with self._lock:
-            if request_id in self._open:
-                self._post(msg.AbortRequest(request_id))
+            if request_id not in self._open:
+                return
+            if self.restarting is None:
+                self._conn.post(msg.AbortRequest(request_id))
+                return
+            self._unanswered.pop(request_id, None)
+        self._open.deliver(RequestOutput(request_id, (), "", None, "abort", "aborted"))
 
     def capture_profile(self, duration_s: float) -> str:
         """A profiler trace of the engine process (taken there with its engine paused at step
@@ -142,11 +159,10 @@ class EngineClient:
         there, EngineDeadError if the engine process is gone."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self.dead is not None:
-                raise EngineDeadError(f"engine is not serving: {self.dead}")
+            self._check_serving()
             seq = next(self._profile_seq)
             self._profiles[seq] = future
-            self._post(msg.CaptureProfile(seq, duration_s))
+            self._conn.post(msg.CaptureProfile(seq, duration_s))
         try:
             return future.result(timeout=duration_s + PROFILE_EXTRA_S)
         except concurrent.futures.TimeoutError:
@@ -158,75 +174,40 @@ class EngineClient:
 
     def stop(self) -> None:
         """Stops the engine process (requests still held there end without output, as with
-        `Engine.stop`) and waits for it to exit by itself; kills it only past STOP_TIMEOUT_S."""
+        `Engine.stop`) and waits for it to exit by itself; kills it only past STOP_TIMEOUT_S.
+        A restart in progress is abandoned."""
         with self._lock:
-            self._stopping = True
-            self._post(msg.Stop())
-        if not self._exited(STOP_TIMEOUT_S):
-            log.warning("the engine process did not stop within %gs; killing it", STOP_TIMEOUT_S)
-            self._kill()
-        self._receiver.join(5)
+            self._stopping.set()
+            conn = self._conn
+        if not conn.stop(STOP_TIMEOUT_S):
+            log.warning("the engine process did not stop within %gs; killed it", STOP_TIMEOUT_S)
+        self._open.fail_all("the server stopped")
 
-    def _post(self, message) -> None:
-        """Queues `message` for the sender thread (the caller holds the lock)."""
-        self._outbox.append(message)
-        self._wake.notify()
+    # -- events -------------------------------------------------------------------------------
 
-    def _exited(self, timeout_s: float) -> bool:
-        """Whether the engine process has exited within `timeout_s`; reaps it if so.
-
-        Two threads joining one process race in waitpid: the loser gets ECHILD and then sees
-        the process alive (that was the server's "did not stop within 30s; killing it" seconds
-        after a clean stop, the receiver thread joining it at the same time). So only this
-        method reaps, one caller at a time. The wait itself is on the exit sentinel, unlocked;
-        once it fires the process has closed its files, which the kernel does just before it
-        turns it into a zombie, so the reap that follows blocks (a non-blocking waitpid there
-        can still find it running)."""
-        exiting = multiprocessing.connection.wait([self._proc.sentinel], timeout_s)
-        with self._reap_lock:
-            if exiting:
-                self._proc.join()
-            return self._proc.exitcode is not None
-
-    def _kill(self) -> None:
-        if not self._exited(0):
-            self._proc.kill()
-            self._exited(5)
-
-    # -- the two threads ----------------------------------------------------------------------
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._outbox:
-                    self._wake.wait()
-                batch, self._outbox = self._outbox, []
+    def _on_events(self, conn: EngineConnection, batch: msg.EventBatch) -> None:
+        if conn is not self._conn:
+            return  # a replaced process's last words
+        self._stats = _with_counters(batch.stats, self._carried, self._breaker.total)
+        for event in batch.events:
             try:
-                self._requests.send(batch)
-            except (OSError, ValueError):  # the engine process is gone: the receiver says so
-                return
-            if isinstance(batch[-1], msg.Stop):
-                return
+                self._handle(conn, event)
+            except Exception:  # one bad event must not stop the others
+                log.exception("engine event %s failed", type(event).__name__)
 
-    def _receive_loop(self) -> None:
-        try:
-            while True:
-                batch: msg.EventBatch = self._events.recv()
-                self._stats = batch.stats
-                for event in batch.events:
-                    try:
-                        self._handle(event)
-                    except Exception:  # one bad event must not stop the others
-                        log.exception("engine event %s failed", type(event).__name__)
-        except (EOFError, OSError):
-            pass
-        except Exception:
-            log.exception("reading the engine process failed")
-        self._engine_gone()
-
-    def _handle(self, event) -> None:
+    def _handle(self, conn: EngineConnection, event) -> None:
         if isinstance(event, msg.Output):
-            self._open.deliver(event.output)
+            out = event.output
+            with self._lock:
+                if conn.failed:  # kept requests start again on the next engine
+                    return
+                if out.request_id in self._unanswered and (out.token_ids or out.finished):
+                    # Its first output, delivered under the lock: a failure handled meanwhile
+                    # ends the request after this output, never before it.
+                    del self._unanswered[out.request_id]
+                    self._open.deliver(out)
+                    return
+            self._open.deliver(out)
         elif isinstance(event, msg.StepTimed):
             self.observers.notify("on_step", event.step_seconds, event.host_gap_seconds)
         elif isinstance(event, msg.LaunchTimed):
@@ -234,7 +215,13 @@ class EngineClient:
         elif isinstance(event, msg.DraftsVerified):
             self.observers.notify("on_drafts", event.drafts, event.accepted)
         elif isinstance(event, msg.Rejected):
-            self._open.deliver(RequestOutput(event.request_id, (), "", None, "error", event.message))
+            with self._lock:
+                if conn.failed:
+                    return
+                self._unanswered.pop(event.request_id, None)
+            reason, detail = (("abort", f"{SHED}: {event.message}; retry later") if event.queue_full
+                              else ("error", event.message))
+            self._open.deliver(RequestOutput(event.request_id, (), "", None, reason, detail))
         elif isinstance(event, msg.Profiled):
             with self._lock:
                 future = self._profiles.get(event.seq)
@@ -244,21 +231,119 @@ class EngineClient:
                 else:
                     future.set_exception(event.error)
         elif isinstance(event, msg.Dead):
-            self.dead = EngineDeadError(event.message)
+            cause = "hung" if event.hung else "failed"
+            self._failed(conn, cause, f"the engine failed: {event.message}")
         else:
             log.error("unknown engine event %r", event)
 
-    def _engine_gone(self) -> None:
-        """The engine process's pipe closed: if unasked, the engine is dead; either way every
-        request still open ends with an error (nothing is left to answer it)."""
-        self._exited(1)
-        detail = f"the engine process exited (exit code {self._proc.exitcode})"
-        if not self._stopping and self.dead is None:
-            log.error("%s", detail)
-            self.dead = EngineDeadError(detail)
+    def _on_gone(self, conn: EngineConnection) -> None:
+        conn.exited(1)
+        if self._stopping.is_set():
+            self._open.fail_all(f"the engine process exited ({conn.exit_cause()})")
+            return
+        cause = "killed" if conn.exit_cause().startswith("killed") else "exited"
+        self._failed(conn, cause, f"the engine process exited ({conn.exit_cause()})")
+
+    def _watch(self) -> None:
+        """The step watchdog's server side: a process that sends nothing (not even its
+        heartbeat) for longer than the step limit is stuck, e.g. stopped (SIGSTOP) or wedged in
+        a device call with the GIL held."""
+        limit = self._info.step_timeout_s
+        while limit and not self._stopping.wait(WATCH_INTERVAL_S):
+            conn = self._conn
+            silent = time.monotonic() - conn.last_heard
+            if silent > limit and not conn.failed:
+                self._failed(conn, "hung", f"the engine process sent nothing for {silent:.0f}s, "
+                                           f"over step_timeout={limit:g}s: it is hung")
+
+    # -- failure and restart ------------------------------------------------------------------
+
+    def _failed(self, conn: EngineConnection, cause: str, detail: str) -> None:
+        """Handles the failure of `conn`'s process once: ends what cannot be kept, and restarts
+        the engine (or, past the breaker's limit, declares it dead)."""
         with self._lock:
-            profiles = list(self._profiles.values())
-        self._open.fail_all(detail)
+            if conn is not self._conn or conn.failed or self._stopping.is_set():
+                return
+            conn.failed = True
+            restart = self._breaker.allow()
+            kept = set(self._unanswered) if restart else set()
+            lost = [rid for rid in self._open.ids() if rid not in kept]
+            if restart:
+                self.restarting = EngineDeadError(detail)
+            else:
+                self.dead = (EngineHungError if cause == "hung" else EngineDeadError)(
+                    f"{detail}; not restarted: {self._breaker.describe()}")
+                self._unanswered.clear()
+            self._carried = _with_counters(self._stats, EngineStats(), 0)
+            profiles, self._profiles = list(self._profiles.values()), {}
+        log.error("%s; %s (%d request(s) kept, %d ended as retryable)", detail,
+                  f"restarting it ({self._breaker.describe()})" if restart
+                  else f"not restarting it: {self._breaker.describe()}", len(kept), len(lost))
+        conn.kill()
+        why = ("the request had streamed output, it may be retried" if restart
+               else "the engine is not restarted, the request may be retried elsewhere")
+        for request_id in lost:
+            self._open.deliver(RequestOutput(request_id, (), "", None, "error",
+                                             f"{ENGINE_UNAVAILABLE}: {detail}; {why}"))
         for future in profiles:
             if not future.done():
                 future.set_exception(EngineDeadError(detail))
+        self.observers.notify("on_engine_failure", cause, detail, restart)
+        if restart:
+            threading.Thread(target=self._restart, args=(time.monotonic(),),
+                             name="jaxgen-engine-restart", daemon=True).start()
+
+    def _restart(self, failed_at: float) -> None:
+        """Starts engine processes (after the breaker's back-off) until one is ready, the
+        breaker opens or the client stops; then resumes the kept requests on it."""
+        while not self._stopping.wait(self._breaker.backoff_s()):
+            try:
+                conn, ready = self._connect()
+            except Exception as e:
+                if self._restart_failed(e):
+                    continue
+                return
+            shutil.rmtree(ready.tokenizer_dir, ignore_errors=True)
+            resent = self._resume(conn, ready)
+            if resent is None:  # the client stopped while this process warmed up
+                conn.stop(STOP_TIMEOUT_S)
+                return
+            seconds = time.monotonic() - failed_at
+            log.warning("engine process restarted in %.1fs (pid %d); %d request(s) resumed",
+                        seconds, conn.pid, resent)
+            self.observers.notify("on_engine_restart", seconds)
+            return
+
+    def _resume(self, conn: EngineConnection, ready: msg.Ready) -> int | None:
+        """Makes `conn` the engine and sends it the kept requests still open; their count
+        (None when the client has stopped)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            self._conn = conn
+            self._stats = _with_counters(ready.stats, self._carried, self._breaker.total)
+            resent = [m for rid, m in self._unanswered.items() if rid in self._open]
+            for add in resent:
+                conn.post(add)
+            conn.start()
+            self.restarting = None
+        return len(resent)
+
+    def _restart_failed(self, e: Exception) -> bool:
+        """A restarted process did not start: whether to try again (the breaker counts it)."""
+        log.error("the restarted engine process failed to start: %s", e)
+        with self._lock:
+            if self._breaker.allow():
+                return True
+            self.dead = EngineDeadError(f"the engine failed and could not be restarted ({e}); "
+                                        f"not restarted: {self._breaker.describe()}")
+            self.restarting = None
+            self._unanswered.clear()
+        self._open.fail_all(f"{ENGINE_UNAVAILABLE}: {self.dead}")
+        return False
+
+
+def _with_counters(stats: EngineStats, carried: EngineStats, restarts: int) -> EngineStats:
+    """`stats` with `carried`'s counters added (those of earlier engine processes)."""
+    return dataclasses.replace(stats, num_engine_restarts=restarts, **{
+        f: getattr(stats, f) + getattr(carried, f) for f in _COUNTERS})

@@ -4,8 +4,10 @@ wake-up on either side, so a busy engine pays one transfer per step, not one per
 
 Server -> engine: `AddRequest`, `AbortRequest`, `CaptureProfile`, `Stop`.
 Engine -> server: first `Ready` (or `Failed`), then `EventBatch`es: a list of `Output`,
-`StepTimed`, `LaunchTimed`, `DraftsVerified`, `Rejected`, `Profiled`, `Dead`, each batch with the engine's
-`EngineStats` as of sending.
+`StepTimed`, `LaunchTimed`, `DraftsVerified`, `Rejected`, `Profiled`, `Dead`, each batch with the
+engine's `EngineStats` as of sending. A batch goes out at least every HEARTBEAT_INTERVAL_S, empty
+if need be: a server that hears nothing for longer than the step watchdog's limit knows the
+process is stuck (stopped, or wedged with the GIL held).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import dataclasses
 from jaxgen.engine_api import EngineInfo, EngineStats
 from jaxgen.request_stream import RequestOutput
 from jaxgen.sampling_params import SamplingParams
+
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 # -- server -> engine ---------------------------------------------------------------------------
@@ -26,6 +30,7 @@ class AddRequest:
     params: SamplingParams
     deadline: float | None  # time.monotonic() of the server (one host, one clock)
     after: str | None = None  # Engine.add_request's
+    arrival: float | None = None  # when the server took it (sent again after a restart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Stop:
 
 @dataclasses.dataclass(frozen=True)
 class Ready:
-    info: EngineInfo  # max_waiting: the server's bound (the engine's own is above it)
+    info: EngineInfo
     tokenizer_dir: str  # a copy for the server process, removed once it is loaded
     stats: EngineStats
 
@@ -85,10 +90,12 @@ class DraftsVerified:
 
 @dataclasses.dataclass(frozen=True)
 class Rejected:
-    """An add the engine refused (checked by the client already: the engine may have died)."""
+    """An add the engine refused (checked by the client already: the engine may have died, or
+    its waiting queue be full with no request the new one may displace)."""
 
     request_id: str
     message: str
+    queue_full: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,7 @@ class Profiled:
 @dataclasses.dataclass(frozen=True)
 class Dead:
     message: str
+    hung: bool = False  # the engine's step watchdog fired (EngineHungError), not a crash
 
 
 @dataclasses.dataclass(frozen=True)

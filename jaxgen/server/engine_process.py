@@ -9,7 +9,6 @@ the last outputs), then `os._exit(0)`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -20,7 +19,7 @@ import threading
 import time
 
 from jaxgen.config import Config
-from jaxgen.engine_api import EngineObserver
+from jaxgen.engine_api import EngineHungError, EngineObserver, QueueFullError
 from jaxgen.request_stream import RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.stream_bridge import drain
@@ -110,9 +109,10 @@ class _EngineCore:
     def _add(self, m: msg.AddRequest) -> None:
         try:
             stream = self.engine.add_request(m.prompt_ids, m.params, m.request_id, m.deadline,
-                                             m.after)
+                                             m.after, arrival=m.arrival)
         except Exception as e:  # checked by the client already; the engine may have died since
-            self.emit(msg.Rejected(m.request_id, f"{type(e).__name__}: {e}"))
+            self.emit(msg.Rejected(m.request_id, f"{type(e).__name__}: {e}",
+                                   isinstance(e, QueueFullError)))
             return
         stream.notify(lambda: self._forward(stream))
 
@@ -125,7 +125,7 @@ class _EngineCore:
             self.emit(msg.Profiled(m.seq, directory, None))
 
     def _send_loop(self) -> None:
-        last = None
+        last, sent = None, 0.0
         while True:
             with self._cond:
                 if not self._outbox and not self._closing:
@@ -134,14 +134,16 @@ class _EngineCore:
                 closing = self._closing
             if self.engine.dead is not None and not self._dead_sent:
                 self._dead_sent = True
-                batch.append(msg.Dead(f"{type(self.engine.dead).__name__}: {self.engine.dead}"))
+                dead = self.engine.dead
+                batch.append(msg.Dead(f"{type(dead).__name__}: {dead}",
+                                      hung=isinstance(dead, EngineHungError)))
             stats = self.engine.stats()
-            if batch or stats != last:
+            if batch or stats != last or time.monotonic() - sent >= msg.HEARTBEAT_INTERVAL_S:
                 try:
                     self.events.send(msg.EventBatch(batch, stats))
                 except (OSError, ValueError):  # the server process is gone
                     return
-                last = stats
+                last, sent = stats, time.monotonic()
             if closing:
                 return
 
@@ -200,11 +202,7 @@ def _build(config: Config):
         jax.profiler.start_server(server.profiler_port)
         print(f"jaxgen: profiler server on port {server.profiler_port} (engine process)",
               file=sys.stderr, flush=True)
-    # Above the server's bound (see EngineClient): the server refuses first.
-    bound = config.engine.max_waiting
-    engine = build_engine(dataclasses.replace(config, engine=dataclasses.replace(
-        config.engine, max_waiting=bound + config.engine.num_slots)))
+    engine = build_engine(config)
     tokenizer_dir = tempfile.mkdtemp(prefix="jaxgen-tokenizer-")
     engine.tokenizer.save(tokenizer_dir)
-    info = dataclasses.replace(engine.info(), max_waiting=bound)
-    return engine, msg.Ready(info, tokenizer_dir, engine.stats())
+    return engine, msg.Ready(engine.info(), tokenizer_dir, engine.stats())

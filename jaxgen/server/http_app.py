@@ -5,10 +5,13 @@ moves them over HTTP: JSON bodies in, JSON or server-sent events out, errors as 
 object with the status codes a client of OpenAI or vLLM expects:
 
   400 a bad field (the message names field, value and limit)   401 no valid API key
-  404 an unknown model name                                    429 the waiting queue is full
-  500 the engine failed that request                           503 warming up, draining, engine failed
+  404 an unknown model name                                    429 the waiting queue is full, or
+  500 the engine failed that request                               the request was shed from it
+  503 warming up, draining, the engine restarting or failed, or lost under the request (retry)
 
-A client that disconnects aborts its requests: slots and pages are freed at the next step.
+A stream that fails after its first event ends with OpenAI's error object as an event (the
+same statuses as its `code`). A client that disconnects, or stops reading a stream, aborts its
+requests: slots and pages are freed at the next step.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from jaxgen.openai_api import schemas
 from jaxgen.openai_api.requests import (ENDPOINTS, Generation, OpenAIError, chat_messages,
                                         check_model, parse)
 from jaxgen.openai_api.responses import Responder
+from jaxgen.server.auth import bearer_key
 from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.stream_bridge import merged_outputs
+from jaxgen.server.stream_guard import StreamGuard, StreamStalled
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +144,7 @@ def build_app(front: FrontEnd, api_keys=(), version: str = "unknown") -> FastAPI
             m = ready(generating=True)
             req = parse(schema, await body_of(request))
             gen = await _plan(front, lambda: plan(req, m.tokenizer, m.info))
-            return await _run(front, m, gen, request)
+            return await _run(front, m, _salted(front, gen, req, request), request)
         return generate
 
     for path, (schema, plan) in ENDPOINTS.items():
@@ -155,6 +160,12 @@ async def _plan(front: FrontEnd, fn) -> Generation:
         raise
     except ValueError as e:  # the tokenizer refusing the input
         raise OpenAIError(400, str(e)) from None
+
+
+def _salted(front: FrontEnd, gen: Generation, req, request: Request) -> Generation:
+    """`gen` with the call's prefix-cache salt (its API key, the request, its cache_salt)."""
+    return gen.salted(front.salt(bearer_key(request.headers.get("authorization")),
+                                 req.cache_salt or ""))
 
 
 def _submit(m, gen: Generation, responder: Responder):
@@ -182,12 +193,37 @@ def _abort(m, streams) -> None:
         m.engine.abort(stream.request_id)
 
 
+class _GuardedStream(StreamingResponse):
+    """A server-sent event stream whose every write is guarded (`StreamGuard`): once its client
+    stops reading, the events are abandoned (the generator closed: the requests are aborted)
+    and the connection is left for uvicorn to close; no status can follow a started body."""
+
+    def __init__(self, events, guard: StreamGuard, request_id: str):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._guard, self._request_id = guard, request_id
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        events = self.body_iterator
+        try:
+            async for event in events:
+                await self._guard.send(send({"type": "http.response.body", "body": event,
+                                             "more_body": True}))
+        except StreamStalled as e:
+            log.warning("request %s: %s", self._request_id, e)
+            await events.aclose()
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def _run(front: FrontEnd, m, gen: Generation, request: Request):
     responder = Responder(gen, m.info.name, m.tokenizer)
     streams = _submit(m, gen, responder)
     if gen.stream:
-        return StreamingResponse(_sse(front, m, responder, streams), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        guard = StreamGuard(streams, front.stream_limits)
+        return _GuardedStream(_sse(front, m, responder, streams, guard.check), guard, responder.id)
     with front.call():
         collect = asyncio.ensure_future(_collect(streams))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -235,7 +271,8 @@ def _event(data) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(front: FrontEnd, m, responder: Responder, streams) -> AsyncIterator[bytes]:
+async def _sse(front: FrontEnd, m, responder: Responder, streams,
+               on_wake=None) -> AsyncIterator[bytes]:
     """The stream: role / echo chunks, one chunk per engine output, the usage chunk, [DONE]. If
     the client goes away, the generator is closed here and the requests are aborted."""
     done = set()
@@ -244,7 +281,7 @@ async def _sse(front: FrontEnd, m, responder: Responder, streams) -> AsyncIterat
         try:
             for chunk in responder.first_chunks():
                 yield _event(chunk)
-            async for index, out in merged_outputs(streams):
+            async for index, out in merged_outputs(streams, on_wake):
                 if out.finished:
                     done.add(index)
                     usages[index] = out.usage

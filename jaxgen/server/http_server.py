@@ -15,6 +15,11 @@ import socket
 import uvicorn
 
 STOP_TIMEOUT_S = 5.0  # after the drain, for uvicorn to close its connections
+# The kernel's send buffer of each connection (set on the listening socket; accepted ones inherit
+# it). Left to autotuning it grows to megabytes, which a client that stopped reading pins, and
+# while it has room no write waits, so the stream guard cannot tell that nobody reads. Token
+# events are small: this still holds seconds of any stream.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 class _Server(uvicorn.Server):
@@ -35,6 +40,7 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         try:
             self._socket.bind((host, port))
         except OSError as e:

@@ -5,7 +5,11 @@
      and every Generation RPC UNAVAILABLE;
   2. runs `load()` (checkpoint load, engine construction with warm-up, `engine.start()`) on a
      daemon thread, so a SIGTERM during warm-up still stops the process promptly;
-  3. starts `/metrics` (with `metrics_port`), sets health SERVING; a watcher turns it NOT_SERVING if the engine loop dies;
+  3. starts `/metrics` (with `metrics_port`), sets health SERVING; a watcher follows the
+     engine: NOT_SERVING while it restarts (engine process) and SERVING again after; once it is
+     dead for good (on a thread: failed or hung; in its own process: past the restart limit) it
+     sets `stop`, and `serve` raises EngineDeadError after the drain (`jaxgen serve` exits 1),
+     so that an orchestrator replaces the server;
   4. when `stop` is set (SIGTERM/SIGINT in `jaxgen serve`): health NOT_SERVING, new Generate
      calls UNAVAILABLE, in-flight calls get `drain_timeout_s` to finish, then the server stops
      (cancelling what is left) and the engine loop ends.
@@ -31,8 +35,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxgen.config import ServerConfig
+from jaxgen.engine_api import EngineDeadError
 from jaxgen.server.auth import ApiKeyInterceptor
-from jaxgen.server.front_end import FrontEnd
+from jaxgen.server.front_end import FrontEnd, StreamLimits
 from jaxgen.server.servicer import GenerationServicer
 from jaxgen.server.serving_model import ServingModel
 from jaxgen.v1 import generation_pb2 as pb
@@ -126,20 +131,35 @@ async def _set_health(health_servicer, status) -> None:
         await health_servicer.set(name, status)
 
 
-async def _watch_engine(model: ServingModel, health_servicer) -> None:
-    """Health NOT_SERVING once the engine can no longer serve (its loop died, buffers lost)."""
-    while model.engine.dead is None:
+async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Event,
+                        failed: list) -> None:
+    """Health follows the engine: NOT_SERVING while it restarts, SERVING again once it serves;
+    once it is dead for good, NOT_SERVING, its error in `failed` and `stop` set (drain, exit)."""
+    engine, serving = model.engine, True
+    while True:
+        if engine.dead is not None:
+            log.error("engine failed, health is now NOT_SERVING: %r", engine.dead)
+            _say(f"error: the engine has failed ({engine.dead}); health is NOT_SERVING; "
+                 f"draining, then exiting")
+            await _set_health(health_servicer, NOT_SERVING)
+            failed.append(engine.dead)
+            stop.set()
+            return
+        up = engine.restarting is None
+        if up != serving:
+            serving = up
+            await _set_health(health_servicer, SERVING if up else NOT_SERVING)
+            _say("the engine serves again; health is SERVING" if up else
+                 f"the engine failed ({engine.restarting}); restarting it, health is NOT_SERVING")
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-    log.error("engine failed, health is now NOT_SERVING: %r", model.engine.dead)
-    _say(f"error: the engine has failed ({model.engine.dead}); health is NOT_SERVING")
-    await _set_health(health_servicer, NOT_SERVING)
 
 
 async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: asyncio.Event,
                 on_listening: Callable[[int], None] | None = None) -> None:
     """Serves until `stop` is set, then drains (see the module docstring). Errors from `load`
-    propagate after the server has stopped."""
-    front = FrontEnd()
+    propagate after the server has stopped, and EngineDeadError when the engine died for good."""
+    front = FrontEnd(config.cache_scope, StreamLimits(config.stream_stall_timeout_s,
+                                                      config.stream_buffer_tokens))
     servicer = GenerationServicer(front)
     if config.profiler_port is not None and not config.engine_process:  # else the engine process's
         jax.profiler.start_server(config.profiler_port)  # the port is checked by ServerConfig
@@ -158,7 +178,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
     _say(f"listening on {config.host}:{port} ({scheme}{keys}); warming up")
     if on_listening is not None:
         on_listening(port)
-    model, watcher = None, None
+    model, watcher, failed = None, None, []
     try:
         loading = _in_daemon_thread(load)
         loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen either way
@@ -170,7 +190,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 _start_metrics(config, front, model)
             front.model = model
             await _set_health(health_servicer, SERVING)
-            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer))
+            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer, stop, failed))
             _say(f"serving {model.name} on {config.host}:{port}")
             await stopping
         stopping.cancel()
@@ -184,6 +204,8 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         front.close()
         if model is not None:
             model.engine.stop()
+    if failed:
+        raise EngineDeadError(f"the engine has failed: {failed[0]}")
 
 
 def _http_server(config: ServerConfig, front: FrontEnd):

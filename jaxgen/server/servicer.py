@@ -1,15 +1,18 @@
 """`GenerationServicer`: the jaxgen.v1.Generation RPCs over one `Engine`.
 
 `Generate` validates and tokenizes the request (tokenization on a small thread pool, off the
-event loop), queues it on the engine with the call's deadline, and streams the engine's outputs
-(see `stream_bridge`). A call that ends before its request does — cancelled by the client, its
-deadline passed, the connection gone — aborts the request, so its slot and pages are freed at the
-next engine step. The servicer keeps the ids of requests the engine still holds (for `Abort` and
+event loop), salts it for the prefix cache (`FrontEnd.salted`), queues it on the engine with the
+call's deadline, and writes the engine's outputs to the call (see `stream_bridge`), each write
+guarded (`stream_guard`). A call that ends before its request does — cancelled by the client, its
+deadline passed, the connection gone, its client not reading — aborts the request, so its slot
+and pages are freed at the next engine step. The servicer keeps the ids of requests the engine still holds (for `Abort` and
 for refusing a duplicate id) and counts calls in progress (for the drain).
 
 Status codes: INVALID_ARGUMENT (bad request; the message names the field), RESOURCE_EXHAUSTED
-(waiting queue full), ALREADY_EXISTS (duplicate request id in flight), DEADLINE_EXCEEDED,
-UNAVAILABLE (warming up, draining, engine dead), INTERNAL (the engine failed the request).
+(waiting queue full, the request shed from it, or its client not reading), ALREADY_EXISTS
+(duplicate request id in flight), DEADLINE_EXCEEDED, UNAVAILABLE (warming up, draining, the
+engine restarting or dead, or lost after the request had streamed: retryable), INTERNAL (the
+engine failed the request).
 `CaptureProfile` (admin) records a profiler trace and streams its files back; FAILED_PRECONDITION
 while another capture runs.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 
@@ -26,14 +30,20 @@ import grpc
 from jaxgen.profiling import ProfileBusyError, trace_chunks
 from jaxgen.engine_api import EngineDeadError, QueueFullError, add_choices
 from jaxgen.server import request_mapping as rm
+from jaxgen.server.auth import metadata_key
 from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.serving_model import ServingModel, model_info, server_stats
 from jaxgen.server.stream_bridge import drain, merged_outputs, wake_on
+from jaxgen.server.stream_guard import StreamGuard, StreamStalled
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 PROFILE_CHUNK_BYTES = 1 << 20
+# How a request that ended without its result ends the call (RequestOutput.outcome -> status).
+FAILED = {"error": Code.INTERNAL, "unavailable": Code.UNAVAILABLE,
+          "shed": Code.RESOURCE_EXHAUSTED, "deadline_exceeded": Code.DEADLINE_EXCEEDED}
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -59,8 +69,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             request_id = rm.request_id(request.request_id) or uuid.uuid4().hex
             prompt_ids = await self.front.off_loop(rm.prompt_source(request, m.tokenizer))
-            params = rm.choices(request, rm.sampling_params(
-                request.sampling, request.priority, len(prompt_ids), m.max_context))
+            params = self.front.salted(rm.choices(request, rm.sampling_params(
+                request.sampling, request.priority, len(prompt_ids), m.max_context)),
+                metadata_key(context.invocation_metadata()), request.cache_salt)
         except ValueError as e:  # InvalidRequest, or the tokenizer / chat template refusing
             await context.abort(Code.INVALID_ARGUMENT, str(e))
         if request_id in self._in_engine:
@@ -78,23 +89,28 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except EngineDeadError as e:
             await context.abort(Code.UNAVAILABLE, str(e))
         self._in_engine[request_id] = ids
-        # aclosing: if this generator is closed at its yield, the inner one's cleanup runs now.
-        async with contextlib.aclosing(self._stream(m, request_id, streams, context)) as s:
-            async for msg in s:
-                yield msg
+        await self._stream(m, request_id, streams, context)
 
     async def _stream(self, m: ServingModel, request_id: str, streams, context):
-        finished = set()
+        """Writes the engine's outputs to the call (each write guarded: a client that stops
+        reading ends the call with RESOURCE_EXHAUSTED and its request is aborted)."""
+        finished, stalled = set(), None
+        guard = StreamGuard(streams, self.front.stream_limits)
         with self.front.call():
             try:
-                async for index, out in merged_outputs(streams):
-                    if out.finished:
-                        finished.add(index)
-                    if out.finish_reason == "error":
-                        await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
-                    if out.outcome == "deadline_exceeded":
-                        await context.abort(Code.DEADLINE_EXCEEDED, out.detail)
-                    yield rm.response(out, request_id, index)
+                async with contextlib.aclosing(merged_outputs(streams, guard.check)) as outs:
+                    async for index, out in outs:
+                        if out.finished:
+                            finished.add(index)
+                        code = FAILED.get(out.outcome)
+                        if code is Code.INTERNAL:
+                            await context.abort(code, f"request {request_id} failed: {out.detail}")
+                        if code is not None:
+                            await context.abort(code, out.detail)
+                        await guard.send(context.write(rm.response(out, request_id, index)))
+            except StreamStalled as e:
+                log.warning("request %s: %s", request_id, e)
+                stalled = e
             finally:
                 left = [s for i, s in enumerate(streams) if i not in finished]
                 if not left:
@@ -103,6 +119,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     for stream in left:
                         m.engine.abort(stream.request_id)
                     self._forget_when_done(request_id, left)
+        if stalled is not None:
+            await context.abort(Code.RESOURCE_EXHAUSTED, str(stalled))
 
     def _forget_when_done(self, request_id: str, streams) -> None:
         """Keeps the id reserved until the engine's final output of every choice arrives."""

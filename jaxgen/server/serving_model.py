@@ -55,4 +55,5 @@ def server_stats(m: ServingModel, active_streams: int) -> pb.ServerStats:
         num_pages_used=s.num_pages_used, num_pages_free=s.num_pages_free,
         num_preemptions=s.num_preemptions, prefix_cache_query_tokens=s.prefix_cache_query_tokens,
         prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, active_streams=active_streams,
-        compilations_after_warmup=s.compilations_after_warmup)
+        compilations_after_warmup=s.compilations_after_warmup, num_displaced=s.num_displaced,
+        num_queue_timeouts=s.num_queue_timeouts, engine_restarts=s.num_engine_restarts)

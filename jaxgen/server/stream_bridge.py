@@ -99,11 +99,19 @@ async def outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
                 return
 
 
-async def merged_outputs(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged_outputs(streams, on_wake: Callable[[], None] | None = None
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(position of the stream in `streams`, output) for every output of `streams` — each
-    stream's in order — until every stream has finished: the choices of one request."""
+    stream's in order — until every stream has finished: the choices of one request.
+    `on_wake` runs on the loop at every wake-up, also while the consumer is busy elsewhere (a
+    stream guard watching what its client has not read)."""
     ready = asyncio.Event()
-    wake = wake_on(asyncio.get_running_loop(), ready.set)
+
+    def woken():
+        ready.set()
+        if on_wake is not None:
+            on_wake()
+    wake = wake_on(asyncio.get_running_loop(), woken)
     for stream in streams:
         stream.notify(wake)
     running = set(range(len(streams)))

@@ -19,7 +19,7 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "messages", "sampling", "priority", "n")
+    __slots__ = ("request_id", "text", "token_ids", "messages", "sampling", "priority", "n", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -34,7 +35,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     priority: int
     n: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., n: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -254,7 +256,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_slots", "num_pages_used", "num_pages_free", "num_preemptions", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "active_streams", "compilations_after_warmup")
+    __slots__ = ("num_running", "num_waiting", "num_free_slots", "num_pages_used", "num_pages_free", "num_preemptions", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "active_streams", "compilations_after_warmup", "num_displaced", "num_queue_timeouts", "engine_restarts")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +267,9 @@ class ServerStats(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     COMPILATIONS_AFTER_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    NUM_DISPLACED_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUE_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_slots: int
@@ -275,7 +280,10 @@ class ServerStats(_message.Message):
     prefix_cache_hit_tokens: int
     active_streams: int
     compilations_after_warmup: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_slots: _Optional[int] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., active_streams: _Optional[int] = ..., compilations_after_warmup: _Optional[int] = ...) -> None: ...
+    num_displaced: int
+    num_queue_timeouts: int
+    engine_restarts: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_slots: _Optional[int] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., active_streams: _Optional[int] = ..., compilations_after_warmup: _Optional[int] = ..., num_displaced: _Optional[int] = ..., num_queue_timeouts: _Optional[int] = ..., engine_restarts: _Optional[int] = ...) -> None: ...
 
 class CaptureProfileRequest(_message.Message):
     __slots__ = ("duration_s",)
