@@ -12,6 +12,10 @@ unless the device is lost (then the engine is `dead`).
 Observers (`engine.observers`, e.g. jaxgen.metrics and jaxgen.request_log) are told each step's
 device time and the host gap before it, and each request's final output; the engine imports
 neither prometheus nor any logging policy of theirs.
+
+Over several processes (`group`: jaxgen.distributed's `Leader`, on process 0) the engine is the
+same: every plan goes to the other processes before it runs here, a lost process makes the
+engine dead and ends its requests UNAVAILABLE, and `stop()` stops the other processes too.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import uuid
 import jax
 
 from jaxgen.config import DEFAULT_PROFILE_DIR, EngineConfig
-from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, Observers, OpenRequests,
-                               QueueFullError, check_request)
+from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, GroupLostError,
+                               Observers, OpenRequests, QueueFullError, check_request)
 from jaxgen.launch_pipeline import LaunchPipeline
-from jaxgen.request_stream import Completion, RequestOutput, RequestStream
+from jaxgen.request_stream import UNAVAILABLE, Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner
 from jaxgen.sampling_params import SamplingParams
 from jaxgen.scheduler import RequestEvent, Scheduler, SchedulerConfig
@@ -54,17 +58,21 @@ def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids) -> Sc
 
 class Engine:
     def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), mesh=None,
-                 *, name: str = "", profile_dir: str | None = None):
+                 *, name: str = "", profile_dir: str | None = None, group=None):
         self.tokenizer = tokenizer
         self.config = config = config.resolved(model.config.max_position_embeddings)
-        self.runner = ModelRunner(model, params, config, mesh=mesh)
+        self.group = group
+        self.runner = ModelRunner(model, params, config, mesh=mesh,
+                                  sync_dispatch=group is not None and group.sync_dispatch)
         self.scheduler = Scheduler(scheduler_config(config, self.runner.num_pages, tokenizer.stop_ids))
         self.observers = Observers()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._pipeline = LaunchPipeline(self.runner, self.scheduler, self._lock, self.observers,
-                                        config.overlap_launch)
+                                        config.overlap_launch, group)
         self._open = OpenRequests(self.observers)
+        if group is not None:
+            group.on_lost(self._lose)
         self._text: dict[str, RequestText] = {}
         self._seeds = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -80,6 +88,8 @@ class Engine:
             self.runner.warmup()
             self.warmup_seconds = time.perf_counter() - start
             log.info("warm-up compiled in %.1fs", self.warmup_seconds)
+            if group is not None:  # the others warmed up alike: no step compiles any more
+                group.steady()
         self._info = self._describe(name or model.config.name or model.config.architecture, mesh)
 
     # -- the surface --------------------------------------------------------------------------
@@ -115,9 +125,11 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler
+            compilations = self.runner.compilations_after_warmup + (
+                self.group.worker_compilations if self.group is not None else 0)
             return EngineStats(s.num_running, s.num_waiting, s.num_free_slots, s.num_pages_used,
                                s.num_pages_free, s.num_preemptions, s.prefix_cache_query_tokens,
-                               s.prefix_cache_hit_tokens, self.runner.compilations_after_warmup)
+                               s.prefix_cache_hit_tokens, compilations)
 
     def capture_profile(self, duration_s: float) -> str:
         from jaxgen.profiling import ProfileCapture
@@ -130,13 +142,15 @@ class Engine:
         c, cfg = self.runner.model.config, self.config
         axes = tuple(mesh.shape.items()) if mesh is not None else (("data", 1), ("model", 1))
         devices = mesh.devices.size if mesh is not None else 1
+        processes = jax.process_count()
         return EngineInfo(
             name=name, architecture=c.architecture, vocab_size=c.vocab_size,
             max_position_embeddings=c.max_position_embeddings, dtype=c.dtype,
             num_slots=cfg.num_slots, num_pages=self.runner.num_pages, page_size=cfg.page_size,
             max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
             decode_steps=cfg.decode_steps, max_prefill_tokens=cfg.max_prefill_tokens,
-            device=f"{jax.devices()[0].platform} x{devices}", mesh=axes,
+            device=f"{jax.devices()[0].platform} x{devices}" + (
+                f" over {processes} processes" if processes > 1 else ""), mesh=axes,
             jax_version=jax.__version__, warmup_seconds=self.warmup_seconds)
 
     # -- one step -----------------------------------------------------------------------------
@@ -224,6 +238,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         self._pipeline.shutdown()
+        if self.group is not None:  # the other processes stop with this one
+            self.group.close()
+
+    def _lose(self, error: GroupLostError) -> None:
+        """A process of the group was lost (on the group's thread; the loop may be stuck in a
+        device call that will never return): dead at once, every open request ended retryable."""
+        self.dead = error
+        self._open.fail_all(f"{UNAVAILABLE}: {error}")
 
     @contextlib.contextmanager
     def quiesced(self, timeout_s: float = 60.0):

@@ -25,7 +25,7 @@ from jaxgen.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineDeadError", "EngineInfo", "EngineObserver", "EngineStats", "EngineSurface",
+__all__ = ["EngineDeadError", "EngineInfo", "GroupLostError", "EngineObserver", "EngineStats", "EngineSurface",
            "FinishedRequest", "Observers", "OpenRequests", "QueueFullError", "RequestError",
            "RequestTooLongError", "add_choices", "check_request"]
 
@@ -42,6 +42,14 @@ class RequestTooLongError(RequestError):
 class EngineDeadError(RuntimeError):
     """The engine can no longer serve (its loop or device failed, its process died): front
     ends answer UNAVAILABLE / 503."""
+
+
+class GroupLostError(EngineDeadError):
+    """The engine ran over several processes (jaxgen.distributed) and one was lost: it died,
+    stopped answering or failed a step. Requests in flight end UNAVAILABLE (retryable), and
+    every process of the group exits with `exit_status`."""
+
+    exit_status = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,22 @@ from collections.abc import Callable
 from jaxgen.scheduler.events import DEADLINE_EXCEEDED, Usage
 from jaxgen.scheduler.samples import TokenLogprobs
 
+# Detail of the "error" that ends requests when the engine can no longer serve them through no
+# fault of theirs (a process of a multi-process engine was lost): retryable, UNAVAILABLE / 503.
+UNAVAILABLE = "unavailable"
+
+
+def outcome(finish_reason: str | None, detail: str) -> str | None:
+    """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or an abort),
+    unavailable, error; None until the final output."""
+    if finish_reason in ("stop", "length"):
+        return "ok"
+    if finish_reason == "abort":
+        return "deadline_exceeded" if detail.startswith(DEADLINE_EXCEEDED) else "aborted"
+    if finish_reason is None:
+        return None
+    return "unavailable" if detail.startswith(UNAVAILABLE) else "error"
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
@@ -29,13 +45,7 @@ class RequestOutput:
 
     @property
     def outcome(self) -> str | None:
-        """ok (stop/length), deadline_exceeded, aborted (cancelled by the client or an abort),
-        error; None until the final output."""
-        if self.finish_reason in ("stop", "length"):
-            return "ok"
-        if self.finish_reason == "abort":
-            return "deadline_exceeded" if self.detail.startswith(DEADLINE_EXCEEDED) else "aborted"
-        return None if self.finish_reason is None else "error"
+        return outcome(self.finish_reason, self.detail)
 
 
 class RequestStream:
@@ -95,3 +105,7 @@ class Completion:
     detail: str
     usage: Usage | None
     logprobs: tuple[TokenLogprobs, ...] | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        return outcome(self.finish_reason, self.detail)

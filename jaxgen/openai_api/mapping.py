@@ -276,7 +276,7 @@ class Responder:
         choices = []
         for choice, c in zip(self.gen.choices, completions):
             if c.finish_reason == "error":
-                raise OpenAIError(500, f"the engine failed this request: {c.detail}")
+                raise _engine_failed(c.outcome, c.detail)
             lp = self._logprobs(choice.index, c.logprobs)
             if self.gen.kind == "chat":
                 choices.append({"index": choice.index, "message": {"role": "assistant",
@@ -312,7 +312,7 @@ class Responder:
     def chunk(self, index: int, out: RequestOutput) -> dict | None:
         """The chunk of one engine output of choice `index` (None when it carries nothing)."""
         if out.finish_reason == "error":
-            raise OpenAIError(500, f"the engine failed this request: {out.detail}")
+            raise _engine_failed(out.outcome, out.detail)
         finish = FINISH.get(out.finish_reason) if out.finished else None
         if not out.text and not out.token_ids and finish is None:
             return None
@@ -326,3 +326,10 @@ class Responder:
 
     def usage_chunk(self, usages: Sequence) -> dict | None:
         return self._chunk([], usage=self.usage(usages)) if self.gen.include_usage else None
+
+
+def _engine_failed(outcome: str, detail: str) -> OpenAIError:
+    """503 (retryable) when the engine was lost under the request, else 500."""
+    if outcome == "unavailable":
+        return OpenAIError(503, f"the engine can no longer serve this request: {detail}")
+    return OpenAIError(500, f"the engine failed this request: {detail}")

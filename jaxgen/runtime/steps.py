@@ -28,7 +28,13 @@ def _take_rows(tree, index):
     return jax.tree.map(lambda a: a[index], tree)
 
 
-def make_prefill(model: Model):
+def _pin(state: DecodeState, shardings) -> DecodeState:
+    """`state` constrained to `shardings` (None: as XLA likes). Over a mesh the state must leave
+    every step as it came in, or the next call sees new input shardings and compiles again."""
+    return state if shardings is None else jax.lax.with_sharding_constraint(state, shardings)
+
+
+def make_prefill(model: Model, settled=lambda call: call, state_sharding=None):
     """`prefill(params, kv_pages, state, tokens i32[T], positions i32[T], row_slots i32[T],
     chunk_slots i32[C], cu_q_lens i32[C+1], num_chunks i32[1], sample_mask bool[C], *, level)
     -> (Sampled [C], kv_pages, state)`.
@@ -39,7 +45,9 @@ def make_prefill(model: Model):
 
     Two programs: the forward (one per token bucket, whatever the level) and the sampling of the
     chunks' last rows (one per level, shapes independent of the bucket), so the sampling levels
-    do not multiply the prefill compilations. `prefill.jitted` lists both.
+    do not multiply the prefill compilations. `prefill.jitted` lists both. `settled` wraps
+    each of them as it is called (the runner's `sync_dispatch`). `state_sharding` (as every
+    step's): where the state must stay over a mesh (`jaxgen.runtime.state.state_shardings`).
     """
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
@@ -64,7 +72,7 @@ def make_prefill(model: Model):
                                              tokens].set(True, mode="drop"),
             output_counts=state.output_counts.at[
                 jnp.where(~is_prompt & ~pad, row_slots, num_slots), tokens].add(1, mode="drop"))
-        return logits, positions[last_rows] + 1, kv_pages, state
+        return logits, positions[last_rows] + 1, kv_pages, _pin(state, state_sharding)
 
     @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("level",))
     def pick(state: DecodeState, logits, next_positions, chunk_slots, sample_mask, *, level):
@@ -75,22 +83,24 @@ def make_prefill(model: Model):
         state = dataclasses.replace(
             state, tokens=state.tokens.at[target].set(sampled.tokens, mode="drop"),
             output_counts=state.output_counts.at[target, sampled.tokens].add(1, mode="drop"))
-        return sampled, state
+        return sampled, _pin(state, state_sharding)
+
+    run_forward, run_pick = settled(forward), settled(pick)
 
     def prefill(params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
                 num_chunks, sample_mask, *, level):
-        logits, next_positions, kv_pages, state = forward(
+        logits, next_positions, kv_pages, state = run_forward(
             params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
             num_chunks)
-        sampled, state = pick(state, logits, next_positions, chunk_slots, sample_mask,
-                              level=level)
+        sampled, state = run_pick(state, logits, next_positions, chunk_slots, sample_mask,
+                                  level=level)
         return sampled, kv_pages, state
 
     prefill.jitted = (forward, pick)
     return prefill
 
 
-def make_generate(model: Model, num_steps: int):
+def make_generate(model: Model, num_steps: int, state_sharding=None):
     """`generate(params, kv_pages, state, positions i32[S], active bool[S], *, level)
     -> (Sampled with leading [num_steps, S], kv_pages, state)`.
 
@@ -125,12 +135,12 @@ def make_generate(model: Model, num_steps: int):
         (tokens, _, kv_pages, counts), out = jax.lax.scan(step, init, None, length=num_steps)
         state = dataclasses.replace(state, tokens=jnp.where(active, tokens, state.tokens),
                                     output_counts=counts if keep_counts else state.output_counts)
-        return out, kv_pages, state
+        return out, kv_pages, _pin(state, state_sharding)
 
     return generate
 
 
-def make_verify(model: Model, num_drafts: int):
+def make_verify(model: Model, num_drafts: int, state_sharding=None):
     """`verify(params, kv_pages, state, drafts i32[S, K], draft_lens i32[S], positions i32[S],
     active bool[S], *, level) -> (Verified, kv_pages, state)`: speculative decoding's step.
 
@@ -166,7 +176,7 @@ def make_verify(model: Model, num_drafts: int):
         out = verify_drafts(logits, drafts, draft_lens, state.rows, positions, level)
         last = jnp.take_along_axis(out.tokens, (out.counts - 1)[:, None], axis=1)[:, 0]
         state = dataclasses.replace(state, tokens=jnp.where(active, last, state.tokens))
-        return out, kv_pages, state
+        return out, kv_pages, _pin(state, state_sharding)
 
     return verify
 

@@ -33,8 +33,8 @@ import threading
 import uuid
 
 from jaxgen.config import Config
-from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, Observers, OpenRequests,
-                               QueueFullError, check_request)
+from jaxgen.engine_api import (EngineDeadError, EngineInfo, EngineStats, GroupLostError,
+                               Observers, OpenRequests, QueueFullError, check_request)
 from jaxgen.request_stream import RequestOutput, RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.engine_process import engine_main
@@ -244,7 +244,7 @@ class EngineClient:
                 else:
                     future.set_exception(event.error)
         elif isinstance(event, msg.Dead):
-            self.dead = EngineDeadError(event.message)
+            self.dead = (GroupLostError if event.group_lost else EngineDeadError)(event.message)
         else:
             log.error("unknown engine event %r", event)
 

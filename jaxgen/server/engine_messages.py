@@ -101,6 +101,7 @@ class Profiled:
 @dataclasses.dataclass(frozen=True)
 class Dead:
     message: str
+    group_lost: bool = False  # a process of a multi-process engine was lost (GroupLostError)
 
 
 @dataclasses.dataclass(frozen=True)

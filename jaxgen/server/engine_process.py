@@ -20,7 +20,7 @@ import threading
 import time
 
 from jaxgen.config import Config
-from jaxgen.engine_api import EngineObserver
+from jaxgen.engine_api import EngineObserver, GroupLostError
 from jaxgen.request_stream import RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.stream_bridge import drain
@@ -134,7 +134,9 @@ class _EngineCore:
                 closing = self._closing
             if self.engine.dead is not None and not self._dead_sent:
                 self._dead_sent = True
-                batch.append(msg.Dead(f"{type(self.engine.dead).__name__}: {self.engine.dead}"))
+                lost = isinstance(self.engine.dead, GroupLostError)
+                batch.append(msg.Dead(str(self.engine.dead) if lost else
+                                      f"{type(self.engine.dead).__name__}: {self.engine.dead}", lost))
             stats = self.engine.stats()
             if batch or stats != last:
                 try:
@@ -178,6 +180,10 @@ def engine_main(config: Config, parent_pid: int, requests, events) -> None:
         if not isinstance(e, (ValueError, FileNotFoundError)):  # those the CLI prints in a line
             log.exception("the engine process failed to start")
         events.send(msg.Failed(_picklable(e)))
+        if config.distributed.enabled:  # not jax.distributed's exit barrier: the others are gone
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return
     core = _EngineCore(engine, events)
     engine.start()

@@ -8,7 +8,8 @@
   3. starts `/metrics` (with `metrics_port`), sets health SERVING; a watcher turns it NOT_SERVING if the engine loop dies;
   4. when `stop` is set (SIGTERM/SIGINT in `jaxgen serve`): health NOT_SERVING, new Generate
      calls UNAVAILABLE, in-flight calls get `drain_timeout_s` to finish, then the server stops
-     (cancelling what is left) and the engine loop ends.
+     (cancelling what is left) and the engine loop ends (over several processes: all of them).
+     An engine that lost one of its processes stops the server the same way, by itself.
 JAX's profiler server starts with the gRPC port when `profiler_port` is set.
 Health answers for "" (the whole server) and for "jaxgen.v1.Generation". Reflection lists the
 Generation, health and reflection services.
@@ -31,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxgen.config import ServerConfig
+from jaxgen.engine_api import GroupLostError
 from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.server.front_end import FrontEnd
 from jaxgen.server.servicer import GenerationServicer
@@ -45,6 +47,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_NAMES = ("", SERVICE)
 ENGINE_WATCH_INTERVAL_S = 0.25
 LOAD_THREAD = "jaxgen-load"  # the thread that loads the model and warms up
+LOST_GRACE_S = 2.0  # NOT_SERVING shown this long before a server whose engine group was lost exits
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -126,13 +129,18 @@ async def _set_health(health_servicer, status) -> None:
         await health_servicer.set(name, status)
 
 
-async def _watch_engine(model: ServingModel, health_servicer) -> None:
-    """Health NOT_SERVING once the engine can no longer serve (its loop died, buffers lost)."""
+async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Event) -> None:
+    """Health NOT_SERVING once the engine can no longer serve (its loop died, buffers lost).
+    A multi-process engine that lost a process is not coming back: after LOST_GRACE_S (health
+    checkers see NOT_SERVING) the server stops too, and `serve` raises its GroupLostError."""
     while model.engine.dead is None:
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
     log.error("engine failed, health is now NOT_SERVING: %r", model.engine.dead)
     _say(f"error: the engine has failed ({model.engine.dead}); health is NOT_SERVING")
     await _set_health(health_servicer, NOT_SERVING)
+    if isinstance(model.engine.dead, GroupLostError):
+        await asyncio.sleep(LOST_GRACE_S)
+        stop.set()
 
 
 async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: asyncio.Event,
@@ -170,7 +178,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 _start_metrics(config, front, model)
             front.model = model
             await _set_health(health_servicer, SERVING)
-            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer))
+            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer, stop))
             _say(f"serving {model.name} on {config.host}:{port}")
             await stopping
         stopping.cancel()
@@ -184,6 +192,8 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         front.close()
         if model is not None:
             model.engine.stop()
+    if model is not None and isinstance(model.engine.dead, GroupLostError):
+        raise model.engine.dead
 
 
 def _http_server(config: ServerConfig, front: FrontEnd):

@@ -9,7 +9,8 @@ for refusing a duplicate id) and counts calls in progress (for the drain).
 
 Status codes: INVALID_ARGUMENT (bad request; the message names the field), RESOURCE_EXHAUSTED
 (waiting queue full), ALREADY_EXISTS (duplicate request id in flight), DEADLINE_EXCEEDED,
-UNAVAILABLE (warming up, draining, engine dead), INTERNAL (the engine failed the request).
+UNAVAILABLE (warming up, draining, engine dead, a request in flight when a process of a
+multi-process engine was lost), INTERNAL (the engine failed the request).
 `CaptureProfile` (admin) records a profiler trace and streams its files back; FAILED_PRECONDITION
 while another capture runs.
 """
@@ -90,6 +91,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 async for index, out in merged_outputs(streams):
                     if out.finished:
                         finished.add(index)
+                    if out.outcome == "unavailable":
+                        await context.abort(Code.UNAVAILABLE, f"request {request_id} was not "
+                                                              f"finished: {out.detail}")
                     if out.finish_reason == "error":
                         await context.abort(Code.INTERNAL, f"request {request_id} failed: {out.detail}")
                     if out.outcome == "deadline_exceeded":
