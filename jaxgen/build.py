@@ -110,18 +110,19 @@ def build_engine(config: Config, *, longest: int = 0, loaded=None, mesh=None,
         raise
 
 
-def run_worker(config: Config) -> int:
+def run_worker(config: Config, group=None) -> int:
     """Every process of a group but 0: join, load this process's shards, warm up as process 0
     does, then run its plans until it stops the group (returns 0) or the group is lost (this
     process exits non-zero). SIGTERM and SIGINT are ignored here: process 0 leads every stop
-    (an orchestrator may signal every process of the group at once)."""
+    (an orchestrator may signal every process of the group at once). `group`: already joined
+    (`jaxgen.distributed.join`), e.g. by a benchmark that used it first."""
     from jaxgen.distributed import Worker, join
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     if config.compilation_cache_dir != "off":
         enable_compilation_cache(config.compilation_cache_dir)
-    group = join(config)
+    group = group or join(config)
     worker = Worker(group)
     try:
         worker.connect()

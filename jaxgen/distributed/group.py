@@ -143,6 +143,9 @@ def join(config: Config) -> ProcessGroup:
     dist = resolve(config.distributed)
     # Only the CPU backend reads it: on CPU, cross-process collectives go through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service takes SIGTERM for itself (it notes the signal and swallows it);
+    # jaxgen's own handling (process 0 drains, then stops the others) must keep it.
+    jax.config.update("jax_enable_preemption_service", False)
     start = int(dist.peer_timeout_s * START_TIMEOUT_FACTOR)
     try:
         jax.distributed.initialize(

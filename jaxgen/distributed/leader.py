@@ -37,6 +37,7 @@ LOST_GRACE_S = 2.0  # process 0 answers NOT_SERVING this long before it exits
 MAX_BEAT_INTERVAL_S = 1.0
 STEP_FAILURE_WAIT_S = 1.0
 ABANDON_WAIT_S = 2.0
+ORDERLY_EXIT_WAIT_S = 1.0  # a closed connection first waits this long for an orderly stop
 
 
 def beat_interval(peer_timeout_s: float) -> float:
@@ -245,7 +246,9 @@ class Leader:
             except TimeoutError:
                 continue  # silence is the watcher's to judge
             except wire.ChannelClosed as e:
-                if self._closing.is_set() and peer.stopped.is_set():
+                # A process that fails to start says why and leaves: a moment for this one to
+                # reach the same error (the agreement that failed) and stop in order.
+                if self._closing.wait(ORDERLY_EXIT_WAIT_S) and peer.stopped.is_set():
                     return
                 self.fail(f"lost process {peer.rank} ({peer.about}): its connection closed "
                           f"({e}): it exited or was killed")

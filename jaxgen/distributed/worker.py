@@ -29,7 +29,7 @@ import jax
 
 from jaxgen.distributed import wire
 from jaxgen.distributed.group import GroupError, ProcessGroup
-from jaxgen.distributed.leader import beat_interval
+from jaxgen.distributed.leader import ORDERLY_EXIT_WAIT_S, beat_interval
 from jaxgen.engine_api import GroupLostError
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ class Worker:
             except TimeoutError:
                 continue
             except wire.ChannelClosed as e:
-                if self._stopping.is_set():
+                # Process 0 failing to start says why and leaves: a moment for this one to
+                # reach the same error (the agreement that failed) and stop in order.
+                if self._stopping.wait(ORDERLY_EXIT_WAIT_S):
                     return
                 self._exit(f"lost process 0 ({self.group.coordinator_address}): its connection "
                            f"closed ({e}): it exited or was killed")

@@ -20,8 +20,9 @@ import numpy as np
 from jaxgen.config import EngineConfig
 from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
-from jaxgen.runtime.state import DecodeState, insert, state_shardings
-from jaxgen.runtime.steps import make_generate, make_prefill, make_verify
+from jaxgen.runtime.state import DecodeState, state_shardings
+from jaxgen.runtime.steps import (make_generate, make_insert, make_prefill,
+                                  make_verify)
 from jaxgen.sampling_params import GREEDY, MAX_LOGIT_BIAS, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
@@ -123,19 +124,22 @@ class ModelRunner:
         self.params, self.kv_pages = (params, kv_pages) if mesh is not None else \
             self._put((params, kv_pages))
         state = DecodeState.create(cfg.num_slots, cfg.pages_per_seq, model.config.vocab_size)
-        # Over a mesh the state keeps one placement across every step (see `steps._pin`).
-        state_sharding = state_shardings(state, mesh) if mesh is not None else None
-        self.state = jax.device_put(state, state_sharding) if mesh is not None else self._put(state)
+        # Over a mesh the pools and the state keep one placement across every step.
+        placement = None
+        if mesh is not None:
+            placement = (kv_pages[0].sharding, state_shardings(state, mesh))
+            self.state = jax.device_put(state, placement[1])
+        else:
+            self.state = self._put(state)
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
         settled = _settled if sync_dispatch else (lambda f: f)
-        self._prefill = make_prefill(model, settled, state_sharding)
-        generate = make_generate(model, cfg.decode_steps, state_sharding)
-        insert_state = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,),
-                               out_shardings=state_sharding)
+        self._prefill = make_prefill(model, settled, placement)
+        generate = make_generate(model, cfg.decode_steps, placement)
+        insert_state = make_insert(placement)
         # Speculative decoding: K drafts verified per slot and step (0: off).
         self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
-        verify = make_verify(model, self.num_drafts, state_sharding) if self.num_drafts else None
+        verify = make_verify(model, self.num_drafts, placement) if self.num_drafts else None
         self._jitted = (*self._prefill.jitted, generate, insert_state) + \
             ((verify,) if verify is not None else ())
         self._generate, self._insert = settled(generate), settled(insert_state)
@@ -257,8 +261,9 @@ class ModelRunner:
         # A copy: on CPU, device_put of an aligned numpy array is zero-copy, so the device table
         # of a step still in flight (launched ahead) would change under it with the next update
         # and its K/V writes land in another request's pages.
-        self.state = dataclasses.replace(self.state,
-                                         page_table=self._put(self._page_table.copy()))
+        # Placed as the table it replaces, so the next step's signature is warm-up's.
+        self.state = dataclasses.replace(self.state, page_table=jax.device_put(
+            self._page_table.copy(), self.state.page_table.sharding))
 
     def _assign(self, plan: StepPlan) -> None:
         s = self.cfg.num_slots

@@ -41,15 +41,14 @@ class DecodeState:
 def state_shardings(state: DecodeState, mesh) -> DecodeState:
     """Where each field lives on `mesh`: per-slot rows replicated, the `[S, V]` token statistics
     split over the vocabulary as the logits they are read with are (replicated when `model`
-    does not divide V)."""
+    does not divide V). Every step returns the state with exactly these (`steps._placed`)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxgen.models.sharding import partition_spec
 
-    replicated = NamedSharding(mesh, PartitionSpec())
     by_vocab = NamedSharding(mesh, partition_spec((None, "vocab"), state.output_counts.shape, mesh))
-    return dataclasses.replace(jax.tree.map(lambda _: replicated, state),
-                               prompt_seen=by_vocab, output_counts=by_vocab)
+    shardings = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec(*[None] * a.ndim)), state)
+    return dataclasses.replace(shardings, prompt_seen=by_vocab, output_counts=by_vocab)
 
 
 def insert(state: DecodeState, slots, rows: SamplingRows, prompt_len) -> DecodeState:

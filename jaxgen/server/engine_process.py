@@ -135,8 +135,10 @@ class _EngineCore:
             if self.engine.dead is not None and not self._dead_sent:
                 self._dead_sent = True
                 lost = isinstance(self.engine.dead, GroupLostError)
-                batch.append(msg.Dead(str(self.engine.dead) if lost else
-                                      f"{type(self.engine.dead).__name__}: {self.engine.dead}", lost))
+                # First: the server is dead (NOT_SERVING) by the time it ends the streams.
+                batch.insert(0, msg.Dead(str(self.engine.dead) if lost else
+                                         f"{type(self.engine.dead).__name__}: {self.engine.dead}",
+                                         lost))
             stats = self.engine.stats()
             if batch or stats != last:
                 try:
