@@ -16,6 +16,7 @@ import time
 
 from jaxgen import config_sources
 from jaxgen.config import GroupError
+from jaxgen.planning.cli import add_plan_parser, cmd_plan
 from jaxgen.server import cli as server_cli
 from jaxgen.version import version
 
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
                        help="completion: records as lines finish; input: in input order (holds "
                             "at most --window early finishers in memory)")
     batch.add_argument("--window", type=int, default=None,
-                       help="lines in the engine at once (default: 2 x --slots)")
+                       help="lines in the engine at once (None: 2 x --slots)")
     batch.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGINT / SIGTERM, how long lines in flight may take to finish")
     batch.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -75,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     config_sources.add_settings(batch, "batch")
 
     server_cli.add_serve_parser(sub, HELP_FORMAT)
+    add_plan_parser(sub, HELP_FORMAT)
     server_cli.add_client_parser(sub, HELP_FORMAT)
     server_cli.add_profile_parser(sub, HELP_FORMAT)
     return p
@@ -174,8 +176,9 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "convert": cmd_convert, "serve": server_cli.cmd_serve,
-            "client": server_cli.cmd_client, "profile": server_cli.cmd_profile}
+COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "convert": cmd_convert,
+            "serve": server_cli.cmd_serve, "client": server_cli.cmd_client,
+            "profile": server_cli.cmd_profile, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,10 +108,11 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_max: int = 4  # match lengths tried, longest first
     ngram_min: int = 2
+    speculative_max_batch: int = 4  # nobody drafts while more requests run
 
     def __post_init__(self):
         _int_at_least(self, ("num_slots", "decode_steps", "max_prefill_tokens", "max_waiting",
-                             "num_speculative_tokens", "ngram_min"), 1)
+                             "num_speculative_tokens", "ngram_min", "speculative_max_batch"), 1)
         if self.speculative not in (None, "ngram"):
             _bad("speculative", self.speculative, "must be 'ngram' (or unset: off)")
         if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:

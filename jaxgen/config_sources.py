@@ -108,6 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
        help="with --speculative ngram: the longest match tried"),
     _s("--ngram-min", target="engine.ngram_min", type=int,
        help="with --speculative ngram: the shortest match tried"),
+    _s("--speculative-max-batch", target="engine.speculative_max_batch", type=int, metavar="N",
+       help="with --speculative: nobody drafts while more than N requests run (a verify step "
+            "computes K+1 rows per request; past some batch it costs more than it saves)"),
     # -- multi-host (jax.distributed; docs/multi-host.md) ----------------------------------
     _s("--coordinator-address", target="distributed.coordinator_address", metavar="HOST:PORT",
        env="JAXGEN_COORDINATOR_ADDRESS",

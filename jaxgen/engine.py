@@ -41,19 +41,31 @@ from jaxgen.scheduler.ngram import NgramConfig
 from jaxgen.tokenizer.request_text import RequestText
 
 log = logging.getLogger(__name__)
+# The acceptance rate a drafting request must keep: from the measured verify cost, within these
+# bounds; without a measurement (no warm-up), the default.
+MIN_ACCEPTANCE, MAX_ACCEPTANCE, DEFAULT_MIN_ACCEPTANCE = 0.1, 0.9, 0.25
 
 __all__ = ["Engine", "scheduler_config"]
 
 
-def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids) -> SchedulerConfig:
-    """The scheduler's settings: the engine's (resolved) config, the pool the runner sized."""
+def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids,
+                     verify_cost: float | None = None) -> SchedulerConfig:
+    """The scheduler's settings: the engine's (resolved) config, the pool the runner sized and,
+    with speculative decoding, a verify step's measured cost in decode tokens: a request keeps
+    drafting while its acceptance rate pays for it (1 + rate x K tokens per verify >= cost)."""
+    draft = None
+    if config.speculative == "ngram":
+        k = config.num_speculative_tokens
+        threshold = DEFAULT_MIN_ACCEPTANCE if verify_cost is None else \
+            min(max((verify_cost - 1) / k, MIN_ACCEPTANCE), MAX_ACCEPTANCE)
+        draft = NgramConfig(k, config.ngram_max, config.ngram_min, min_acceptance=threshold,
+                            max_batch=config.speculative_max_batch)
     return SchedulerConfig(
         num_slots=config.num_slots, num_pages=num_pages, page_size=config.page_size,
         max_model_len=config.max_model_len, max_waiting=config.max_waiting,
         max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
         model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
-        speculative=NgramConfig(config.num_speculative_tokens, config.ngram_max,
-                                config.ngram_min) if config.speculative == "ngram" else None)
+        speculative=draft)
 
 
 class Engine:
@@ -64,7 +76,19 @@ class Engine:
         self.group = group
         self.runner = ModelRunner(model, params, config, mesh=mesh,
                                   sync_dispatch=group is not None and group.sync_dispatch)
-        self.scheduler = Scheduler(scheduler_config(config, self.runner.num_pages, tokenizer.stop_ids))
+        self.warmup_seconds: float | None = None
+        self.verify_cost: float | None = None  # speculative decoding: see scheduler_config
+        if config.warmup:
+            start = time.perf_counter()
+            self.verify_cost = self.runner.warmup()
+            self.warmup_seconds = time.perf_counter() - start
+            log.info("warm-up compiled in %.1fs", self.warmup_seconds)
+            if self.verify_cost is not None:
+                log.info("a one-request verify step costs %.2f decode tokens", self.verify_cost)
+            if group is not None:  # the others warmed up alike: no step compiles any more
+                group.steady()
+        self.scheduler = Scheduler(scheduler_config(config, self.runner.num_pages,
+                                                    tokenizer.stop_ids, self.verify_cost))
         self.observers = Observers()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -82,14 +106,6 @@ class Engine:
         self._profile_dir = profile_dir
         self._profiles = None
         self.dead: BaseException | None = None  # set when the engine can no longer serve
-        self.warmup_seconds: float | None = None
-        if config.warmup:
-            start = time.perf_counter()
-            self.runner.warmup()
-            self.warmup_seconds = time.perf_counter() - start
-            log.info("warm-up compiled in %.1fs", self.warmup_seconds)
-            if group is not None:  # the others warmed up alike: no step compiles any more
-                group.steady()
         self._info = self._describe(name or model.config.name or model.config.architecture, mesh)
 
     # -- the surface --------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_client_sends_the_first_key_of_the_shared_variable():
 def test_help_shows_every_default():
     import argparse
 
-    for command in ("generate", "serve", "client", "profile"):
+    for command in ("generate", "batch", "serve", "client", "profile", "plan"):
         sub = next(a for a in parser()._actions if a.dest == "command").choices[command]
         text = " ".join(sub.format_help().split())
         options = [a for a in sub._actions if a.option_strings and a.dest != "help"]

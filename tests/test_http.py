@@ -21,6 +21,9 @@ from tests.served import API_KEY, CONCURRENT, FREED_WITHIN_S, STREAMED, as_reque
 from tests.server_process import MODEL
 
 MODEL_NAME = MODEL  # --served-model-name defaults to --model as given
+# The session's server with the engine in its own process (the default mode); the HTTP app is
+# the same over both modes' engine surface, which tests/test_server.py covers in each.
+pytestmark = pytest.mark.parametrize("served", ["process"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
           "ignore_eos", "best_of", "response_format", "stream_options", "max_completion_tokens"]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(chat=st.booleans(), changes=st.dictionaries(st.sampled_from(FIELDS), JSON, min_size=1,
                                                    max_size=3))

@@ -27,8 +27,11 @@ from tests.server_process import (ENGINE_MODES, ROOT, ServerProcess, child_env, 
 
 # The preset gives slots 8, decode steps 4, prefill 64 and the model; the flags override the
 # rest (same shapes as tests/test_server.py's server, so its compilations are reused).
+# The drain's cap is well above what the SIGTERM test's three requests take on a loaded 2-core
+# box (seen: over 30 s there, with other work on both cores): the test checks that in-flight
+# requests finish, not when the cap cuts them off.
 FLAGS = ("--config", str(ROOT / "configs" / "serving" / "cpu-small.json"), "--max-model-len", "512",
-         "--num-pages", "256", "--max-waiting", "2")
+         "--num-pages", "256", "--max-waiting", "2", "--drain-timeout", "120")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

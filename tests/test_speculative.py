@@ -148,21 +148,18 @@ def _chi_square(a: np.ndarray, b: np.ndarray) -> float:
 def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
     """Tokens 2..4 of many seeded requests, with and without speculation, come from one
     distribution; accepting drafts without the rejection-sampling correction does not."""
-    import functools
-
     import jax.numpy as jnp
 
     from jaxgen import engine as engine_module
     from jaxgen.runtime import sampling, steps
 
     # Drafts at every step (no cooldown), so the test sees many accepted and rejected ones.
-    monkeypatch.setattr(engine_module, "NgramConfig",
-                        functools.partial(NgramConfig, min_acceptance=0.0))
+    monkeypatch.setattr(engine_module, "DEFAULT_MIN_ACCEPTANCE", 0.0)
     # Every token occurs in the prompt: whatever is sampled, the n-gram index drafts what
     # followed it there, which the model mostly does not want (rejections) and sometimes does.
     prompt = list(range(1, 256))
     seeds, temperature = range(480), 0.05  # the tiny models' logits are small: sharpened
-    kw = dict(num_slots=16, num_pages=400, max_model_len=272)
+    kw = dict(num_slots=16, num_pages=400, max_model_len=272, speculative_max_batch=16)
     plain = _first_tokens(engine(tiny, **kw), prompt, seeds, 4, temperature)
     spec_engine = engine(tiny, **kw, **SPEC)
     spec = _first_tokens(spec_engine, prompt, seeds, 4, temperature)
@@ -221,6 +218,18 @@ def test_verify_draws_every_emitted_token_from_the_target_distribution():
     out = jax.jit(verify_drafts, static_argnums=5)(logits, drafts, jnp.full(n, 2, jnp.int32),
                                                    filtered, jnp.full(n, 10, jnp.int32), FILTER)
     close(np.asarray(out.tokens)[:, 0], np.array([0.4, 0.3, 0, 0, 0, 0]) / 0.7)
+
+
+def test_nobody_drafts_while_the_batch_is_above_the_limit(tiny):
+    """Four requests of equal length run together: with --speculative-max-batch 2 they never
+    draft (and plan ahead as without speculation); with 4 they do; the tokens are the same."""
+    prompts = repetitive(4, seed=9)
+    runs = {}
+    for limit in (2, 4):
+        e = engine(tiny, **SPEC, speculative_max_batch=limit)
+        runs[limit] = [c.token_ids for c in e.generate(prompts, GREEDY)]
+        assert (e.scheduler.num_draft_tokens > 0) == (limit == 4)
+    assert runs[2] == runs[4]
 
 
 def test_seeded_speculative_output_ignores_batch_mates(tiny):

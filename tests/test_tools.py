@@ -239,3 +239,12 @@ def test_preset_tools_name_bad_input(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (tool.__name__, argv, err)
+
+
+def test_read_ceiling_reads_the_whole_array_once():
+    """The read-stream ceiling (a row reduction) and the copy ceiling both give a rate; on one
+    small array the read moves half the bytes of the copy."""
+    import device_ceilings
+
+    read = device_ceilings.read_bandwidth(gib=1 / 64, reps=2)
+    assert read > 0

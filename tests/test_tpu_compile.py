@@ -144,7 +144,8 @@ def test_decode_partitions_on_slice_meshes(target, mesh):
     step = program.compile_decode(8)
     split = 8 % mesh[1] == 0
     assert step.alias_bytes >= programs.device_bytes(program.pages)
-    assert programs.device_bytes(program.pages) == 2 * 9 * 16 * 16 * 128 * 2 // (mesh[1] if split else 1)
+    whole_pool = 2 * 9 * 16 * 16 * 128 * 2  # layers x pages x page x 2*Hkv x D x bf16
+    assert programs.device_bytes(program.pages) == whole_pool // (mesh[1] if split else 1)
 
 
 def test_decode_cost_is_one_step():

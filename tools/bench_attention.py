@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from device_ceilings import copy_bandwidth
+from device_ceilings import copy_bandwidth, read_bandwidth
 from pallas_kernels import ragged_paged_attention
 
 L2_BYTES = 256 << 20  # rotate pools until this much is touched per round
@@ -155,8 +155,9 @@ def main(argv=None) -> None:
     except ValueError as e:
         ap.error(str(e))
 
-    bandwidth = copy_bandwidth()
-    print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, copy {bandwidth:,.0f} GB/s")
+    read, bandwidth = read_bandwidth(), copy_bandwidth()
+    print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, read {read:,.0f} GB/s, "
+          f"copy {bandwidth:,.0f} GB/s")
     rows = []
     for mode in args.mode.split(","):
         decode = mode == "decode"
@@ -192,18 +193,20 @@ def main(argv=None) -> None:
                                        batch=batch, context=context,
                                        chunk=chunk, hq=hq, hkv=hkv, d=d, page_size=page_size,
                                        us=sec * 1e6, mbytes=moved / 1e6, gbs=gbs,
+                                       pct_read=100 * gbs / read,
                                        pct_copy=100 * gbs / bandwidth, rel_err=err)
                             rows.append(row)
                             print(json.dumps(row), flush=True)
                         del pools
-    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, bf16 K/V, "
-          f"copy bandwidth {bandwidth:,.0f} GB/s (measured in this run)\n")
-    print("| mode | backend | B | ctx | Hq/Hkv/D | page | µs | MB moved | GB/s | % copy | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, bf16 K/V, read bandwidth "
+          f"{read:,.0f} GB/s, copy bandwidth {bandwidth:,.0f} GB/s (measured in this run)\n")
+    print("| mode | backend | B | ctx | Hq/Hkv/D | page | µs | MB moved | GB/s | % read | % copy "
+          "| rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['backend']} | {r['batch']} | {r['context']} | "
               f"{r['hq']}/{r['hkv']}/{r['d']} | {r['page_size']} | {r['us']:,.1f} | "
-              f"{r['mbytes']:,.1f} | {r['gbs']:,.0f} | {r['pct_copy']:.0f}% | "
+              f"{r['mbytes']:,.1f} | {r['gbs']:,.0f} | {r['pct_read']:.0f}% | {r['pct_copy']:.0f}% | "
               f"{r['rel_err']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:

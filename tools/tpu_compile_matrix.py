@@ -42,7 +42,8 @@ def kernel_matrix(chips, grid) -> None:
     print(f"kernels ({grid} grid, {len(cases)} cases per chip)")
     for chip in chips:
         device = targets.target_devices(targets.parse_target(f"{chip}-1"))[0]
-        start, ok, errors = time.perf_counter(), collections.Counter(), collections.defaultdict(list)
+        start = time.perf_counter()
+        ok, errors = collections.Counter(), collections.defaultdict(list)
         for case in cases:
             try:
                 kernels.compile_attention(device, case)

@@ -4,7 +4,8 @@ memory, one record per line (a failed line is a record, never the end of the job
     from jaxgen.batch import run
     summary = run("requests.jsonl", "results.jsonl", config)   # again later: it resumes
 
-`run` builds the engine from `config` (`jaxgen.build.build_engine`) unless given a started one.
+`run` builds the engine from `config` (`jaxgen.build.build_engine`) unless given one; the job
+steps it on the caller's thread, so a given engine must not run its loop thread (`start()`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def run(input: str, output: str, config: Config | None = None,
         options: BatchOptions = BatchOptions(), engine=None) -> Summary:
     """Runs the job (INPUT and OUTPUT paths; "-" for stdin / stdout). Raises JobError (with its
     exit status) when the job cannot run: duplicate custom_ids, an OUTPUT that is not a batch
-    output. Returns the summary; `summary.complete` is False when it was interrupted."""
+    output. Returns the summary; `summary.complete` is False when it was interrupted. `engine`:
+    one already built (not started: the job steps it)."""
     inp = BatchInput(input)
     own = engine is None
     try:
@@ -35,7 +37,6 @@ def run(input: str, output: str, config: Config | None = None,
                 from jaxgen.build import build_engine
 
                 engine = build_engine(config or Config())
-                engine.start()
             job = Job(engine, inp, out, options)
             progress = Progress(len(ids), len(out.done & ids), options.quiet)
             del ids

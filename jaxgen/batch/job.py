@@ -1,9 +1,10 @@
 """A batch job: OpenAI Batch lines through an in-process engine, a record per line appended as
 each finishes (or in input order), resumable, bounded in memory, interruptible.
 
-The engine runs its own loop thread; this thread parses lines, keeps a bounded window of them in
-the engine (so requests are fed as slots free up, never the whole file), and writes records as
-the engine finishes them (an observer hands over finished request ids). Bodies are what the HTTP
+One thread does it all, as `Engine.generate` does: it parses lines, keeps a bounded window of
+them in the engine (so requests are fed as slots free up, never the whole file), steps the
+engine, and writes records as the engine finishes them (an observer hands over finished request
+ids). No loop thread: nothing competes with the engine's host work for the GIL. Bodies are what the HTTP
 API would answer (jaxgen.openai_api), so a line's record equals the HTTP response to its body.
 SIGINT / SIGTERM stop admitting, give the lines in flight `drain_timeout_s` to finish, and leave
 a file that resumes.
@@ -24,15 +25,11 @@ import uuid
 from jaxgen.batch.files import BatchInput, BatchOutput, Line
 from jaxgen.batch.progress import Progress
 from jaxgen.engine_api import EngineObserver, QueueFullError, RequestError, add_choices
-from jaxgen.openai_api import schemas
-from jaxgen.openai_api.mapping import (OpenAIError, Responder, chat_generation,
-                                       completion_generation, parse)
+from jaxgen.openai_api.requests import ENDPOINTS, OpenAIError, parse
+from jaxgen.openai_api.responses import Responder
 
 log = logging.getLogger(__name__)
 
-URLS = {"/v1/completions": (schemas.CompletionRequest, completion_generation),
-        "/v1/chat/completions": (schemas.ChatCompletionRequest, chat_generation)}
-WAIT_S = 0.5  # the main thread's longest sleep between looks at the engine and the signals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +105,8 @@ class Job:
         self.engine, self.inp, self.out, self.options = engine, inp, out, options
         info = engine.info()
         self.info = info
-        self.window = options.window or 2 * info.num_slots
+        # The window in lines; within the engine's queue bound, so adds are not refused.
+        self.window = min(options.window or 2 * info.num_slots, info.max_waiting + info.num_slots)
         self.finished = _Finished()
         engine.observers.append(self.finished)
         self.entries: dict[str, _Entry] = {}  # engine request id -> its line's entry
@@ -121,37 +119,33 @@ class Job:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, total: int, progress: Progress) -> Summary:
+        """Feeds lines while the window has room, steps the engine, writes what finished."""
         s = self.summary
         s.lines = total
         before = self.engine.stats()
         start = time.perf_counter()
-        seq = 0
-        for line in self.inp.lines():
-            if line.custom_id in self.out.done:
-                s.skipped += 1
-                continue
-            if self.stopping.is_set():
-                break
-            while len(self.in_flight) >= self.window or (
-                    self.options.order == "input" and seq >= self.next_write + self.window):
-                self._collect(progress)
-                if self.stopping.is_set():
+        lines = self._lines_to_do()
+        seq, exhausted, deadline = 0, False, None
+        while True:
+            while not exhausted and not self.stopping.is_set() and self._room(seq):
+                line = next(lines, None)
+                if line is None:
+                    exhausted = True
                     break
-            if self.stopping.is_set():
-                break
-            self._start(_Entry(seq, line), progress)
-            seq += 1
-        deadline = None
-        while self.in_flight:
+                self._start(_Entry(seq, line), progress)
+                seq += 1
+            if not self.in_flight:
+                if exhausted or self.stopping.is_set():
+                    break
+                continue
             if self.stopping.is_set() and deadline is None:
                 deadline = time.monotonic() + self.options.drain_timeout_s
                 log.warning("stopping: %d line(s) in flight get %gs to finish",
                             len(self.in_flight), self.options.drain_timeout_s)
             if deadline is not None and time.monotonic() >= deadline:
-                for entry in self.in_flight.values():
-                    for stream in entry.streams:
-                        self.engine.abort(stream.request_id)
+                self._abort_in_flight(progress)
                 break
+            self.engine.step()
             self._collect(progress)
         s.left = s.lines - s.skipped - s.ok - s.failed
         s.wall_s = time.perf_counter() - start
@@ -162,6 +156,32 @@ class Job:
         s.prefix_cache_hit_rate = hits / queried if queried else 0.0
         return s
 
+    def _lines_to_do(self):
+        for line in self.inp.lines():
+            if line.custom_id in self.out.done:
+                self.summary.skipped += 1
+            else:
+                yield line
+
+    def _room(self, seq: int) -> bool:
+        """Whether line `seq` may enter the engine now: the window bounds the lines in flight,
+        and in input order also the early finishers held for the lines before them."""
+        if len(self.in_flight) >= self.window:
+            return False
+        return self.options.order != "input" or seq < self.next_write + self.window
+
+    def _abort_in_flight(self, progress: Progress) -> None:
+        """Past the drain timeout: the lines in flight end without records (a rerun does them);
+        their requests leave the engine (each abort takes a step or two)."""
+        for entry in self.in_flight.values():
+            for stream in entry.streams:
+                self.engine.abort(stream.request_id)
+        for _ in range(100):
+            if not self.in_flight:
+                break
+            self.engine.step()
+            self._collect(progress)
+
     def _start(self, entry: _Entry, progress: Progress) -> None:
         line = entry.line
         try:
@@ -171,7 +191,7 @@ class Job:
         problem = _check_envelope(request)
         if problem:
             return self._done(entry, _line_error(line, problem), progress)
-        model, plan = URLS[request["url"]]
+        model, plan = ENDPOINTS[request["url"]]
         responder_id = f"batch-{uuid.uuid4().hex}"
         try:
             body = dict(request["body"])
@@ -193,15 +213,13 @@ class Job:
             self._done(entry, _error_response(line, error, responder_id), progress)
 
     def _add(self, prompt, params, ids):
-        """`add_choices`, waiting while the engine's queue is full (the window keeps it from
-        filling, unless its bound is small)."""
+        """`add_choices`, stepping the engine while its queue is full (the window keeps it
+        from filling, unless a line asks for many choices)."""
         while True:
             try:
                 return add_choices(self.engine, prompt, params, ids)
             except QueueFullError:
-                if self.stopping.is_set():
-                    raise OpenAIError(503, "the job was stopped before this line ran") from None
-                time.sleep(0.01)
+                self.engine.step()
 
     def _forget(self, entry: _Entry) -> None:
         for stream in entry.streams:
@@ -211,9 +229,9 @@ class Job:
         self.in_flight.pop(entry.seq, None)
 
     def _collect(self, progress: Progress) -> None:
-        """Waits (briefly) for finished requests and writes the records of finished lines."""
+        """Writes the records of the lines whose requests the last step finished."""
         try:
-            request_id = self.finished.ids.get(timeout=WAIT_S)
+            request_id = self.finished.ids.get_nowait()
         except queue.Empty:
             progress.tick(self.summary)
             return
@@ -275,8 +293,8 @@ def _check_envelope(request) -> str | None:
         return f"custom_id={request['custom_id']!r}: must be a non-empty string"
     if request["method"] != "POST":
         return f"method={request['method']!r}: must be 'POST'"
-    if request["url"] not in URLS:
-        return f"url={request['url']!r}: must be one of {', '.join(URLS)}"
+    if request["url"] not in ENDPOINTS:
+        return f"url={request['url']!r}: must be one of {', '.join(ENDPOINTS)}"
     if not isinstance(request["body"], dict):
         return "body: expected a JSON object"
     return None

@@ -12,8 +12,10 @@ import dataclasses
 import json
 import sys
 
+from jaxgen.sampling_params import DRAW, FILTER, GREEDY  # plain Python, no jax
+
 GIB = 1 << 30
-LEVELS = {"greedy": 0, "draw": 1, "filter": 2}  # jaxgen.sampling_params.SAMPLING_LEVELS
+LEVELS = {"greedy": GREEDY, "draw": DRAW, "filter": FILTER}
 
 
 def _mesh(text: str) -> tuple[int, int]:
@@ -31,32 +33,34 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated integers") from None
 
 
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+def add_plan_parser(subparsers, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                    ) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="compile the serving program for a TPU slice (no TPU needed) and report "
                      "HBM per chip and step estimates",
-        description=__doc__.split("\n\n")[0])
+        description=__doc__.split("\n\n")[0], formatter_class=formatter_class)
     p.add_argument("--model", required=True,
                    help="shape preset (llama-3-8b, llama-3.2-1b, gemma3-270m), bundled model "
                         "(gemma3-270m, smollm2-135m), or a .json / .gguf path")
     p.add_argument("--target", required=True,
                    help="TPU chip or slice: v5e-1, v5e:2x2, v5e:4x4, v6e:4x8, v5p:2x2x1, ...")
     p.add_argument("--mesh", type=_mesh, default=None,
-                   help="DATA,MODEL (default: every chip on model)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+                   help="DATA,MODEL (None: every chip on model)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights, activations and KV pool")
     p.add_argument("--slots", type=int, default=8, help="decode slots (requests at once)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + completion tokens (default: min(model context, 4096))")
-    p.add_argument("--page-size", type=int, default=16)
+                   help="prompt + completion tokens (None: min(model context, 4096))")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=None,
-                   help="KV pool pages (default: every slot at max-model-len, plus the null page)")
+                   help="KV pool pages (None: every slot at max-model-len, plus the null page)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="largest prefill bucket (buckets: 16, 32, ... up to it)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call")
     p.add_argument("--decode-batches", type=_ints, default=(1,),
-                   help="decode batch sizes to estimate besides --slots (default: 1)")
+                   help="decode batch sizes to estimate besides --slots")
     p.add_argument("--sampling", choices=tuple(LEVELS), default="filter",
-                   help="sampling level compiled (default filter: the largest program)")
+                   help="sampling level compiled (filter: the largest program)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return p
@@ -104,8 +108,8 @@ def plan_json(plan) -> dict:
     }
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f}"
+def _row(label: str, n: float) -> str:
+    return f"  {label:36s} {n / GIB:8.2f}"
 
 
 def _ms(s: float | None) -> str:
@@ -127,25 +131,28 @@ def render(plan) -> str:
         f"{e.prefill_buckets[0]}..{e.prefill_buckets[-1]}, {e.decode_steps} decode steps per call",
         "",
         f"per chip ({t.chip.name}: {t.chip.hbm_bytes / GIB:.0f} GiB HBM, "
-        f"{t.chip.hbm_bytes_per_s / 1e9:,.0f} GB/s, {t.chip.bf16_flops_per_s / 1e12:,.0f} bf16 TFLOP/s)"
-        "        GiB",
-        f"  HBM the compiler allows      {_gib(m.capacity)}",
-        f"  weights                      {_gib(m.weights)}",
-        f"  KV pool ({m.num_pages} pages){' ' * max(0, 14 - len(str(m.num_pages)))}{_gib(m.kv_pool)}",
-        f"  decode state                 {_gib(m.decode_state)}",
-        f"  compiled temporaries (max)   {_gib(m.temporaries)}   ({m.temporaries_of})",
-        f"  executables                  {_gib(m.executables)}",
-        f"  headroom                     {_gib(m.headroom)}",
-        f"  largest pool that fits       {m.max_pages:8,} pages; {m.max_slots} slots at "
+        f"{t.chip.hbm_bytes_per_s / 1e9:,.0f} GB/s, "
+        f"{t.chip.bf16_flops_per_s / 1e12:,.0f} bf16 TFLOP/s)                GiB",
+        _row("HBM the compiler allows", m.capacity),
+        _row("weights", m.weights),
+        _row(f"KV pool ({m.num_pages} pages)", m.kv_pool),
+        _row("decode state", m.decode_state),
+        _row("compiled temporaries (max)", m.temporaries) + f"   ({m.temporaries_of})",
+        _row("executables", m.executables),
+        _row("headroom", m.headroom),
+        f"  {'largest pool that fits':36s} {m.max_pages:,} pages; {m.max_slots} slots at "
         f"{e.max_model_len} tokens",
     ]
-    if plan.compiled_pages != m.num_pages and plan.compiled_pages:
+    if not plan.steps:
+        lines.append("  (nothing compiled: temporaries and executables are not in these numbers)")
+    elif plan.compiled_pages != m.num_pages:
         lines.append(f"  (programs compiled with a {plan.compiled_pages}-page pool: the requested "
                      "one does not fit)")
-    lines += ["", "per step (one chip; XLA: cost_analysis optimal_seconds; roofline: bytes and "
-              f"FLOPs at {e.max_model_len} context)",
-              "  step           tokens   XLA ms      tok/s  roofline ms    tok/s  bound    "
-              "compile s"]
+    if plan.steps:
+        lines += ["", "per step (one chip; XLA: cost_analysis optimal_seconds; roofline: bytes "
+                  f"and FLOPs at {e.max_model_len} context)",
+                  "  step           tokens   XLA ms      tok/s  roofline ms    tok/s  bound    "
+                  "compile s"]
     for s in plan.steps:
         r = s.roofline
         unpriced = f"  ({s.step.unpriced_ops} ops unpriced)" if s.step.unpriced_ops else ""

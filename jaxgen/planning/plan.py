@@ -22,6 +22,7 @@ from jaxgen.models import Model
 from jaxgen.models.config import ModelConfig
 from jaxgen.planning import capacity, programs, targets
 from jaxgen.planning.model_shapes import model_config
+from jaxgen.sampling_params import FILTER
 
 GIB = 1 << 30
 
@@ -34,7 +35,7 @@ class PlanRequest:
     mesh: tuple[int, int] | None = None  # None: every device on `model`
     dtype: str | None = "bfloat16"  # None: the model config's
     decode_batches: tuple[int, ...] = ()  # decode batch sizes besides num_slots
-    level: int = 2  # sampling level compiled (FILTER: the largest program)
+    level: int = FILTER  # sampling level compiled (FILTER: the largest program)
 
 
 @dataclasses.dataclass(frozen=True)

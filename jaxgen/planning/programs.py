@@ -133,9 +133,9 @@ class ServingProgram:
                              rows, self._small((s,)))
 
     def compile_prefill(self, bucket: int) -> CompiledStep:
-        s = self.engine.num_slots
         forward, _ = make_prefill(self.model).jitted
-        return self._compile(f"prefill[{bucket}]", "prefill", bucket, forward, *self._prefill_args(bucket))
+        return self._compile(f"prefill[{bucket}]", "prefill", bucket, forward,
+                             *self._prefill_args(bucket))
 
     def _prefill_args(self, bucket: int):
         s = self.engine.num_slots

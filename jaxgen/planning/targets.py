@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import math
+import os
 import re
 
 GIB = 1 << 30
@@ -104,32 +104,34 @@ def _gpu_message(spec: str) -> str:
 
 def target_devices(target: Target) -> list:
     """Compile-only devices of `target`, in libtpu's order (process by process)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise TargetError(f"target={target.name!r}: compiling for a TPU needs libtpu "
+                          "(pip install 'libtpu==0.0.42.*'; it is in jaxgen[test])")
+    _share_libtpu()
     from jax.experimental import topologies
 
     try:
         if target.single_chip:
-            ones = (1, 1, 1)
             return list(topologies.get_topology_desc(
-                target.topology, "tpu", chips_per_host_bounds=ones).devices)
+                target.topology, "tpu", chips_per_host_bounds=(1, 1, 1)).devices)
         return list(topologies.get_topology_desc(target.topology, "tpu").devices)
-    except RuntimeError as e:  # no libtpu: jax raises RuntimeError("JAX TPU support not installed")
-        raise TargetError(f"target={target.name!r}: compiling for a TPU needs libtpu "
-                          f"(pip install 'libtpu==0.0.42.*', or jaxgen[test]): {e}") from None
-    except Exception as e:  # libtpu rejects the shape (JaxRuntimeError)
-        raise TargetError(f"target={target.name!r}: libtpu cannot describe this slice: "
-                          f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # libtpu's own verdict (a JaxRuntimeError), in one line
+        raise TargetError(f"target={target.name!r}: libtpu cannot describe it here: "
+                          f"{str(e).strip().splitlines()[0]}") from None
 
 
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
+def _share_libtpu() -> None:
+    """On a host with no TPU, let several processes load libtpu at once: compiling opens no
+    device, and libtpu's lockfile would otherwise make a second planner (or the test suite)
+    fail to start. On a TPU host the lock stays, guarding the chips."""
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def num_hosts(devices) -> int:
     return len({d.process_index for d in devices})
-
-
-def chips_of(target: Target, devices) -> int:
-    return math.ceil(len(devices) / target.chip.devices_per_chip)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ beyond an argmax. Knows nothing about requests, queues or text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -21,8 +22,7 @@ from jaxgen.config import EngineConfig
 from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, state_shardings
-from jaxgen.runtime.steps import (make_generate, make_insert, make_prefill,
-                                  make_verify)
+from jaxgen.runtime.steps import make_generate, make_insert, make_prefill, make_verify
 from jaxgen.sampling_params import GREEDY, MAX_LOGIT_BIAS, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
@@ -166,9 +166,16 @@ class ModelRunner:
     def _compiled(self) -> int:
         return sum(f._cache_size() for f in self._jitted)
 
-    def warmup(self) -> None:
+    def warmup(self) -> float | None:
         """Compiles `insert`, and every prefill bucket and `generate` at every sampling level,
-        with no-op inputs."""
+        with no-op inputs; with speculative decoding, then measures a verify step and returns
+        its cost (`verify_cost`; None without). Every process of a group runs this same
+        sequence of device calls (each is a collective over all of them)."""
+        with self._on_mesh():
+            self._warmup()
+        return self.verify_cost() if self.num_drafts else None
+
+    def _warmup(self) -> None:
         s = self.cfg.num_slots
         rows = jax.tree.map(np.asarray, SamplingRows.zeros(s))  # host arrays, as _assign's
         self.state = self._insert(self.state, *self._args(np.full(s, s, np.int32), rows,
@@ -181,11 +188,9 @@ class ModelRunner:
             out, self.kv_pages, self.state = self._generate(
                 self.params, self.kv_pages, self.state,
                 *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
-            if self._verify is not None:
+            for c in self.verify_buckets:
                 _, self.kv_pages, self.state = self._verify(
-                    self.params, self.kv_pages, self.state, *self._args(
-                        np.zeros((s, self.num_drafts), np.int32), np.zeros(s, np.int32),
-                        np.zeros(s, np.int32), np.zeros(s, bool)), level=level)
+                    self.params, self.kv_pages, self.state, *self._verify_args(c, ()), level=level)
         jax.block_until_ready(out.tokens)
         self._baseline_compiles = self._compiled()
 
@@ -228,9 +233,19 @@ class ModelRunner:
         """Runs `plan` and returns its tokens on host (launch + collect)."""
         return self.collect(self.launch(plan))
 
+    def _on_mesh(self):
+        """The mesh as the context of every jitted call (a no-op without one): the Pallas
+        attention kernels run per device under it, since XLA cannot partition a Mosaic or
+        Triton call by itself."""
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+
     def launch(self, plan: StepPlan) -> "LaunchedStep":
         """Dispatches `plan`'s device work and returns at once. Plans run on device in launch
         order, so a later plan may be launched before an earlier one is collected."""
+        with self._on_mesh():
+            return self._launch(plan)
+
+    def _launch(self, plan: StepPlan) -> "LaunchedStep":
         self._update_page_table(plan.page_table_updates)
         if plan.assignments:
             self._assign(plan)
@@ -339,22 +354,71 @@ class ModelRunner:
             level=self._level(list(plan.decode_slots)))
         return out
 
+    def verify_cost(self, reps: int = 3) -> float:
+        """A one-request verify call's time in decode tokens of this runner (a `generate` call's
+        time over its `decode_steps`), measured on the compiled programs: what one speculating
+        request's step costs against decoding one token for the whole batch."""
+        import time
+
+        s = self.cfg.num_slots
+
+        def best(call):
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        def generate():
+            out, self.kv_pages, self.state = self._generate(
+                self.params, self.kv_pages, self.state,
+                *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=GREEDY)
+            return out.tokens
+
+        def verify():
+            out, self.kv_pages, self.state = self._verify(
+                self.params, self.kv_pages, self.state, *self._verify_args(1, ()), level=GREEDY)
+            return out.tokens
+
+        with self._on_mesh():
+            per_token = best(generate) / self.cfg.decode_steps
+            return best(verify) / per_token
+
+    @property
+    def verify_buckets(self) -> tuple[int, ...]:
+        """Drafting slots a verify call is padded to: 1, 2, 4, ... and every slot."""
+        if not self.num_drafts:
+            return ()
+        buckets, c = [], 1
+        while c < self.cfg.num_slots:
+            buckets.append(c)
+            c *= 2
+        return tuple(buckets) + (self.cfg.num_slots,)
+
+    def _verify_args(self, bucket: int, rows):
+        """Host inputs of a verify call of `bucket` chunks: `rows` (slot, position, drafts)."""
+        k = self.num_drafts
+        slots = np.full(bucket, self.cfg.num_slots, np.int32)
+        drafts = np.zeros((bucket, k), np.int32)
+        lens = np.zeros(bucket, np.int32)
+        positions = np.zeros(bucket, np.int32)
+        for c, (slot, position, row) in enumerate(rows):
+            if len(row) > k:
+                raise ValueError(f"slot {slot}: {len(row)} drafts > num_speculative_tokens={k}")
+            slots[c], positions[c], lens[c] = slot, position, len(row)
+            drafts[c, :len(row)] = row
+        return self._args(slots, drafts, lens, positions)
+
     def _run_verify(self, plan: StepPlan):
-        s, k = self.cfg.num_slots, self.num_drafts
         if self._verify is None:
             raise ValueError(f"plan {plan.step} verifies drafts: this runner has no speculative "
                              f"decoding (EngineConfig.speculative)")
-        drafts = np.zeros((s, k), np.int32)
-        lens = np.zeros(s, np.int32)
-        positions = np.zeros(s, np.int32)
-        active = np.zeros(s, bool)
-        for slot, position, row in zip(plan.verify_slots, plan.verify_positions, plan.verify_drafts):
-            if len(row) > k:
-                raise ValueError(f"slot {slot}: {len(row)} drafts > num_speculative_tokens={k}")
-            drafts[slot, :len(row)] = row
-            lens[slot], positions[slot], active[slot] = len(row), position, True
+        n = len(plan.verify_slots)
+        bucket = next(b for b in self.verify_buckets if b >= n)
+        rows = zip(plan.verify_slots, plan.verify_positions, plan.verify_drafts)
         out, self.kv_pages, self.state = self._verify(
-            self.params, self.kv_pages, self.state, *self._args(drafts, lens, positions, active),
+            self.params, self.kv_pages, self.state, *self._verify_args(bucket, rows),
             level=self._level(list(plan.verify_slots)))
         return out
 

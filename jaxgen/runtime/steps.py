@@ -159,45 +159,52 @@ def make_generate(model: Model, num_steps: int, placement=None):
 
 
 def make_verify(model: Model, num_drafts: int, placement=None):
-    """`verify(params, kv_pages, state, drafts i32[S, K], draft_lens i32[S], positions i32[S],
-    active bool[S], *, level) -> (Verified, kv_pages, state)`: speculative decoding's step.
+    """`verify(params, kv_pages, state, slots i32[C], drafts i32[C, K], draft_lens i32[C],
+    positions i32[C], *, level) -> (Verified [C], kv_pages, state)`: speculative decoding's step.
 
-    Each active slot feeds its last token (`state.tokens`, on device) and its `draft_lens` drafts
-    at `positions`, `positions + 1`, ... as one ragged query of the batch (the kernels take
-    ragged query lengths), writes their K/V, and keeps the tokens `verify_drafts` accepts; the
-    slot's next input becomes the last of them. K/V of rejected drafts stay in the pages past
-    the request's length, which the host moves only over accepted ones: nothing is copied.
-    Shapes are fixed (S x (K + 1) rows), so any mix of draft lengths runs without recompiling.
+    Each of the C drafting slots (`slots`; entries equal to S are padding) feeds its last token
+    (`state.tokens`, on device) and its `draft_lens` drafts at `positions`, `positions + 1`, ...
+    as one ragged query of the batch (the kernels take ragged query lengths), writes their K/V,
+    and keeps the tokens `verify_drafts` accepts; the slot's next input becomes the last of
+    them. K/V of rejected drafts stay in the pages past the request's length, which the host
+    moves only over accepted ones: nothing is copied. C is a bucket (1, 2, 4, ... slots), so a
+    step computes rows for the requests that draft, not for every slot, and any mix of draft
+    lengths within a bucket runs without recompiling.
     """
     width = num_drafts + 1
 
     @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",),
                        **_placed(placement, None, "pages", "state"))
     @jax.named_scope("verify")
-    def verify(params, kv_pages, state: DecodeState, drafts, draft_lens, positions, active, *,
+    def verify(params, kv_pages, state: DecodeState, slots, drafts, draft_lens, positions, *,
                level):
         num_slots = state.tokens.shape[0]
-        rows = num_slots * width
+        chunks = slots.shape[0]
+        rows = chunks * width
+        active = slots < num_slots
+        safe = jnp.minimum(slots, num_slots - 1)
         q_lens = jnp.where(active, draft_lens + 1, 0).astype(jnp.int32)
         cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens)]).astype(jnp.int32)
-        inputs = jnp.concatenate([state.tokens[:, None], drafts], axis=1)  # [S, K+1]
+        inputs = jnp.concatenate([state.tokens[safe][:, None], drafts], axis=1)  # [C, K+1]
         offsets = jnp.arange(width)[None, :]
-        # Slot s's rows go to cu_q_lens[s] + j; rows past its length to `rows` (dropped).
+        # Chunk c's rows go to cu_q_lens[c] + j; rows past its length to `rows` (dropped).
         target = jnp.where(offsets < q_lens[:, None], cu_q_lens[:-1, None] + offsets, rows)
         tokens = jnp.zeros(rows, jnp.int32).at[target].set(inputs, mode="drop")
         token_positions = jnp.zeros(rows, jnp.int32).at[target].set(
             positions[:, None] + offsets, mode="drop")
         kv_lens = jnp.where(active, positions + q_lens, 0).astype(jnp.int32)
-        md = AttentionMetadata(kv_lens, state.page_table, cu_q_lens,
-                               jnp.array([num_slots], jnp.int32))
+        md = AttentionMetadata(kv_lens, state.page_table[safe], cu_q_lens,
+                               jnp.array([chunks], jnp.int32))
         logits, kv_pages = model.forward(params, tokens, token_positions, kv_pages, md)
-        logits = logits[jnp.minimum(cu_q_lens[:-1, None] + offsets, rows - 1)]  # [S, K+1, V]
-        out = verify_drafts(logits, drafts, draft_lens, state.rows, positions, level)
+        logits = logits[jnp.minimum(cu_q_lens[:-1, None] + offsets, rows - 1)]  # [C, K+1, V]
+        rows_of = jax.tree.map(lambda a: a[safe], state.rows)
+        out = verify_drafts(logits, drafts, draft_lens, rows_of, positions, level)
         last = jnp.take_along_axis(out.tokens, (out.counts - 1)[:, None], axis=1)[:, 0]
-        state = dataclasses.replace(state, tokens=jnp.where(active, last, state.tokens))
+        target_slots = jnp.where(active, slots, num_slots)
+        state = dataclasses.replace(state, tokens=state.tokens.at[target_slots].set(last, mode="drop"))
         return out, kv_pages, state
 
     return verify
 
 
-__all__ = ["Sampled", "make_generate", "make_prefill", "make_verify"]
+__all__ = ["Sampled", "make_generate", "make_insert", "make_prefill", "make_verify"]

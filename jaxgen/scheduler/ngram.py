@@ -25,6 +25,10 @@ class NgramConfig:
     min_acceptance: float = 0.25  # below it (recent average), stop proposing for a while
     cooldown: int = 32  # tokens without proposals after the acceptance fell
     ema: float = 0.3  # weight of the newest verify step in the average
+    # Nobody drafts while more requests than this run: a verify step computes K+1 rows per
+    # request, and past some batch the step costs more than the drafts save (on a CPU, whose
+    # matmuls are compute-bound beyond one row, already at 8; docs/speculative.md).
+    max_batch: int = 4
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -35,6 +39,8 @@ class NgramConfig:
             bad("ngram_min", self.ngram_min, "must be an integer >= 1")
         if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:
             bad("ngram_max", self.ngram_max, f"must be an integer >= ngram_min={self.ngram_min}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            bad("max_batch", self.max_batch, "must be an integer >= 1")
         if not 0 <= self.min_acceptance <= 1:
             bad("min_acceptance", self.min_acceptance, "must be in [0, 1]")
 

@@ -101,10 +101,11 @@ class StepOutput:
     decode_logprobs: np.ndarray | None = None  # f32[k, S]
     decode_top_ids: np.ndarray | None = None  # i32[k, S, n]
     decode_top_logprobs: np.ndarray | None = None  # f32[k, S, n]
-    # Verify steps: i32[S, K+1] tokens, of which the first i32[S] counts are emitted (accepted
-    # drafts, then the model's own); logprobs with the same leading [S, K+1].
+    # Verify steps: i32[C, K+1] tokens, of which the first i32[C] counts are emitted (accepted
+    # drafts, then the model's own); logprobs with the same leading [C, K+1]. Chunk c is the
+    # plan's verify_slots[c] (C may be larger: padding).
     verify_tokens: np.ndarray | None = None
     verify_counts: np.ndarray | None = None
-    verify_logprobs: np.ndarray | None = None  # f32[S, K+1]
-    verify_top_ids: np.ndarray | None = None  # i32[S, K+1, n]
-    verify_top_logprobs: np.ndarray | None = None  # f32[S, K+1, n]
+    verify_logprobs: np.ndarray | None = None  # f32[C, K+1]
+    verify_top_ids: np.ndarray | None = None  # i32[C, K+1, n]
+    verify_top_logprobs: np.ndarray | None = None  # f32[C, K+1, n]

@@ -34,10 +34,11 @@ class StepSamples:
                 raise ValueError(f"decode_tokens shape {shape}: need at least "
                                  f"[{plan.num_steps}, {max(plan.decode_slots) + 1}]")
             self._tokens["decode"] = output.decode_tokens[:plan.num_steps].T.tolist()
-        if plan.verify_slots:
+        if plan.verify_slots:  # chunk c of the verify call is plan.verify_slots[c]
             counts = output.verify_counts.tolist()
             rows = output.verify_tokens.tolist()
-            self._tokens["verify"] = {s: rows[s][:counts[s]] for s in plan.verify_slots}
+            self._tokens["verify"] = {s: rows[c][:counts[c]] for c, s in enumerate(plan.verify_slots)}
+            self._verify_chunk = {s: c for c, s in enumerate(plan.verify_slots)}
     def tokens(self, kind: str, index: int) -> list[int]:
         """The token sampled after a prefill chunk, or the column a decode slot produced."""
         return self._tokens[kind][index]
@@ -57,7 +58,7 @@ class StepSamples:
         elif kind == "decode":
             rows = [(t, index) for t in range(count)]
         else:
-            rows = [(index, t) for t in range(count)]
+            rows = [(self._verify_chunk[index], t) for t in range(count)]
         result = []
         for row, token in zip(rows, self.tokens(kind, index)):
             top = ()

@@ -276,12 +276,18 @@ class Scheduler:
         """Whether a running request drafts now: its drafts come from its latest tokens, known
         only once the step in flight is read, so nothing is planned ahead (and a request whose
         drafts keep failing cools down, and lets the look-ahead run meanwhile)."""
-        return any(r.proposer is not None and r.proposer.active for r in self._running)
+        return self._drafting() and any(r.proposer is not None and r.proposer.active
+                                        for r in self._running)
+
+    def _drafting(self) -> bool:
+        """Whether requests draft at all now: speculation on, and the batch small enough."""
+        spec = self.config.speculative
+        return spec is not None and len(self._running) <= spec.max_batch
 
     def _drafts(self, request: Request) -> tuple[int, ...]:
         """Draft tokens to verify this step (speculative decoding), () to decode as usual. At
         most what max_tokens leaves room for: every draft accepted, plus one more token."""
-        if request.proposer is None:
+        if request.proposer is None or not self._drafting():
             return ()
         return request.proposer.propose(request.params.max_tokens - len(request.output_ids) - 1)
 

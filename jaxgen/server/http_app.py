@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jaxgen.engine_api import EngineDeadError, QueueFullError, RequestError, add_choices
 from jaxgen.openai_api import schemas
-from jaxgen.openai_api.mapping import (Generation, OpenAIError, Responder, chat_generation,
-                                       chat_messages, check_model, completion_generation, parse)
+from jaxgen.openai_api.requests import (ENDPOINTS, Generation, OpenAIError, chat_messages,
+                                        check_model, parse)
+from jaxgen.openai_api.responses import Responder
 from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.stream_bridge import merged_outputs
 
@@ -133,19 +134,16 @@ def build_app(front: FrontEnd, api_keys=(), version: str = "unknown") -> FastAPI
             raise OpenAIError(400, f"tokens: {e}") from None
         return {"prompt": text}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        m = ready(generating=True)
-        req = parse(schemas.CompletionRequest, await body_of(request))
-        gen = await _plan(front, lambda: completion_generation(req, m.tokenizer, m.info))
-        return await _run(front, m, gen, request)
+    def generation_endpoint(schema, plan):
+        async def generate(request: Request):
+            m = ready(generating=True)
+            req = parse(schema, await body_of(request))
+            gen = await _plan(front, lambda: plan(req, m.tokenizer, m.info))
+            return await _run(front, m, gen, request)
+        return generate
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        m = ready(generating=True)
-        req = parse(schemas.ChatCompletionRequest, await body_of(request))
-        gen = await _plan(front, lambda: chat_generation(req, m.tokenizer, m.info))
-        return await _run(front, m, gen, request)
+    for path, (schema, plan) in ENDPOINTS.items():
+        app.add_api_route(path, generation_endpoint(schema, plan), methods=["POST"])
 
     return app
 

@@ -1,6 +1,6 @@
 """OpenAI requests -> what the engine runs (`Generation`: prompts and per-choice
-`SamplingParams`), and engine outputs -> OpenAI's response bodies and stream chunks, exactly in
-OpenAI's wire format. Shared by the HTTP app and batch jobs; knows no transport.
+`SamplingParams`). Shared by the HTTP app and batch jobs; knows no transport (responses:
+jaxgen.openai_api.responses).
 
 Every user mistake raises `OpenAIError` (status 400 unless said otherwise) whose message names
 the field, the value and the limit, as gRPC's INVALID_ARGUMENT messages do.
@@ -9,19 +9,14 @@ the field, the value and the limit, as gRPC's INVALID_ARGUMENT messages do.
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
+import re
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from jaxgen.engine_api import EngineInfo
 from jaxgen.openai_api import schemas as s
-from jaxgen.request_stream import Completion, RequestOutput
-from jaxgen.sampling_params import SamplingParams
-
-FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
+from jaxgen.sampling_params import MAX_STOP_STRINGS, SamplingParams
 
 class OpenAIError(Exception):
     """An error as OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`."""
@@ -43,10 +38,27 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
+# How pydantic names the member of a union that an error is about, in an error's location.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict)\[.*\]|[A-Z]\w*)$")
+# What each union field accepts, said once for all its members' errors.
+_UNION_FIELDS = {
+    "prompt": f"a string, a list of strings, a list of token ids or a list of such lists "
+              f"(1..{s.MAX_PROMPTS} prompts)",
+    "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
+    "content": "a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+}
+
+
 def invalid(e: ValidationError) -> OpenAIError:
     """The first validation error as one line: `field=value: what is wrong`."""
     err = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str", "int", "bool", "dict[", "float", "constrained")))
+    parts = [str(p) for p in err["loc"]]
+    member = next((i for i, p in enumerate(parts) if _UNION_MEMBER.match(p)), None)
+    if member is not None and parts[member - 1] in _UNION_FIELDS:  # one message for the union
+        loc = ".".join(parts[:member])
+        return OpenAIError(400, f"{loc}={_shown(err.get('input'))}: must be "
+                                f"{_UNION_FIELDS[parts[member - 1]]}", loc)
+    loc = ".".join(p for p in parts if not _UNION_MEMBER.match(p))
     if err["type"] == "missing":
         return OpenAIError(400, f"{loc}: field required", loc or None)
     return OpenAIError(400, f"{loc}={_shown(err.get('input'))}: {err['msg']}", loc or None)
@@ -217,119 +229,7 @@ def chat_generation(req: s.ChatCompletionRequest, tokenizer, info: EngineInfo) -
     return _generation("chat", req, [ids], max_tokens, logprobs, info)
 
 
-# -- responses ----------------------------------------------------------------------------------
-
-class Responder:
-    """Builds one request's response body, or its stream chunks, from engine outputs."""
-
-    def __init__(self, gen: Generation, model: str, tokenizer, request_id: str | None = None):
-        self.gen, self.model, self.tokenizer = gen, model, tokenizer
-        prefix = "cmpl" if gen.kind == "completion" else "chatcmpl"
-        self.id = request_id or f"{prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.object = "text_completion" if gen.kind == "completion" else "chat.completion"
-        self._offsets = [0] * len(gen.choices)  # text offset of each choice (completions logprobs)
-
-    # -- pieces --
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _logprobs(self, index: int, logprobs) -> dict | None:
-        if self.gen.top_logprobs is None or logprobs is None:
-            return None
-        if self.gen.kind == "chat":
-            def entry(t, lp):
-                text = self._token(t)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-            return {"content": [dict(entry(lp.token_id, lp.logprob),
-                                     top_logprobs=[entry(t, p) for t, p in lp.top])
-                                for lp in logprobs]}
-        tokens = [self._token(lp.token_id) for lp in logprobs]
-        offsets = []
-        for text in tokens:
-            offsets.append(self._offsets[index])
-            self._offsets[index] += len(text)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{self._token(t): p for t, p in lp.top} for lp in logprobs],
-                "text_offset": offsets}
-
-    def usage(self, usages: Sequence) -> dict:
-        """`usages`: each choice's engine `Usage` (None for a choice that ended without one)."""
-        n = self.gen.n
-        prompt = sum(len(p) for p in self.gen.prompts)
-        completion = sum(u.completion_tokens for u in usages if u is not None)
-        cached = sum(usages[p * n].cached_prompt_tokens for p in range(len(self.gen.prompts))
-                     if usages[p * n] is not None)
-        drafted = sum(u.draft_tokens for u in usages if u is not None)
-        accepted = sum(u.accepted_draft_tokens for u in usages if u is not None)
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                 "total_tokens": prompt + completion,
-                 "prompt_tokens_details": {"cached_tokens": cached}}
-        if drafted:  # speculative decoding, in OpenAI's fields for predicted outputs
-            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
-                                                  "rejected_prediction_tokens": drafted - accepted}
-        return usage
-
-    # -- whole response --
-    def body(self, completions: Sequence[Completion]) -> dict:
-        """The non-streamed response of the request (every choice finished)."""
-        choices = []
-        for choice, c in zip(self.gen.choices, completions):
-            if c.finish_reason == "error":
-                raise _engine_failed(c.outcome, c.detail)
-            lp = self._logprobs(choice.index, c.logprobs)
-            if self.gen.kind == "chat":
-                choices.append({"index": choice.index, "message": {"role": "assistant",
-                                                                   "content": c.text},
-                                "logprobs": lp, "finish_reason": FINISH.get(c.finish_reason)})
-            else:
-                echo = self.gen.echo[choice.prompt_index] if self.gen.echo else ""
-                choices.append({"index": choice.index, "text": echo + c.text, "logprobs": lp,
-                                "finish_reason": FINISH.get(c.finish_reason)})
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage([c.usage for c in completions])}
-
-    # -- stream --
-    def _chunk(self, choices: list, usage=False) -> dict:
-        chunk = {"id": self.id, "object": self.object + ("" if self.gen.kind == "completion" else ".chunk"),
-                 "created": self.created, "model": self.model, "choices": choices}
-        if self.gen.include_usage:
-            chunk["usage"] = usage if usage is not False else None
-        return chunk
-
-    def first_chunks(self) -> list[dict]:
-        """Chat: the role of each choice, before any text; completions with echo: the prompt."""
-        if self.gen.kind == "chat":
-            return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                    for c in self.gen.choices]
-        if self.gen.echo:
-            return [self._chunk([{"index": c.index, "text": self.gen.echo[c.prompt_index],
-                                  "logprobs": None, "finish_reason": None}])
-                    for c in self.gen.choices]
-        return []
-
-    def chunk(self, index: int, out: RequestOutput) -> dict | None:
-        """The chunk of one engine output of choice `index` (None when it carries nothing)."""
-        if out.finish_reason == "error":
-            raise _engine_failed(out.outcome, out.detail)
-        finish = FINISH.get(out.finish_reason) if out.finished else None
-        if not out.text and not out.token_ids and finish is None:
-            return None
-        lp = self._logprobs(index, out.logprobs)
-        if self.gen.kind == "chat":
-            delta = {"content": out.text} if out.text or not finish else {}
-            return self._chunk([{"index": index, "delta": delta, "logprobs": lp,
-                                 "finish_reason": finish}])
-        return self._chunk([{"index": index, "text": out.text, "logprobs": lp,
-                             "finish_reason": finish}])
-
-    def usage_chunk(self, usages: Sequence) -> dict | None:
-        return self._chunk([], usage=self.usage(usages)) if self.gen.include_usage else None
-
-
-def _engine_failed(outcome: str, detail: str) -> OpenAIError:
-    """503 (retryable) when the engine was lost under the request, else 500."""
-    if outcome == "unavailable":
-        return OpenAIError(503, f"the engine can no longer serve this request: {detail}")
-    return OpenAIError(500, f"the engine failed this request: {detail}")
+# The generation endpoints: URL -> (request schema, its mapping to a Generation). The HTTP app
+# serves them; batch lines name them in `url`.
+ENDPOINTS = {"/v1/completions": (s.CompletionRequest, completion_generation),
+             "/v1/chat/completions": (s.ChatCompletionRequest, chat_generation)}
