@@ -28,6 +28,7 @@ from jaxgen.version import version
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_FACTOR = 10  # start-up waits (joining, agreeing, loading peers) per peer timeout
+LEAVE_GRACE_S = 1.0  # process 0 outlives the others' exit on a failed agreement by this much
 
 
 def resolve(dist: DistributedConfig) -> DistributedConfig:
@@ -109,6 +110,10 @@ class ProcessGroup:
             self.publish(f"{key}/verdict/{self.process_id}", "differs")
             if self.is_leader:
                 self._await_verdicts(key)
+                # The others leave on their verdict (os._exit, a few calls away), and must be
+                # gone before the coordination service goes with process 0: its agent on a
+                # process still there aborts that process (SIGABRT) instead of its exit 2.
+                time.sleep(LEAVE_GRACE_S)
             raise
         self.publish(f"{key}/verdict/{self.process_id}", "same")
         return everyone
