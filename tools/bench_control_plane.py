@@ -7,6 +7,12 @@ Run every process of a group with the same command (tools/launch_group.py does):
     python tools/launch_group.py -n 2 --cpu-devices 2 -- \\
         python tools/bench_control_plane.py --model smollm2-135m --mesh 1,4
 
+Without a group (no JAXGEN_NUM_PROCESSES) it measures one process's decode step only, the
+baseline the shares are also read against:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python tools/bench_control_plane.py --model smollm2-135m --mesh 1,4
+
 Each process joins the group (`jaxgen.distributed.join`), then for each mechanism process 0
 sends the same plans (a decode step of every slot, and a prefill of --prefill-tokens) `--steps`
 times, one at a time, and every process notes when it holds the decoded plan (one clock: the
@@ -62,12 +68,12 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q))
 
 
-def bench_socket(group, plan, steps):
+def bench_socket(group, plan, steps, tag):
     """One TCP connection per process, the wire format of jaxgen's control channel."""
     sent, held, busy = [], [], []
     if group.is_leader:
         server = socket.create_server(("", 0))
-        group.publish("bench/socket", str(server.getsockname()[1]))
+        group.publish(f"bench/socket/{tag}", str(server.getsockname()[1]))
         conns = [wire.Connection(server.accept()[0]) for _ in range(group.num_processes - 1)]
         for conn in conns:
             conn.recv()  # ready
@@ -84,7 +90,7 @@ def bench_socket(group, plan, steps):
     else:
         host = group.coordinator_address.rpartition(":")[0]
         conn = wire.Connection(socket.create_connection(
-            (host, int(group.read("bench/socket"))), 60))
+            (host, int(group.read(f"bench/socket/{tag}"))), 60))
         conn.send(wire.BEAT)
         for _ in range(steps):
             kind, payload = conn.recv()
@@ -94,12 +100,12 @@ def bench_socket(group, plan, steps):
     return sent, held, busy
 
 
-def bench_kv(group, plan, steps):
+def bench_kv(group, plan, steps, tag):
     """A key per plan in the coordination service; the others block on it."""
     client = group.client
     sent, held, busy = [], [], []
     for seq in range(1, steps + 1):
-        key = f"jaxgen/bench/kv/{seq}"
+        key = f"jaxgen/bench/kv/{tag}/{seq}"
         if group.is_leader:
             start = time.perf_counter()
             client.key_value_set_bytes(key, wire.plan_payload(seq, plan))
@@ -108,13 +114,13 @@ def bench_kv(group, plan, steps):
         else:
             wire.read_plan(client.blocking_key_value_get_bytes(key, 60_000))
             held.append(time.perf_counter())
-        client.wait_at_barrier(f"jaxgen-bench-kv-{seq}", 60_000)  # one plan at a time
+        client.wait_at_barrier(f"jaxgen-bench-kv-{tag}-{seq}", 60_000)  # one plan at a time
         if group.is_leader and seq > 1:
-            client.key_value_delete(f"jaxgen/bench/kv/{seq - 1}")
+            client.key_value_delete(f"jaxgen/bench/kv/{tag}/{seq - 1}")
     return sent, held, busy
 
 
-def bench_collective(group, plan, steps):
+def bench_collective(group, plan, steps, tag):
     """The plan in a fixed-size uint8 array, broadcast from process 0 by a jitted collective."""
     from jax.experimental import multihost_utils
 
@@ -131,7 +137,7 @@ def bench_collective(group, plan, steps):
         size = int.from_bytes(out[:4].tobytes(), "little")
         pickle.loads(out[4:4 + size].tobytes())
         done = time.perf_counter()
-        multihost_utils.sync_global_devices(f"jaxgen-bench-collective-{seq}")
+        multihost_utils.sync_global_devices(f"jaxgen-bench-collective-{tag}-{seq}")
         if seq == 0:
             continue
         if group.is_leader:
@@ -142,17 +148,20 @@ def bench_collective(group, plan, steps):
 
 
 def decode_step_seconds(config, group, prompts: int, max_tokens: int) -> float | None:
-    """The median decode step of process 0's engine over the group (None on the others)."""
+    """The median decode step of process 0's engine over the group (None on the others), or of
+    one process's engine (`group` None)."""
     from jaxgen.build import build_engine, run_worker
     from jaxgen.distributed import Leader
     from jaxgen.engine_api import EngineObserver
     from jaxgen.sampling_params import SamplingParams
 
-    if not group.is_leader:
+    if group is not None and not group.is_leader:
         run_worker(config, group)
         return None
-    leader = Leader(group)
-    leader.start()
+    leader = None
+    if group is not None:
+        leader = Leader(group)
+        leader.start()
     engine = build_engine(config, leader=leader)
 
     class Steps(EngineObserver):
@@ -184,10 +193,19 @@ def main() -> int:
     from jaxgen.distributed import join
 
     env = os.environ
+    engine = EngineConfig(num_slots=args.slots, decode_steps=args.decode_steps, max_model_len=256,
+                          num_pages=256, max_prefill_tokens=args.prefill_tokens)
+    if "JAXGEN_NUM_PROCESSES" not in env:  # one process: the step the plans would feed
+        import jax
+
+        config = Config(model=ModelSource(args.model), mesh=parse_mesh(args.mesh), engine=engine)
+        step = decode_step_seconds(config, None, args.slots, args.max_tokens)
+        print(f"\none process ({jax.local_device_count()} {jax.default_backend()} devices), mesh "
+              f"{args.mesh}, {args.model}, slots {args.slots}: decode step (median) "
+              f"{step * 1e3:.2f} ms; jax {jax.__version__}")
+        return 0
     config = Config(
-        model=ModelSource(args.model), mesh=parse_mesh(args.mesh),
-        engine=EngineConfig(num_slots=args.slots, decode_steps=args.decode_steps,
-                            max_model_len=256, num_pages=256, max_prefill_tokens=args.prefill_tokens),
+        model=ModelSource(args.model), mesh=parse_mesh(args.mesh), engine=engine,
         distributed=DistributedConfig(coordinator_address=env["JAXGEN_COORDINATOR_ADDRESS"],
                                       num_processes=int(env["JAXGEN_NUM_PROCESSES"]),
                                       process_id=int(env["JAXGEN_PROCESS_ID"]), peer_timeout_s=60))
@@ -198,7 +216,7 @@ def main() -> int:
         size = len(wire.plan_payload(0, plan))
         for mechanism, bench in (("socket", bench_socket), ("kv", bench_kv),
                                  ("collective", bench_collective)):
-            sent, held, busy = bench(group, plan, args.steps)
+            sent, held, busy = bench(group, plan, args.steps, name)
             group.publish(f"bench/{mechanism}/{name}/{group.process_id}", json.dumps(held))
             if group.is_leader:
                 others = [json.loads(group.read(f"bench/{mechanism}/{name}/{r}"))
