@@ -16,8 +16,9 @@
 #            the default dtype ("auto") of a served model
 #
 # Inputs that cannot be committed travel as ignored paths (`run`'s carry): .whl/ (wheels the
-# machine lacks, installed into /tmp/site), .gpu/part-N (pieces of the two GGUFs, concatenated:
-# they are over one call's transfer limit together), .gpu/gemma-tok, .gpu/dense_jax_decode.py.
+# machine lacks, installed into /tmp/site), .gpu/gemma-N and .gpu/smol-N (pieces of the GGUFs of
+# Gemma 3 270M and SmolLM2-135M: each is over one call's transfer limit), .gpu/gemma-tok,
+# .gpu/dense_jax_decode.py. The spec stage runs the models whose pieces have all arrived.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -28,24 +29,22 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done ]; then
     --target /tmp/site .whl/*.whl && touch /tmp/site/.done || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tools
-for f in .gpu/part-*; do [ -f "$f" ] && cp "$f" /tmp/w/; done
+for f in .gpu/gemma-[0-9]* .gpu/smol-[0-9]*; do [ -f "$f" ] && cp "$f" /tmp/w/; done
 ls -la /tmp/w
 JG=(python3 -c 'import sys; from jaxgen.cli import main; sys.exit(main())')
 step() { echo "=== $* ($(date -u +%T))"; }
 
-# The two GGUFs once every piece is here: Gemma 3 270M (first GEMMA_BYTES bytes), then SmolLM2.
+# The GGUFs travel in pieces (.gpu/gemma-N, .gpu/smol-N): each is over one call's transfer limit.
 GEMMA_BYTES=253113024
 SMOL_BYTES=98362432
-assemble() {
-  [ -f /tmp/w/gemma.gguf ] && return 0
-  cat $(ls /tmp/w/part-* | sort -V) > /tmp/w/all.bin
-  local size; size=$(stat -c %s /tmp/w/all.bin)
-  if [ "$size" != $((GEMMA_BYTES + SMOL_BYTES)) ]; then
-    echo "pieces add up to $size bytes, expected $((GEMMA_BYTES + SMOL_BYTES))"; return 1
+assemble() {  # $1: piece prefix, $2: expected bytes, $3: output; fails unless every piece is here
+  [ -f "$3" ] && return 0
+  ls /tmp/w/"$1"-* >/dev/null 2>&1 || return 1
+  cat $(ls /tmp/w/"$1"-* | sort -V) > "$3.part"
+  if [ "$(stat -c %s "$3.part")" != "$2" ]; then
+    echo "$1: pieces add up to $(stat -c %s "$3.part") bytes, expected $2"; rm "$3.part"; return 1
   fi
-  head -c $GEMMA_BYTES /tmp/w/all.bin > /tmp/w/gemma.gguf
-  tail -c $SMOL_BYTES /tmp/w/all.bin > /tmp/w/smollm2.gguf
-  sha256sum /tmp/w/gemma.gguf /tmp/w/smollm2.gguf
+  mv "$3.part" "$3"; sha256sum "$3"
 }
 
 wait_health() {  # $1: HTTP port; $2: seconds
@@ -101,7 +100,10 @@ for stage in "$@"; do
       | tee "$OUT/batch.txt"
     ;;
   spec)
-    assemble || exit 1
+    models=""
+    assemble smol $SMOL_BYTES /tmp/w/smollm2.gguf && models=/tmp/w/smollm2.gguf
+    assemble gemma $GEMMA_BYTES /tmp/w/gemma.gguf && models=/tmp/w/gemma.gguf,$models
+    [ -n "$models" ] || { echo "no model has all its pieces here"; exit 1; }
     python3 - <<'EOF'
 import jax
 from jaxgen.build import load_model
@@ -112,7 +114,7 @@ loaded, _ = load_model(config)
 print("default dtype:", config.model.dtype, "->", loaded.model.config.dtype,
       {str(x.dtype) for x in jax.tree.leaves(loaded.params)}, jax.devices()[0].device_kind)
 EOF
-    timeout 420 python3 tools/bench_speculative.py --models /tmp/w/gemma.gguf,/tmp/w/smollm2.gguf \
+    timeout 420 python3 tools/bench_speculative.py --models "${models%,}" \
       --batches 1,8 --prompts 2 --max-tokens 128 --reps 2 --dtype bfloat16 \
       --out-json "$OUT/speculative.json"
     ;;
