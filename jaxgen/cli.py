@@ -15,6 +15,7 @@ import sys
 import time
 
 from jaxgen import config_sources
+from jaxgen.config import GroupError
 from jaxgen.planning.cli import add_plan_parser, cmd_plan
 from jaxgen.server import cli as server_cli
 from jaxgen.version import version
@@ -82,10 +83,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from jaxgen.build import build_engine, load_model
+    from jaxgen.build import build_engine, is_worker, load_model, run_worker, start_leader
     from jaxgen.sampling_params import SamplingParams
 
     config = config_sources.config_from_args(args, "generate")
+    if is_worker(config):  # process 0 prints; this one runs its plans
+        return run_worker(config)
     prompts = list(args.prompts)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -95,14 +98,15 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                             stop=tuple(args.stop))
-    loaded, mesh = load_model(config)
+    leader = start_leader(config)
+    loaded, mesh = load_model(config, leader.group if leader else None)
     tok = loaded.tokenizer
     if args.chat:
         ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     else:
         ids = [tok.encode(p) for p in prompts]
     engine = build_engine(config, longest=max(len(i) for i in ids) + args.max_tokens,
-                          loaded=loaded, mesh=mesh)
+                          loaded=loaded, mesh=mesh, leader=leader)
     start = time.perf_counter()
     engine.start()
     try:
@@ -137,8 +141,11 @@ def _print_stream(prompt: str, stream, as_json: bool) -> int:
 
 def cmd_batch(args) -> int:
     from jaxgen import batch
+    from jaxgen.build import is_worker, run_worker
 
     config = config_sources.config_from_args(args, "batch")
+    if is_worker(config):  # process 0 reads and writes the files; this one runs its plans
+        return run_worker(config)
     options = batch.BatchOptions(order=args.order, drain_timeout_s=args.drain_timeout,
                                  window=args.window, quiet=args.quiet,
                                  summary_json=args.summary_json)
@@ -179,9 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except GroupError as e:  # a process of a group that could not start
+        print(f"jaxgen: error: {e}", file=sys.stderr)
+        _leave_now(2)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and ConfigError included
         print(f"jaxgen: error: {e}", file=sys.stderr)
         return 2
+
+
+def _leave_now(status: int):
+    """Exits without the interpreter's exit handlers: jax.distributed's would wait in a
+    shutdown barrier for processes that are leaving on errors of their own."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

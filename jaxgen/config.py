@@ -41,6 +41,11 @@ class ConfigError(ValueError):
         self.field, self.value, self.rule = field, value, rule
 
 
+class GroupError(ValueError):
+    """The processes of a multi-process deployment cannot form one group as started (started
+    unlike each other, a process that never came): a setting error, reported on every process."""
+
+
 def _bad(field, value, rule):
     raise ConfigError(field, value, rule)
 
@@ -256,6 +261,56 @@ class ServerConfig:
         return self.http_host or self.host
 
 
+DISTRIBUTED_MODES = ("manual", "auto")
+DEFAULT_PEER_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of one deployment join into one group (`jax.distributed`): one model
+    over the devices of every process, process 0 deciding and the others executing
+    (docs/multi-host.md). The field names are `jax.distributed.initialize`'s own.
+
+    "manual": the group is what coordinator_address / num_processes / process_id say (a single
+    process when num_processes is 1); "auto": JAX detects a TPU pod or cluster environment and
+    the values given here override what it detects."""
+
+    mode: str = "manual"
+    coordinator_address: str | None = None  # HOST:PORT of process 0's coordination service
+    num_processes: int | None = None  # None: 1, or detected ("auto")
+    process_id: int | None = None  # None: 0 for a single process, or detected ("auto")
+    # A peer silent (no heartbeat) or behind (a plan not run) this long is lost: the group stops.
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+
+    def __post_init__(self):
+        if self.mode not in DISTRIBUTED_MODES:
+            _bad("distributed", self.mode, f"must be one of {', '.join(DISTRIBUTED_MODES)}")
+        if self.num_processes is not None:
+            _int_at_least(self, ("num_processes",), 1)
+        if self.process_id is not None:
+            _int_at_least(self, ("process_id",), 0)
+            if self.num_processes is not None and self.process_id >= self.num_processes:
+                _bad("process_id", self.process_id,
+                     f"must be below num_processes={self.num_processes}")
+        if self.coordinator_address is not None:
+            host, sep, port = self.coordinator_address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                _bad("coordinator_address", self.coordinator_address,
+                     "must be HOST:PORT with a port in [1, 65535]")
+        if not (isinstance(self.peer_timeout_s, (int, float)) and self.peer_timeout_s >= 1):
+            _bad("peer_timeout_s", self.peer_timeout_s, "must be >= 1 (seconds)")
+        if self.mode == "manual" and (self.num_processes or 1) > 1:
+            for name in ("coordinator_address", "process_id"):
+                if getattr(self, name) is None:
+                    _bad(name, None, f"must be given with num_processes={self.num_processes} "
+                                     "(or use distributed=auto)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this process joins a group of several (or lets JAX detect one)."""
+        return self.mode == "auto" or (self.num_processes or 1) > 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything one deployment needs, from flags, a preset file and the environment."""
@@ -263,6 +318,7 @@ class Config:
     model: ModelSource = ModelSource()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    distributed: DistributedConfig = DistributedConfig()
     mesh: tuple[int, int] | None = None  # (data, model); None: one device
     compilation_cache_dir: str | None = None  # None: $JAXGEN_COMPILATION_CACHE_DIR or ~/.cache/jaxgen/xla; "off"
 

@@ -17,9 +17,9 @@ import json
 import os
 from collections.abc import Mapping
 
-from jaxgen.config import (DTYPES, LOG_LEVELS, PREFIX_CACHE_SCOPES, RESTART_WINDOW_S,
-                           STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_WARMUP_FACTOR, Config, ConfigError,
-                           EngineConfig, ModelSource, ServerConfig)
+from jaxgen.config import (DISTRIBUTED_MODES, DTYPES, LOG_LEVELS, PREFIX_CACHE_SCOPES,
+                           RESTART_WINDOW_S, STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_WARMUP_FACTOR, Config,
+                           ConfigError, DistributedConfig, EngineConfig, ModelSource, ServerConfig)
 
 API_KEY_ENV = "JAXGEN_API_KEY"  # comma-separated keys the server accepts; the key a client sends
 OLD_API_KEYS_ENV = "JAXGEN_API_KEYS"  # still read by the server
@@ -120,6 +120,26 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--speculative-max-batch", target="engine.speculative_max_batch", type=int, metavar="N",
        help="with --speculative: nobody drafts while more than N requests run (a verify step "
             "computes K+1 rows per request; past some batch it costs more than it saves)"),
+    # -- multi-host (jax.distributed; docs/multi-host.md) ----------------------------------
+    _s("--coordinator-address", target="distributed.coordinator_address", metavar="HOST:PORT",
+       env="JAXGEN_COORDINATOR_ADDRESS",
+       help="process 0's address for jax.distributed (every process gives the same); with "
+            "--num-processes N > 1, the processes join one group and --mesh spans their devices",
+       default_text="none (one process)"),
+    _s("--num-processes", target="distributed.num_processes", type=int, metavar="N",
+       env="JAXGEN_NUM_PROCESSES", help="processes in the group, each running the same command",
+       default_text="1, or detected with --distributed auto"),
+    _s("--process-id", target="distributed.process_id", type=int, metavar="I",
+       env="JAXGEN_PROCESS_ID",
+       help="this process's rank: 0 serves and decides, the others execute its plans",
+       default_text="0, or detected with --distributed auto"),
+    _s("--distributed", target="distributed.mode", choices=DISTRIBUTED_MODES,
+       env="JAXGEN_DISTRIBUTED",
+       help="manual: the group the three flags above describe; auto: JAX detects a TPU pod or "
+            "cluster (the flags given override what it detects)"),
+    _s("--peer-timeout", target="distributed.peer_timeout_s", type=float, metavar="SECONDS",
+       env="JAXGEN_PEER_TIMEOUT",
+       help="a process silent or behind this long is lost: every process stops, non-zero"),
     # -- server ---------------------------------------------------------------------------
     _s("--host", target="server.host", commands=SERVE, help="address to listen on"),
     _s("--port", target="server.port", type=int, commands=SERVE,
@@ -177,7 +197,8 @@ SETTINGS: tuple[Setting, ...] = (
        help="include prompt text in the per-request log lines"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
-_SECTIONS = {"model": ModelSource, "engine": EngineConfig, "server": ServerConfig}
+_SECTIONS = {"model": ModelSource, "engine": EngineConfig, "server": ServerConfig,
+             "distributed": DistributedConfig}
 
 
 def _default_text(setting: Setting) -> str:
@@ -288,13 +309,26 @@ def config_from_args(args: argparse.Namespace, command: str,
         if s.dest in given:
             values[s.dest] = given[s.dest]
         elif s.env and s.type is not list and environ.get(s.env):
-            values[s.dest] = environ[s.env]
+            values[s.dest] = _from_env(s, environ[s.env])
         elif s.dest in preset:
             values[s.dest] = preset[s.dest]
     try:
         return _build(values, command, environ)
     except ConfigError as e:  # name the setting as the user wrote it
         raise ConfigError(_setting_name(e.field), e.value, e.rule) from None
+
+
+def _from_env(setting: Setting, text: str):
+    """An environment variable's value as the setting's type (flags get theirs from argparse)."""
+    if setting.type in (int, float):
+        try:
+            return setting.type(text)
+        except ValueError:
+            raise ConfigError(setting.env, text, f"must be {setting.type.__name__} "
+                                                 f"(as {setting.flags[0]})") from None
+    if setting.choices and text not in setting.choices:
+        raise ConfigError(setting.env, text, f"must be one of {', '.join(setting.choices)}")
+    return text
 
 
 def _setting_name(field: str) -> str:
@@ -328,7 +362,8 @@ def _build(values: dict, command: str, environ: Mapping[str, str]) -> Config:
     elif command == "generate":
         sections["engine"].setdefault("warmup", False)  # one-shot: compile only what runs
     config = Config(model=ModelSource(**sections["model"]), engine=EngineConfig(**sections["engine"]),
-                    server=ServerConfig(**sections["server"]), **top)
+                    server=ServerConfig(**sections["server"]),
+                    distributed=DistributedConfig(**sections["distributed"]), **top)
     for path in (config.server.tls_cert, config.server.tls_key):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")

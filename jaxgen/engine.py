@@ -12,6 +12,10 @@ unless the device is lost (then the engine is `dead`).
 Observers (`engine.observers`, e.g. jaxgen.metrics and jaxgen.request_log) are told each step's
 device time and the host gap before it, and each request's final output; the engine imports
 neither prometheus nor any logging policy of theirs.
+
+Over several processes (`group`: jaxgen.distributed's `Leader`, on process 0) the engine is the
+same: every plan goes to the other processes before it runs here, a lost process makes the
+engine dead and ends its requests UNAVAILABLE, and `stop()` stops the other processes too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import jax
 
 from jaxgen.config import DEFAULT_PROFILE_DIR, EngineConfig
 from jaxgen.engine_api import (EngineDeadError, EngineHungError, EngineInfo, EngineStats,
-                               Observers, OpenRequests, QueueFullError, check_request)
+                               GroupLostError, Observers, OpenRequests, QueueFullError,
+                               check_request)
 from jaxgen.launch_pipeline import LaunchPipeline
 from jaxgen.request_stream import ENGINE_UNAVAILABLE, Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner
@@ -71,10 +76,12 @@ class Engine:
     restarting = None  # the surface's: an engine on a thread is never restarted
 
     def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), mesh=None,
-                 *, name: str = "", profile_dir: str | None = None):
+                 *, name: str = "", profile_dir: str | None = None, group=None):
         self.tokenizer = tokenizer
         self.config = config = config.resolved(model.config.max_position_embeddings)
-        self.runner = ModelRunner(model, params, config, mesh=mesh)
+        self.group = group
+        self.runner = ModelRunner(model, params, config, mesh=mesh,
+                                  sync_dispatch=group is not None and group.sync_dispatch)
         self.warmup_seconds: float | None = None
         self.verify_cost: float | None = None  # speculative decoding: see scheduler_config
         self._watchdog: StepWatchdog | None = None
@@ -82,21 +89,24 @@ class Engine:
         self.step_timeout_s = config.step_timeout_s or None
         if config.warmup:
             start = time.perf_counter()
-            self.runner.warmup()
+            self.verify_cost = self.runner.warmup()
             self.warmup_seconds = time.perf_counter() - start
             self.step_timeout_s = config.step_timeout(self.runner.slowest_warmup_s)
             log.info("warm-up compiled in %.1fs", self.warmup_seconds)
-            if config.speculative:
-                self.verify_cost = self.runner.verify_cost()
+            if self.verify_cost is not None:
                 log.info("a one-request verify step costs %.2f decode tokens", self.verify_cost)
+            if group is not None:  # the others warmed up alike: no step compiles any more
+                group.steady()
         self.scheduler = Scheduler(scheduler_config(config, self.runner.num_pages,
                                                     tokenizer.stop_ids, self.verify_cost))
         self.observers = Observers()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._pipeline = LaunchPipeline(self.runner, self.scheduler, self._lock, self.observers,
-                                        config.overlap_launch)
+                                        config.overlap_launch, group)
         self._open = OpenRequests(self.observers)
+        if group is not None:
+            group.on_lost(self._lose)
         self._text: dict[str, RequestText] = {}
         self._seeds = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -144,6 +154,8 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler
+            compilations = self.runner.compilations_after_warmup + (
+                self.group.worker_compilations if self.group is not None else 0)
             return EngineStats(
                 num_running=s.num_running, num_waiting=s.num_waiting,
                 num_free_slots=s.num_free_slots, num_pages_used=s.num_pages_used,
@@ -151,7 +163,7 @@ class Engine:
                 num_displaced=s.num_displaced, num_queue_timeouts=s.num_queue_timeouts,
                 prefix_cache_query_tokens=s.prefix_cache_query_tokens,
                 prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-                compilations_after_warmup=self.runner.compilations_after_warmup)
+                compilations_after_warmup=compilations)
 
     def capture_profile(self, duration_s: float) -> str:
         from jaxgen.profiling import ProfileCapture
@@ -164,13 +176,15 @@ class Engine:
         c, cfg = self.runner.model.config, self.config
         axes = tuple(mesh.shape.items()) if mesh is not None else (("data", 1), ("model", 1))
         devices = mesh.devices.size if mesh is not None else 1
+        processes = jax.process_count()
         return EngineInfo(
             name=name, architecture=c.architecture, vocab_size=c.vocab_size,
             max_position_embeddings=c.max_position_embeddings, dtype=c.dtype,
             num_slots=cfg.num_slots, num_pages=self.runner.num_pages, page_size=cfg.page_size,
             max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
             decode_steps=cfg.decode_steps, max_prefill_tokens=cfg.max_prefill_tokens,
-            device=f"{jax.devices()[0].platform} x{devices}", mesh=axes,
+            device=f"{jax.devices()[0].platform} x{devices}" + (
+                f" over {processes} processes" if processes > 1 else ""), mesh=axes,
             jax_version=jax.__version__, warmup_seconds=self.warmup_seconds,
             step_timeout_s=self.step_timeout_s)
 
@@ -266,6 +280,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(None if self.dead is None else STOP_DEAD_TIMEOUT_S)
         self._pipeline.shutdown(wait=self.dead is None)
+        if self.group is not None:  # the other processes stop with this one
+            self.group.close()
 
     def _hung(self, seconds: float) -> None:
         """The watchdog's call: a step has run past step_timeout_s. The engine is dead, and its
@@ -275,6 +291,12 @@ class Engine:
         log.error("%s", detail)
         self.dead = EngineHungError(detail)
         self._open.fail_all(f"{ENGINE_UNAVAILABLE}: {detail}")
+
+    def _lose(self, error: GroupLostError) -> None:
+        """A process of the group was lost (on the group's thread; the loop may be stuck in a
+        device call that will never return): dead at once, every open request ended retryable."""
+        self.dead = error
+        self._open.fail_all(f"{ENGINE_UNAVAILABLE}: {error}")
 
     @contextlib.contextmanager
     def quiesced(self, timeout_s: float = 60.0):

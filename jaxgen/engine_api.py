@@ -25,7 +25,8 @@ from jaxgen.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineDeadError", "EngineHungError", "EngineInfo", "EngineObserver", "EngineStats", "EngineSurface",
+__all__ = ["EngineDeadError", "EngineHungError", "EngineInfo", "EngineObserver", "EngineStats",
+           "EngineSurface", "GroupLostError",
            "FinishedRequest", "Observers", "OpenRequests", "QueueFullError", "RequestError",
            "RequestTooLongError", "add_choices", "check_request"]
 
@@ -46,6 +47,14 @@ class EngineDeadError(RuntimeError):
 
 class EngineHungError(EngineDeadError):
     """A device step ran past the step watchdog's limit (`EngineInfo.step_timeout_s`)."""
+
+
+class GroupLostError(EngineDeadError):
+    """The engine ran over several processes (jaxgen.distributed) and one was lost: it died,
+    stopped answering or failed a step. Requests in flight end UNAVAILABLE (retryable), and
+    every process of the group exits with `exit_status`."""
+
+    exit_status = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,10 @@ every request ends and the pipeline reports it (`lost`). Observers are told each
 the host gap before it, and for steps launched ahead, the dispatch time and whether the device
 ran dry meanwhile.
 
+Over several processes (`group`, process 0's `Leader`) each plan is sent to the others just
+before it is dispatched here, in launch order; a failed step then stops the whole group (the
+processes' device states may no longer agree), naming a lost process if that was the cause.
+
 Knows the runner, the scheduler (to end requests of a failed step) and the engine's lock (held
 for scheduler calls only, never across a device call); nothing of text or streams.
 """
@@ -42,8 +46,9 @@ class _InFlight:
 
 class LaunchPipeline:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, lock: threading.Lock,
-                 observers: Observers, overlap_launch: bool = False):
+                 observers: Observers, overlap_launch: bool = False, group=None):
         self.runner, self.scheduler, self._lock, self._observers = runner, scheduler, lock, observers
+        self._group = group
         self._steps: list[_InFlight] = []  # oldest first
         self._launcher = (concurrent.futures.ThreadPoolExecutor(1, "jaxgen-launch")
                           if overlap_launch else None)
@@ -107,6 +112,8 @@ class LaunchPipeline:
         one had already finished on device once this dispatch returned: if so the device ran
         dry during host work (dispatch included), and the host set the pace."""
         start = time.perf_counter()
+        if self._group is not None:
+            self._group.send(plan)
         launched = self.runner.launch(plan)
         drained = None if previous is None else _finished(previous)
         return launched, drained, time.perf_counter() - start
@@ -121,6 +128,8 @@ class LaunchPipeline:
         with "error", not the engine; a lost device ends every request and sets `lost`."""
         log.exception("step %d failed on device", plan.step)
         detail = f"device step failed: {type(e).__name__}: {e}"
+        if self._group is not None:  # never returns
+            self._group.step_failed(f"step {plan.step} failed on process 0: {detail}")
         # Queued dispatches finish first (failing or not): the runner's state is then ours.
         concurrent.futures.wait([step.dispatch for step in self._steps])
         lost = self.runner.device_lost()

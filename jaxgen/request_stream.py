@@ -13,9 +13,25 @@ from collections.abc import Callable
 from jaxgen.scheduler.events import DEADLINE_EXCEEDED, SHED, Usage
 from jaxgen.scheduler.samples import TokenLogprobs
 
-# The detail of an "error" that the loss of the engine caused (it restarted, or cannot) starts
-# with this: nothing in the request was wrong, so front ends answer UNAVAILABLE / 503 (retry).
+# The detail of an "error" that the loss of the engine caused (it restarted or cannot, or a
+# process of a multi-process engine was lost) starts with this: nothing in the request was
+# wrong, so front ends answer UNAVAILABLE / 503 (retry).
 ENGINE_UNAVAILABLE = "engine unavailable"
+
+
+def outcome(finish_reason: str | None, detail: str) -> str | None:
+    """ok (stop/length), deadline_exceeded, shed (overload: the queue was full or the wait too
+    long; RESOURCE_EXHAUSTED), aborted (cancelled by the client or an abort), unavailable (the
+    engine was lost under it; retryable), error; None until the final output."""
+    if finish_reason in ("stop", "length"):
+        return "ok"
+    if finish_reason == "abort":
+        if detail.startswith(DEADLINE_EXCEEDED):
+            return "deadline_exceeded"
+        return "shed" if detail.startswith(SHED) else "aborted"
+    if finish_reason is None:
+        return None
+    return "unavailable" if detail.startswith(ENGINE_UNAVAILABLE) else "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +50,8 @@ class RequestOutput:
 
     @property
     def outcome(self) -> str | None:
-        """ok (stop/length), deadline_exceeded, shed (overload: the queue was full or the wait
-        too long; RESOURCE_EXHAUSTED), aborted (cancelled by the client or an abort),
-        unavailable (the engine was lost under it; retryable), error; None until the final
-        output."""
-        if self.finish_reason in ("stop", "length"):
-            return "ok"
-        if self.finish_reason == "abort":
-            if self.detail.startswith(DEADLINE_EXCEEDED):
-                return "deadline_exceeded"
-            return "shed" if self.detail.startswith(SHED) else "aborted"
-        if self.finish_reason is None:
-            return None
-        return "unavailable" if self.detail.startswith(ENGINE_UNAVAILABLE) else "error"
+        """See `outcome`."""
+        return outcome(self.finish_reason, self.detail)
 
 
 class RequestStream:
@@ -120,3 +125,7 @@ class Completion:
     detail: str
     usage: Usage | None
     logprobs: tuple[TokenLogprobs, ...] | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        return outcome(self.finish_reason, self.detail)

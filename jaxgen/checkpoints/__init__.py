@@ -68,15 +68,20 @@ def _load_source(path: str, dtype: str, mesh, attn_backend: str, embed_layout: s
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None,
          cache: str | None = None, attn_backend: str = "auto",
-         embed_layout: str = "auto") -> LoadedModel:
+         embed_layout: str = "auto", convert_bundled: bool = True) -> LoadedModel:
     """Loads a bundled model by name, or a checkpoint by path, onto `mesh` (None: one device);
-    `embed_layout` as `Model`'s."""
+    `embed_layout` as `Model`'s. `convert_bundled=False`: a bundled model not converted yet is
+    read from its GGUF instead (a process of a multi-process group: an Orbax save there would be
+    a collective act of the group, and its processes may share one cache directory)."""
     start = time.perf_counter()
     entry = bundled(name_or_path)
     converted = False
     if entry is not None:
         path = os.path.join(cache_dir(cache), "models", entry.name)
-        if orbax_format.format_version(path) != orbax_format.FORMAT_VERSION:
+        current = orbax_format.format_version(path) == orbax_format.FORMAT_VERSION
+        if not current and not convert_bundled:
+            path = entry.locate_gguf()
+        elif not current:
             log.info("converting %s into %s (first use of this jaxgen's format)", entry.name, path)
             convert(entry.locate_gguf(), path)
             converted = True

@@ -4,7 +4,8 @@ Every importer (HF safetensors, GGUF) first names its tensors as HF `transformer
 architecture, then this module turns them into the nested parameter dict of `jaxgen.models.Model`:
 it checks each shape, transposes `[out, in]` linears to `[in, out]`, splits heads out, fuses
 Q/K/V and gate/up into the model's fused weights, casts to the config dtype and places each array
-in its target sharding as it goes (one param's tensors in host memory at a time).
+in its target sharding as it goes (one param's tensors in host memory at a time; each device,
+and over several processes each process, receives only its own shards).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def load_params(model: Model, get_tensor: Callable[[str], np.ndarray], source: s
         value = np.ascontiguousarray(src.transform(*arrays)).astype(target.dtype)
         del arrays
         assert value.shape == target.shape, (path, value.shape, target.shape)
-        sharding = _get(shardings, path) if shardings is not None else None
-        _set(params, path, jax.device_put(value, sharding))
+        if shardings is None:
+            _set(params, path, jax.device_put(value))
+        else:  # each device gets its shard only; over several processes, only this one's
+            _set(params, path, jax.make_array_from_callback(
+                value.shape, _get(shardings, path), lambda index, value=value: value[index]))
     return params

@@ -19,7 +19,7 @@ def failure(out: RequestOutput | Completion) -> OpenAIError | None:
     """The error a request that ended without a result answers with: 500 when the engine failed
     it, 503 when the engine was lost under it (retryable), 429 when it was shed under
     overload; None for every other end."""
-    outcome = RequestOutput(out.request_id, (), "", None, out.finish_reason, out.detail).outcome
+    outcome = out.outcome
     if outcome == "error":
         return OpenAIError(500, f"the engine failed this request: {out.detail}")
     if outcome == "unavailable":
@@ -27,7 +27,6 @@ def failure(out: RequestOutput | Completion) -> OpenAIError | None:
     if outcome == "shed":
         return OpenAIError(429, out.detail, code="overloaded")
     return None
-
 
 
 class Responder:
@@ -137,3 +136,4 @@ class Responder:
 
     def usage_chunk(self, usages: Sequence) -> dict | None:
         return self._chunk([], usage=self.usage(usages)) if self.gen.include_usage else None
+

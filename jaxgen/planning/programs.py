@@ -19,16 +19,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgen.config import EngineConfig
 from jaxgen.models import Model
-from jaxgen.models.sharding import MESH_AXES, kv_pages_sharding
+from jaxgen.models.sharding import kv_pages_sharding, make_mesh
 from jaxgen.planning.targets import compiling_for
 from jaxgen.runtime.sampling import SamplingRows
-from jaxgen.runtime.state import DecodeState, insert
-from jaxgen.runtime.steps import make_generate, make_prefill
+from jaxgen.runtime.state import DecodeState, state_shardings
+from jaxgen.runtime.steps import make_generate, make_insert, make_prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +64,14 @@ class CompiledStep:
 
 
 def target_mesh(devices, mesh_shape: tuple[int, int]) -> Mesh:
-    """`devices` (libtpu's order) as a (data, model) mesh; errors name the shape and count."""
+    """`devices` (libtpu's order, process by process) as a (data, model) mesh, built as the
+    runner builds it from `jax.devices()` on the slice (`make_mesh`, every process of a
+    group alike); errors name the shape and count."""
     data, model = mesh_shape
     if data * model != len(devices):
         raise ValueError(f"mesh={data},{model}: {data * model} devices, but the target has "
                          f"{len(devices)}")
-    return Mesh(np.asarray(devices).reshape(mesh_shape), MESH_AXES)
+    return make_mesh(mesh_shape, devices)
 
 
 def _abstract(tree, sharding):
@@ -91,9 +92,11 @@ def abstract_pages(model: Model, mesh: Mesh, num_pages: int, page_size: int):
 
 
 def abstract_state(model: Model, mesh: Mesh, slots: int, pages_per_seq: int):
+    """The decode state placed as the runner places it over a mesh (`state_shardings`)."""
     state = jax.eval_shape(lambda: DecodeState.create(slots, pages_per_seq,
                                                       model.config.vocab_size))
-    return _abstract(state, NamedSharding(mesh, P()))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state, state_shardings(state, mesh))
 
 
 def device_bytes(tree) -> int:
@@ -116,6 +119,11 @@ class ServingProgram:
     def state(self, slots: int):
         return abstract_state(self.model, self.mesh, slots, self.engine.pages_per_seq)
 
+    def placement(self, slots: int):
+        """Where the runner keeps the pools and the state across steps (the steps'
+        `placement`): the same out_shardings as served, so the same programs."""
+        return self.pages[0].sharding, jax.tree.map(lambda a: a.sharding, self.state(slots))
+
     def _small(self, shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
@@ -128,12 +136,13 @@ class ServingProgram:
     def compile_insert(self) -> CompiledStep:
         s = self.engine.num_slots
         rows = _abstract(jax.eval_shape(lambda: SamplingRows.zeros(s)), self._replicated)
-        step = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
+        step = make_insert(self.placement(s))
         return self._compile("insert", "insert", s, step, self.state(s), self._small((s,)),
                              rows, self._small((s,)))
 
     def compile_prefill(self, bucket: int) -> CompiledStep:
-        forward, _ = make_prefill(self.model).jitted
+        forward, _ = make_prefill(self.model, placement=self.placement(
+            self.engine.num_slots)).jitted
         return self._compile(f"prefill[{bucket}]", "prefill", bucket, forward,
                              *self._prefill_args(bucket))
 
@@ -146,7 +155,7 @@ class ServingProgram:
     def compile_sample(self) -> CompiledStep:
         """The sampling of each chunk's last row after a prefill (one program per level)."""
         s = self.engine.num_slots
-        forward, pick = make_prefill(self.model).jitted
+        forward, pick = make_prefill(self.model, placement=self.placement(s)).jitted
         logits, positions, _, _ = jax.eval_shape(forward, *self._prefill_args(16))
         return self._compile(
             "sample", "sample", s, pick, self.state(s), _abstract(logits, self._replicated),
@@ -156,7 +165,7 @@ class ServingProgram:
     def compile_decode(self, slots: int) -> CompiledStep:
         """`generate` for `slots` slots; XLA's cost analysis counts its on-device loop body
         once, so its figures are one decode step (`slots` tokens)."""
-        generate = make_generate(self.model, self.engine.decode_steps)
+        generate = make_generate(self.model, self.engine.decode_steps, self.placement(slots))
         return self._compile(f"decode[{slots}]", "decode", slots, generate, self.params,
                              self.pages, self.state(slots), self._small((slots,)),
                              self._small((slots,), jnp.bool_), level=self.level)

@@ -22,8 +22,8 @@ import numpy as np
 from jaxgen.config import EngineConfig
 from jaxgen.models import Model
 from jaxgen.runtime.sampling import SamplingRows
-from jaxgen.runtime.state import DecodeState, insert
-from jaxgen.runtime.steps import make_generate, make_prefill, make_verify
+from jaxgen.runtime.state import DecodeState, state_shardings
+from jaxgen.runtime.steps import make_generate, make_insert, make_prefill, make_verify
 from jaxgen.sampling_params import GREEDY, MAX_LOGIT_BIAS, SAMPLING_LEVELS
 from jaxgen.scheduler.plan import StepOutput, StepPlan
 
@@ -41,7 +41,7 @@ def size_page_pool(model: Model, cfg: EngineConfig, dtype) -> int:
     asked for: DEFAULT_CPU_PAGES otherwise)."""
     if cfg.num_pages is not None:
         return cfg.num_pages
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     share = cfg.memory_utilization
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
@@ -65,6 +65,27 @@ def host_available_bytes() -> int | None:
     return None
 
 
+def _settled(call):
+    """`call`, returning only once its outputs are computed."""
+    def settled(*args, **kwargs):
+        return jax.block_until_ready(call(*args, **kwargs))
+    return settled
+
+
+def _local_copy(tree):
+    """Each array as this process can read it: itself when all its shards are here, else (an
+    array over the devices of several processes) its replica on a local device. Sampled tokens
+    are replicated, so process 0 reads them without any other process taking part."""
+    def local(a):
+        if a.is_fully_addressable:
+            return a
+        if not a.is_fully_replicated:
+            raise ValueError(f"a step output of shape {a.shape} is split over processes "
+                             f"({a.sharding}); process 0 can read only replicated outputs")
+        return a.addressable_data(0)
+    return jax.tree.map(local, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchedStep:
     """A plan whose device work is dispatched; its sampled tokens are still on device."""
@@ -81,10 +102,19 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, params, cfg: EngineConfig, mesh=None):
-        """`cfg`: the engine's config with max_model_len resolved (`EngineConfig.resolved`)."""
+    def __init__(self, model: Model, params, cfg: EngineConfig, mesh=None, *,
+                 sync_dispatch: bool = False, reads_tokens: bool = True):
+        """`cfg`: the engine's config with max_model_len resolved (`EngineConfig.resolved`).
+
+        Several processes (jaxgen.distributed) each run a runner over one global `mesh`, on the
+        same plans in the same order. `reads_tokens`: False on every process but 0, which alone
+        copies sampled tokens to host. `sync_dispatch`: wait for each device call before the
+        next (CPU processes joined by gloo: with two calls in flight, one local device can enter
+        the next call's collective while another is still in the last one's, and the processes
+        deadlock)."""
         cfg = cfg.resolved(model.config.max_position_embeddings)
         self.model, self.cfg, self._mesh = model, cfg, mesh
+        self.reads_tokens = reads_tokens
         self.num_pages = size_page_pool(model, cfg, model.config.dtype)
         # Params, pools and state are placed explicitly (committed), like the jit outputs they
         # mix with: jit keys its cache on placement too. A step's small inputs go as numpy
@@ -94,16 +124,27 @@ class ModelRunner:
         kv_pages = model.init_kv_pages(self.num_pages, cfg.page_size, mesh=mesh)
         self.params, self.kv_pages = (params, kv_pages) if mesh is not None else \
             self._put((params, kv_pages))
-        self.state = self._put(DecodeState.create(cfg.num_slots, cfg.pages_per_seq,
-                                                  model.config.vocab_size))
+        state = DecodeState.create(cfg.num_slots, cfg.pages_per_seq, model.config.vocab_size)
+        # Over a mesh the pools and the state keep one placement across every step.
+        placement = None
+        if mesh is not None:
+            placement = (kv_pages[0].sharding, state_shardings(state, mesh))
+            self.state = jax.device_put(state, placement[1])
+        else:
+            self.state = self._put(state)
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
-        self._prefill = make_prefill(model)
-        self._generate = make_generate(model, cfg.decode_steps)
-        self._insert = jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,))
+        settled = _settled if sync_dispatch else (lambda f: f)
+        self._prefill = make_prefill(model, settled, placement)
+        generate = make_generate(model, cfg.decode_steps, placement)
+        insert_state = make_insert(placement)
         # Speculative decoding: K drafts verified per slot and step (0: off).
         self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
-        self._verify = make_verify(model, self.num_drafts) if self.num_drafts else None
+        verify = make_verify(model, self.num_drafts, placement) if self.num_drafts else None
+        self._jitted = (*self._prefill.jitted, generate, insert_state) + \
+            ((verify,) if verify is not None else ())
+        self._generate, self._insert = settled(generate), settled(insert_state)
+        self._verify = settled(verify) if verify is not None else None
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
         self.slowest_warmup_s: float | None = None  # set by warmup()
@@ -125,17 +166,18 @@ class ModelRunner:
     # -- compilation accounting ---------------------------------------------------------------
 
     def _compiled(self) -> int:
-        steps = (*self._prefill.jitted, self._generate, self._insert) + \
-            ((self._verify,) if self._verify is not None else ())
-        return sum(f._cache_size() for f in steps)
+        return sum(f._cache_size() for f in self._jitted)
 
-    def warmup(self) -> None:
+    def warmup(self) -> float | None:
         """Compiles `insert`, every prefill bucket, and prefill's sampling, `generate` and every
         verify bucket at every sampling level, with no-op inputs. Each call is waited for:
         `slowest_warmup_s` (the longest, compilation or cache load included) sizes the default
-        step watchdog."""
+        step watchdog. With speculative decoding, then measures a verify step and returns its
+        cost (`verify_cost`; None without). Every process of a group runs this same sequence of
+        device calls (each is a collective over all of them)."""
         with self._on_mesh():
             self._warmup()
+        return self.verify_cost() if self.num_drafts else None
 
     def _warmup(self) -> None:
         s = self.cfg.num_slots
@@ -202,7 +244,8 @@ class ModelRunner:
 
     def _probe_device(self) -> None:
         devices = jax.tree.leaves(self.state)[0].sharding.device_set
-        for d in sorted(devices, key=lambda d: d.id):
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        for d in sorted(local, key=lambda d: d.id):
             jax.block_until_ready(jax.device_put(np.int32(1), d) + 1)
 
     # -- one step -------------------------------------------------------------------------------
@@ -230,10 +273,12 @@ class ModelRunner:
         prefill = self._prefill_chunks(plan) if plan.prefills else None
         decode = self._decode(plan) if plan.decode_slots else None
         verify = self._run_verify(plan) if plan.verify_slots else None
-        # Start the device-to-host copy now: it runs as soon as the step's results exist,
-        # while the host does other work, instead of when the host asks.
-        for leaf in jax.tree.leaves((prefill, decode, verify)):
-            leaf.copy_to_host_async()
+        if self.reads_tokens:
+            prefill, decode, verify = _local_copy((prefill, decode, verify))
+            # Start the device-to-host copy now: it runs as soon as the step's results exist,
+            # while the host does other work, instead of when the host asks.
+            for leaf in jax.tree.leaves((prefill, decode, verify)):
+                leaf.copy_to_host_async()
         self._check_compiles()
         return LaunchedStep(plan, prefill, decode, verify)
 
@@ -252,8 +297,9 @@ class ModelRunner:
         # A copy: on CPU, device_put of an aligned numpy array is zero-copy, so the device table
         # of a step still in flight (launched ahead) would change under it with the next update
         # and its K/V writes land in another request's pages.
-        self.state = dataclasses.replace(self.state,
-                                         page_table=self._put(self._page_table.copy()))
+        # Placed as the table it replaces, so the next step's signature is warm-up's.
+        self.state = dataclasses.replace(self.state, page_table=jax.device_put(
+            self._page_table.copy(), self.state.page_table.sharding))
 
     def _assign(self, plan: StepPlan) -> None:
         s = self.cfg.num_slots

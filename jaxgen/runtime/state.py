@@ -38,6 +38,19 @@ class DecodeState:
         )
 
 
+def state_shardings(state: DecodeState, mesh) -> DecodeState:
+    """Where each field lives on `mesh`: per-slot rows replicated, the `[S, V]` token statistics
+    split over the vocabulary as the logits they are read with are (replicated when `model`
+    does not divide V). Every step returns the state with exactly these (`steps._placed`)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxgen.models.sharding import partition_spec
+
+    by_vocab = NamedSharding(mesh, partition_spec((None, "vocab"), state.output_counts.shape, mesh))
+    shardings = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec(*[None] * a.ndim)), state)
+    return dataclasses.replace(shardings, prompt_seen=by_vocab, output_counts=by_vocab)
+
+
 def insert(state: DecodeState, slots, rows: SamplingRows, prompt_len) -> DecodeState:
     """Places new requests: `slots i32[S]` (entries equal to S are padding) get sampling `rows`
     (`[S]` each, aligned with `slots`) and `prompt_len i32[S]`; their penalty statistics reset.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxgen.models import AttentionMetadata, Model
 from jaxgen.runtime.sampling import Sampled, sample, verify_drafts
-from jaxgen.runtime.state import DecodeState
+from jaxgen.runtime.state import DecodeState, insert
 from jaxgen.sampling_params import GREEDY
 
 
@@ -28,7 +28,28 @@ def _take_rows(tree, index):
     return jax.tree.map(lambda a: a[index], tree)
 
 
-def make_prefill(model: Model):
+def _placed(placement, *outputs) -> dict:
+    """`jax.jit`'s out_shardings for a step returning `outputs`, each "pages", "state" or None
+    (as XLA likes): over a mesh (`placement`: the pools' sharding, the state's shardings) the
+    pools and the state leave every step spelled exactly as they came in. Without it JAX
+    spells an output's sharding after the step's first input (`P()` in one program,
+    `P(None, None)` in another), jit keys its cache on the spelling, and the next step
+    compiles again."""
+    if placement is None:
+        return {}
+    where = {"pages": placement[0], "state": placement[1], None: None}
+    shardings = tuple(where[o] for o in outputs)
+    return {"out_shardings": shardings if len(shardings) > 1 else shardings[0]}
+
+
+def make_insert(placement=None):
+    """`insert(state, slots i32[S], rows SamplingRows [S], prompt_len i32[S]) -> state`
+    (`jaxgen.runtime.state.insert`, the state donated)."""
+    return jax.jit(jax.named_scope("insert")(insert), donate_argnums=(0,),
+                   **_placed(placement, "state"))
+
+
+def make_prefill(model: Model, settled=lambda call: call, placement=None):
     """`prefill(params, kv_pages, state, tokens i32[T], positions i32[T], row_slots i32[T],
     chunk_slots i32[C], cu_q_lens i32[C+1], num_chunks i32[1], sample_mask bool[C], *, level)
     -> (Sampled [C], kv_pages, state)`.
@@ -39,10 +60,13 @@ def make_prefill(model: Model):
 
     Two programs: the forward (one per token bucket, whatever the level) and the sampling of the
     chunks' last rows (one per level, shapes independent of the bucket), so the sampling levels
-    do not multiply the prefill compilations. `prefill.jitted` lists both.
+    do not multiply the prefill compilations. `prefill.jitted` lists both. `settled` wraps
+    each of them as it is called (the runner's `sync_dispatch`). `placement` (as every step's):
+    where the page pools and the state stay over a mesh, (pages' sharding, state's shardings).
     """
 
-    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    @functools.partial(jax.jit, donate_argnums=(1, 2),
+                       **_placed(placement, None, None, "pages", "state"))
     @jax.named_scope("prefill")  # names the ops in profiles (jaxgen profile)
     def forward(params, kv_pages, state: DecodeState, tokens, positions, row_slots, chunk_slots,
                 cu_q_lens, num_chunks):
@@ -66,7 +90,8 @@ def make_prefill(model: Model):
                 jnp.where(~is_prompt & ~pad, row_slots, num_slots), tokens].add(1, mode="drop"))
         return logits, positions[last_rows] + 1, kv_pages, state
 
-    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("level",))
+    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("level",),
+                       **_placed(placement, None, "state"))
     def pick(state: DecodeState, logits, next_positions, chunk_slots, sample_mask, *, level):
         num_slots = state.tokens.shape[0]
         sampled = sample(logits, _take_rows(state.rows, chunk_slots), next_positions,
@@ -77,20 +102,22 @@ def make_prefill(model: Model):
             output_counts=state.output_counts.at[target, sampled.tokens].add(1, mode="drop"))
         return sampled, state
 
+    run_forward, run_pick = settled(forward), settled(pick)
+
     def prefill(params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
                 num_chunks, sample_mask, *, level):
-        logits, next_positions, kv_pages, state = forward(
+        logits, next_positions, kv_pages, state = run_forward(
             params, kv_pages, state, tokens, positions, row_slots, chunk_slots, cu_q_lens,
             num_chunks)
-        sampled, state = pick(state, logits, next_positions, chunk_slots, sample_mask,
-                              level=level)
+        sampled, state = run_pick(state, logits, next_positions, chunk_slots, sample_mask,
+                                  level=level)
         return sampled, kv_pages, state
 
     prefill.jitted = (forward, pick)
     return prefill
 
 
-def make_generate(model: Model, num_steps: int):
+def make_generate(model: Model, num_steps: int, placement=None):
     """`generate(params, kv_pages, state, positions i32[S], active bool[S], *, level)
     -> (Sampled with leading [num_steps, S], kv_pages, state)`.
 
@@ -98,7 +125,8 @@ def make_generate(model: Model, num_steps: int):
     on-device loop; inactive slots have kv_len 0 (they neither read nor write pages).
     """
 
-    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",))
+    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",),
+                       **_placed(placement, None, "pages", "state"))
     @jax.named_scope("generate")
     def generate(params, kv_pages, state: DecodeState, positions, active, *, level):
         num_slots = state.tokens.shape[0]
@@ -130,7 +158,7 @@ def make_generate(model: Model, num_steps: int):
     return generate
 
 
-def make_verify(model: Model, num_drafts: int):
+def make_verify(model: Model, num_drafts: int, placement=None):
     """`verify(params, kv_pages, state, slots i32[C], drafts i32[C, K], draft_lens i32[C],
     positions i32[C], *, level) -> (Verified [C], kv_pages, state)`: speculative decoding's step.
 
@@ -145,7 +173,8 @@ def make_verify(model: Model, num_drafts: int):
     """
     width = num_drafts + 1
 
-    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",))
+    @functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("level",),
+                       **_placed(placement, None, "pages", "state"))
     @jax.named_scope("verify")
     def verify(params, kv_pages, state: DecodeState, slots, drafts, draft_lens, positions, *,
                level):
@@ -178,4 +207,4 @@ def make_verify(model: Model, num_drafts: int):
     return verify
 
 
-__all__ = ["Sampled", "make_generate", "make_prefill", "make_verify"]
+__all__ = ["Sampled", "make_generate", "make_insert", "make_prefill", "make_verify"]

@@ -30,14 +30,22 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
 
 
 def cmd_serve(args) -> int:
-    from jaxgen.engine_api import EngineDeadError
+    from jaxgen.engine_api import EngineDeadError, GroupLostError
     from jaxgen.server.lifecycle import LOAD_THREAD, serve
 
     config = config_sources.config_from_args(args, "serve")
     logging.getLogger("jaxgen").setLevel(config.server.log_level)
+    if config.distributed.enabled:
+        from jaxgen.build import is_worker, run_worker
+
+        if is_worker(config):  # process 0 alone listens; this one runs its plans
+            return run_worker(config)
     try:
         asyncio.run(_serve_until_signalled(serve, config.server,
                                            lambda: _load_serving_model(config)))
+    except GroupLostError as e:  # NOT_SERVING was shown, the streams ended UNAVAILABLE
+        print(f"jaxgen: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
     except EngineDeadError as e:  # drained; exit non-zero so that an orchestrator replaces us
         print(f"jaxgen: error: {e}", file=sys.stderr, flush=True)
         # A hung engine's thread may be stuck in a device call, which the interpreter's

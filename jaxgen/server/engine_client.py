@@ -43,7 +43,8 @@ import uuid
 
 from jaxgen.config import Config
 from jaxgen.engine_api import (EngineDeadError, EngineHungError, EngineInfo, EngineStats,
-                               Observers, OpenRequests, QueueFullError, check_request)
+                               GroupLostError, Observers, OpenRequests, QueueFullError,
+                               check_request)
 from jaxgen.request_stream import ENGINE_UNAVAILABLE, SHED, RequestOutput, RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.engine_connection import EngineConnection
@@ -231,8 +232,11 @@ class EngineClient:
                 else:
                     future.set_exception(event.error)
         elif isinstance(event, msg.Dead):
-            cause = "hung" if event.hung else "failed"
-            self._failed(conn, cause, f"the engine failed: {event.message}")
+            if event.group_lost:  # the other processes are gone: nothing to restart with
+                self._failed(conn, "group_lost", event.message)
+            else:
+                cause = "hung" if event.hung else "failed"
+                self._failed(conn, cause, f"the engine failed: {event.message}")
         else:
             log.error("unknown engine event %r", event)
 
@@ -265,14 +269,21 @@ class EngineClient:
             if conn is not self._conn or conn.failed or self._stopping.is_set():
                 return
             conn.failed = True
-            restart = self._breaker.allow()
+            # An engine over several processes (jaxgen.distributed) is never restarted alone:
+            # the group stops, and the orchestrator restarts every process.
+            restart = not self._config.distributed.enabled and self._breaker.allow()
             kept = set(self._unanswered) if restart else set()
             lost = [rid for rid in self._open.ids() if rid not in kept]
             if restart:
                 self.restarting = EngineDeadError(detail)
+            elif cause == "group_lost":
+                self.dead = GroupLostError(detail)
+                self._unanswered.clear()
             else:
+                why = ("an engine over several processes restarts with its group"
+                       if self._config.distributed.enabled else self._breaker.describe())
                 self.dead = (EngineHungError if cause == "hung" else EngineDeadError)(
-                    f"{detail}; not restarted: {self._breaker.describe()}")
+                    f"{detail}; not restarted: {why}")
                 self._unanswered.clear()
             self._carried = _with_counters(self._stats, EngineStats(), 0)
             profiles, self._profiles = list(self._profiles.values()), {}

@@ -109,6 +109,7 @@ class Profiled:
 class Dead:
     message: str
     hung: bool = False  # the engine's step watchdog fired (EngineHungError), not a crash
+    group_lost: bool = False  # a process of a multi-process engine was lost (GroupLostError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import threading
 import time
 
 from jaxgen.config import Config
-from jaxgen.engine_api import EngineHungError, EngineObserver, QueueFullError
+from jaxgen.engine_api import EngineHungError, EngineObserver, GroupLostError, QueueFullError
 from jaxgen.request_stream import RequestStream
 from jaxgen.server import engine_messages as msg
 from jaxgen.server.stream_bridge import drain
@@ -135,8 +135,10 @@ class _EngineCore:
             if self.engine.dead is not None and not self._dead_sent:
                 self._dead_sent = True
                 dead = self.engine.dead
-                batch.append(msg.Dead(f"{type(dead).__name__}: {dead}",
-                                      hung=isinstance(dead, EngineHungError)))
+                lost = isinstance(dead, GroupLostError)
+                # First: the server is dead (NOT_SERVING) by the time it ends the streams.
+                batch.insert(0, msg.Dead(str(dead) if lost else f"{type(dead).__name__}: {dead}",
+                                         hung=isinstance(dead, EngineHungError), group_lost=lost))
             stats = self.engine.stats()
             if batch or stats != last or time.monotonic() - sent >= msg.HEARTBEAT_INTERVAL_S:
                 try:
@@ -180,6 +182,10 @@ def engine_main(config: Config, parent_pid: int, requests, events) -> None:
         if not isinstance(e, (ValueError, FileNotFoundError)):  # those the CLI prints in a line
             log.exception("the engine process failed to start")
         events.send(msg.Failed(_picklable(e)))
+        if config.distributed.enabled:  # not jax.distributed's exit barrier: the others are gone
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return
     core = _EngineCore(engine, events)
     engine.start()

@@ -12,7 +12,8 @@
      so that an orchestrator replaces the server;
   4. when `stop` is set (SIGTERM/SIGINT in `jaxgen serve`): health NOT_SERVING, new Generate
      calls UNAVAILABLE, in-flight calls get `drain_timeout_s` to finish, then the server stops
-     (cancelling what is left) and the engine loop ends.
+     (cancelling what is left) and the engine loop ends (over several processes: all of them).
+     An engine that lost one of its processes stops the server the same way, by itself.
 JAX's profiler server starts with the gRPC port when `profiler_port` is set.
 Health answers for "" (the whole server) and for "jaxgen.v1.Generation". Reflection lists the
 Generation, health and reflection services.
@@ -35,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxgen.config import ServerConfig
-from jaxgen.engine_api import EngineDeadError
+from jaxgen.engine_api import EngineDeadError, GroupLostError
 from jaxgen.server.auth import ApiKeyInterceptor
 from jaxgen.server.front_end import FrontEnd, StreamLimits
 from jaxgen.server.servicer import GenerationServicer
@@ -50,6 +51,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_NAMES = ("", SERVICE)
 ENGINE_WATCH_INTERVAL_S = 0.25
 LOAD_THREAD = "jaxgen-load"  # the thread that loads the model and warms up
+LOST_GRACE_S = 2.0  # NOT_SERVING shown this long before a server whose engine group was lost exits
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -134,7 +136,9 @@ async def _set_health(health_servicer, status) -> None:
 async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Event,
                         failed: list) -> None:
     """Health follows the engine: NOT_SERVING while it restarts, SERVING again once it serves;
-    once it is dead for good, NOT_SERVING, its error in `failed` and `stop` set (drain, exit)."""
+    once it is dead for good, NOT_SERVING, its error in `failed` and `stop` set (drain, exit).
+    A multi-process engine that lost a process is not coming back either: health checkers see
+    NOT_SERVING for LOST_GRACE_S first."""
     engine, serving = model.engine, True
     while True:
         if engine.dead is not None:
@@ -143,6 +147,8 @@ async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Even
                  f"draining, then exiting")
             await _set_health(health_servicer, NOT_SERVING)
             failed.append(engine.dead)
+            if isinstance(engine.dead, GroupLostError):
+                await asyncio.sleep(LOST_GRACE_S)
             stop.set()
             return
         up = engine.restarting is None
@@ -205,6 +211,8 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         if model is not None:
             model.engine.stop()
     if failed:
+        if isinstance(failed[0], GroupLostError):  # `serve` exits with its status
+            raise failed[0]
         raise EngineDeadError(f"the engine has failed: {failed[0]}")
 
 

@@ -11,8 +11,8 @@ for refusing a duplicate id) and counts calls in progress (for the drain).
 Status codes: INVALID_ARGUMENT (bad request; the message names the field), RESOURCE_EXHAUSTED
 (waiting queue full, the request shed from it, or its client not reading), ALREADY_EXISTS
 (duplicate request id in flight), DEADLINE_EXCEEDED, UNAVAILABLE (warming up, draining, the
-engine restarting or dead, or lost after the request had streamed: retryable), INTERNAL (the
-engine failed the request).
+engine restarting or dead, or lost after the request had streamed, or a process of a
+multi-process engine lost: retryable), INTERNAL (the engine failed the request).
 `CaptureProfile` (admin) records a profiler trace and streams its files back; FAILED_PRECONDITION
 while another capture runs.
 """
