@@ -35,3 +35,15 @@ def _compilation_cache(xla_cache_dir):
 
 
 pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRPC and HTTP tests)
+
+
+# The slowest files first: `make test` runs two xdist workers taking one file at a time
+# (--dist loadfile), and a long file started last would leave one worker running it alone.
+SLOW_FIRST = ("test_chaos.py", "test_hf_parity.py", "test_speculative.py", "test_server.py",
+              "test_multihost.py", "test_tpu_compile.py", "test_engine.py", "test_observability.py",
+              "test_http.py", "test_batch.py", "test_server_lifecycle.py", "test_tools.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: files stay whole

@@ -68,7 +68,16 @@ def test_drafts_that_keep_failing_pause_proposals():
 
 @pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
 def tiny(request):
+    """Both architectures: for what a model's layers could change (greedy identity)."""
     model = Model(request.param)
+    return model, model.init_random(seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """One architecture, for what happens past the logits (acceptance, sampling, stops,
+    limits, seeds, compilation), which no layer of the model reaches."""
+    model = Model(TINY_LLAMA)
     return model, model.init_random(seed=3)
 
 
@@ -111,7 +120,7 @@ def test_greedy_output_is_identical_with_staggered_arrivals_preemption_and_abort
     assert e.scheduler.num_pages_used == 0
 
 
-def test_stops_max_tokens_logprobs_and_opt_out_match_plain_decoding(tiny):
+def test_stops_max_tokens_logprobs_and_opt_out_match_plain_decoding(tiny_llama):
     """Stop ids (ByteTokenizer's 0) and stop strings are never streamed past, max_tokens is
     never exceeded, and logprobs are those of the emitted tokens; a request may opt out."""
     prompts = repetitive(4, seed=2)
@@ -120,8 +129,8 @@ def test_stops_max_tokens_logprobs_and_opt_out_match_plain_decoding(tiny):
               SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=30, temperature=0.0, stop=(text[2][3:5],)),
               SamplingParams(max_tokens=30, temperature=0.0, speculative=False)]
-    plain = engine(tiny).generate(prompts, params)
-    spec = engine(tiny, **SPEC).generate(prompts, params)
+    plain = engine(tiny_llama).generate(prompts, params)
+    spec = engine(tiny_llama, **SPEC).generate(prompts, params)
     for a, b in zip(plain, spec):
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
     assert len(spec[1].token_ids) == 7
@@ -145,7 +154,7 @@ def _chi_square(a: np.ndarray, b: np.ndarray) -> float:
     return float(((table - expected) ** 2 / expected).sum() / max(len(cats) - 1, 1))
 
 
-def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
+def test_sampled_output_keeps_the_target_distribution(tiny_llama, monkeypatch):
     """Tokens 2..4 of many seeded requests, with and without speculation, come from one
     distribution; accepting drafts without the rejection-sampling correction does not."""
     import jax.numpy as jnp
@@ -158,10 +167,10 @@ def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
     # Every token occurs in the prompt: whatever is sampled, the n-gram index drafts what
     # followed it there, which the model mostly does not want (rejections) and sometimes does.
     prompt = list(range(1, 256))
-    seeds, temperature = range(480), 0.05  # the tiny models' logits are small: sharpened
+    seeds, temperature = range(480), 0.05  # the tiny model's logits are small: sharpened
     kw = dict(num_slots=16, num_pages=400, max_model_len=272, speculative_max_batch=16)
-    plain = _first_tokens(engine(tiny, **kw), prompt, seeds, 4, temperature)
-    spec_engine = engine(tiny, **kw, **SPEC)
+    plain = _first_tokens(engine(tiny_llama, **kw), prompt, seeds, 4, temperature)
+    spec_engine = engine(tiny_llama, **kw, **SPEC)
     spec = _first_tokens(spec_engine, prompt, seeds, 4, temperature)
     s = spec_engine.scheduler
     assert s.num_draft_tokens > 300 and s.num_accepted_draft_tokens < s.num_draft_tokens
@@ -177,7 +186,7 @@ def test_sampled_output_keeps_the_target_distribution(tiny, monkeypatch):
         return dataclasses.replace(out, tokens=tokens, counts=draft_lens + 1)
 
     monkeypatch.setattr(steps, "verify_drafts", uncorrected)
-    wrong = _first_tokens(engine(tiny, **kw, **SPEC), prompt, seeds, 4, temperature)
+    wrong = _first_tokens(engine(tiny_llama, **kw, **SPEC), prompt, seeds, 4, temperature)
     stats = [_chi_square(plain[:, i], wrong[:, i]) for i in range(1, 4)]
     print("... and uncorrected:", stats)
     assert max(stats) > 5.0, stats
@@ -220,33 +229,33 @@ def test_verify_draws_every_emitted_token_from_the_target_distribution():
     close(np.asarray(out.tokens)[:, 0], np.array([0.4, 0.3, 0, 0, 0, 0]) / 0.7)
 
 
-def test_nobody_drafts_while_the_batch_is_above_the_limit(tiny):
+def test_nobody_drafts_while_the_batch_is_above_the_limit(tiny_llama):
     """Four requests of equal length run together: with --speculative-max-batch 2 they never
     draft (and plan ahead as without speculation); with 4 they do; the tokens are the same."""
     prompts = repetitive(4, seed=9)
     runs = {}
     for limit in (2, 4):
-        e = engine(tiny, **SPEC, speculative_max_batch=limit)
+        e = engine(tiny_llama, **SPEC, speculative_max_batch=limit)
         runs[limit] = [c.token_ids for c in e.generate(prompts, GREEDY)]
         assert (e.scheduler.num_draft_tokens > 0) == (limit == 4)
     assert runs[2] == runs[4]
 
 
-def test_seeded_speculative_output_ignores_batch_mates(tiny):
+def test_seeded_speculative_output_ignores_batch_mates(tiny_llama):
     prompt = repetitive(1, seed=6)[0]
     mine = SamplingParams(max_tokens=24, temperature=0.9, seed=123, ignore_eos=True)
-    alone = engine(tiny, **SPEC).generate([prompt], mine)[0].token_ids
+    alone = engine(tiny_llama, **SPEC).generate([prompt], mine)[0].token_ids
     mates = repetitive(3, seed=7)
-    crowd = engine(tiny, **SPEC).generate(mates + [prompt], [
+    crowd = engine(tiny_llama, **SPEC).generate(mates + [prompt], [
         SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True) for i in range(3)]
         + [mine])[3].token_ids
     assert alone == crowd
 
 
-def test_no_compilation_after_warm_up_and_metrics_count_drafts(tiny):
+def test_no_compilation_after_warm_up_and_metrics_count_drafts(tiny_llama):
     from jaxgen.metrics import ServingMetrics
 
-    e = engine(tiny, warmup=True, **SPEC)
+    e = engine(tiny_llama, warmup=True, **SPEC)
     metrics = ServingMetrics(e)
     prompts = repetitive(6, seed=8)
     e.generate(prompts, [GREEDY, SamplingParams(max_tokens=20, temperature=0.8, seed=1, top_p=0.9),
