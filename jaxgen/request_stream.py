@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import threading
 from collections.abc import Callable
 
 from jaxgen.scheduler.events import DEADLINE_EXCEEDED, SHED, Usage
@@ -61,18 +60,18 @@ class RequestStream:
         self.request_id = request_id
         self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()  # C, no task tracking
         self._notify: Callable[[], None] | None = None
-        self._pending = 0  # tokens put and not yet taken (a reader that stopped reading holds them)
-        self._pending_lock = threading.Lock()
+        # Tokens put and taken: each counter has one writer (the engine loop, the reader), so
+        # neither needs a lock; their difference is what a reader that stopped reading holds.
+        self._put_tokens = self._taken_tokens = 0
         self.finished = False
 
     @property
     def pending_tokens(self) -> int:
         """Tokens of the outputs waiting to be taken."""
-        return self._pending
+        return self._put_tokens - self._taken_tokens
 
     def put(self, output: RequestOutput) -> None:
-        with self._pending_lock:
-            self._pending += len(output.token_ids)
+        self._put_tokens += len(output.token_ids)
         self._queue.put(output)
         # Read after the put: either this sees the callback, or `notify` sees the output.
         callback = self._notify
@@ -80,8 +79,7 @@ class RequestStream:
             callback()
 
     def _taken(self, output: RequestOutput) -> RequestOutput:
-        with self._pending_lock:
-            self._pending -= len(output.token_ids)
+        self._taken_tokens += len(output.token_ids)
         return output
 
     def notify(self, callback: Callable[[], None]) -> None:

@@ -29,36 +29,33 @@ class StreamStalled(Exception):
 class StreamGuard:
     def __init__(self, streams: Sequence[RequestStream], limits: StreamLimits):
         self._streams, self._limits = streams, limits
-        self._overflow = asyncio.Event()
+        self._write: asyncio.Timeout | None = None  # the write in progress, if any
+        self._overflow = False
 
     def check(self) -> None:
-        """On every engine wake-up of the call's streams (on the loop): flags the buffer limit."""
-        if sum(s.pending_tokens for s in self._streams) > self._limits.buffer_tokens:
-            self._overflow.set()
-        else:
-            self._overflow.clear()
+        """On every engine wake-up of the call's streams (on the loop, also while a write
+        waits): past the buffer limit, ends the write in progress at once."""
+        if self._write is not None and \
+                sum(s.pending_tokens for s in self._streams) > self._limits.buffer_tokens:
+            self._overflow = True
+            self._write.reschedule(asyncio.get_running_loop().time())
 
     async def send(self, write: Awaitable) -> None:
         """Awaits one write to the client; raises StreamStalled (the write cancelled) if it has
         not completed within the stall timeout, or once the tokens waiting unsent pass the
-        buffer limit."""
-        task = asyncio.ensure_future(write)
-        overflow = asyncio.ensure_future(self._overflow.wait())
+        buffer limit while it waits."""
         try:
-            await asyncio.wait({task, overflow}, timeout=self._limits.stall_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the call itself was cancelled
-            task.cancel()
-            raise
+            async with asyncio.timeout(self._limits.stall_timeout_s) as self._write:
+                await write
+        except TimeoutError:
+            if self._overflow:
+                raise StreamStalled(
+                    f"the client read too slowly: more than stream_buffer_tokens="
+                    f"{self._limits.buffer_tokens} tokens waited unsent; the request was "
+                    f"aborted") from None
+            raise StreamStalled(
+                f"the client read nothing for stream_stall_timeout="
+                f"{self._limits.stall_timeout_s:g}s with output waiting; the request was "
+                f"aborted") from None
         finally:
-            overflow.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        if self._overflow.is_set():
-            raise StreamStalled(f"the client read too slowly: more than stream_buffer_tokens="
-                                f"{self._limits.buffer_tokens} tokens waited unsent; the request "
-                                f"was aborted")
-        raise StreamStalled(f"the client read nothing for stream_stall_timeout="
-                            f"{self._limits.stall_timeout_s:g}s with output waiting; the request "
-                            f"was aborted")
+            self._write = None
