@@ -27,6 +27,10 @@ DEFAULT_PROFILE_DIR = os.path.join(tempfile.gettempdir(), "jaxgen-profiles")
 DEFAULT_MAX_MODEL_LEN = 4096  # when the model allows more and none is asked for
 STEP_TIMEOUT_FLOOR_S = 60.0  # the step watchdog's default: at least this ...
 STEP_TIMEOUT_WARMUP_FACTOR = 20.0  # ... and this many times the slowest warm-up call
+# The engine process sends at least this often (`engine_messages`); the server's side of the
+# step watchdog takes silence for a hang, so its limit must span several heartbeats.
+ENGINE_HEARTBEAT_S = 1.0
+MIN_PROCESS_STEP_TIMEOUT_S = 5 * ENGINE_HEARTBEAT_S
 RESTART_WINDOW_S = 600.0  # --max-engine-restarts counts the restarts within this window
 DTYPES = ("auto", "float32", "bfloat16")
 PREFIX_CACHE_SCOPES = ("global", "key", "request")
@@ -326,6 +330,12 @@ class Config:
         if self.mesh is not None and (len(self.mesh) != 2 or any(
                 not isinstance(n, int) or n < 1 for n in self.mesh)):
             _bad("mesh", self.mesh, "must be two positive sizes (data, model)")
+        timeout = self.engine.step_timeout_s
+        if self.server.engine_process and timeout and timeout < MIN_PROCESS_STEP_TIMEOUT_S:
+            _bad("step_timeout_s", timeout,
+                 f"must be 0 (off) or >= {MIN_PROCESS_STEP_TIMEOUT_S:g}s with the engine in its "
+                 f"own process: it sends a heartbeat every {ENGINE_HEARTBEAT_S:g}s, and a "
+                 f"shorter silence is no sign of a hang")
 
 
 def grpc_target(host: str, port: int) -> str:

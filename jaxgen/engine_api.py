@@ -130,8 +130,9 @@ class EngineObserver:
         `accepted` of them were kept."""
 
     def on_engine_failure(self, cause: str, detail: str, restarting: bool) -> None:
-        """The engine failed (cause: "killed", "exited", "hung" or "failed"); `restarting`:
-        whether a restart follows (else the restart limit is reached)."""
+        """The engine failed (cause: "killed", "exited", "hung", "failed", or "group_lost": a
+        process of a multi-process engine); `restarting`: whether a restart follows (else the
+        restart limit is reached, or the engine spans several processes)."""
 
     def on_engine_restart(self, seconds: float) -> None:
         """A restarted engine serves again, `seconds` after its failure."""

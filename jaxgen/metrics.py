@@ -76,7 +76,7 @@ class ServingMetrics(EngineObserver):
             "jaxgen_draft_accepted_length", "Drafted tokens accepted per request and verify step",
             buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
         self.engine_failures = Counter(
-            "jaxgen_engine_failures", "Engine failures by cause (killed, exited, hung, failed)",
+            "jaxgen_engine_failures", "Engine failures by cause (killed, exited, hung, failed, group_lost)",
             ("cause",), registry=r)
         self.engine_restart = Histogram(
             "jaxgen_engine_restart_seconds", "Engine failure to serving again, per restart",

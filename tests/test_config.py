@@ -43,10 +43,15 @@ def test_server_config_validation_names_the_field(fields, message):
     (["serve", "--mesh", "1,2", "--tensor-parallel-size", "4"], "mesh='1,2': disagrees with"),
     (["serve", "--port", "70000"], "port=70000: must be in [0, 65535]"),
     (["serve", "--max-waiting", "0"], "max-waiting=0: must be an integer >= 1"),
+    (["serve", "--step-timeout", "0.5"], "=0.5: must be 0 (off) or >= 5s with the engine in its own"),
 ])
 def test_bad_values_name_the_setting_the_value_and_the_limit(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config(*argv)
+
+
+def test_a_short_step_timeout_is_fine_with_the_engine_on_a_thread():
+    assert config("serve", "--step-timeout", "0.5", "--no-engine-process").engine.step_timeout_s == 0.5
 
 
 def test_flags_become_one_config():

@@ -20,6 +20,9 @@ engine dead, or sends nothing for longer than the step watchdog's limit (stopped
 it is killed and a new one started from the same config (`EngineConnection`; the persistent
 compilation cache makes its warm-up quick), after a back-off, while `RestartBreaker` allows.
 Meanwhile `restarting` is set (health NOT_SERVING, new requests refused as UNAVAILABLE).
+An engine over several processes (jaxgen.distributed) is never restarted alone: any failure
+ends it with `GroupLostError` (the server drains and exits with its status, as every process of
+the group does), to be restarted with the whole group.
 Requests that had streamed nothing are kept and sent to the new engine with their arrival time
 (their wait shows as queue time); those that had streamed output end with an error whose detail
 starts with ENGINE_UNAVAILABLE (UNAVAILABLE / 503: they may be retried). Once the breaker opens,
@@ -187,8 +190,8 @@ class EngineClient:
     # -- events -------------------------------------------------------------------------------
 
     def _on_events(self, conn: EngineConnection, batch: msg.EventBatch) -> None:
-        if conn is not self._conn:
-            return  # a replaced process's last words
+        if conn is not self._conn or conn.failed:
+            return  # a failed or replaced process's last words: its counters are carried
         self._stats = _with_counters(batch.stats, self._carried, self._breaker.total)
         for event in batch.events:
             try:
@@ -252,9 +255,8 @@ class EngineClient:
         """The step watchdog's server side: a process that sends nothing (not even its
         heartbeat) for longer than the step limit is stuck, e.g. stopped (SIGSTOP) or wedged in
         a device call with the GIL held."""
-        limit = self._info.step_timeout_s
-        while limit and not self._stopping.wait(WATCH_INTERVAL_S):
-            conn = self._conn
+        while self._info.step_timeout_s and not self._stopping.wait(WATCH_INTERVAL_S):
+            conn, limit = self._conn, self._info.step_timeout_s
             silent = time.monotonic() - conn.last_heard
             if silent > limit and not conn.failed:
                 self._failed(conn, "hung", f"the engine process sent nothing for {silent:.0f}s, "
@@ -271,25 +273,29 @@ class EngineClient:
             conn.failed = True
             # An engine over several processes (jaxgen.distributed) is never restarted alone:
             # the group stops, and the orchestrator restarts every process.
-            restart = not self._config.distributed.enabled and self._breaker.allow()
+            # the group stops (every process exits GroupLostError.exit_status), and the
+            # orchestrator restarts every process.
+            grouped = self._config.distributed.enabled
+            restart = not grouped and self._breaker.allow()
+            why = ("an engine over several processes restarts with its group" if grouped
+                   else self._breaker.describe())
             kept = set(self._unanswered) if restart else set()
             lost = [rid for rid in self._open.ids() if rid not in kept]
             if restart:
                 self.restarting = EngineDeadError(detail)
-            elif cause == "group_lost":
-                self.dead = GroupLostError(detail)
-                self._unanswered.clear()
             else:
-                why = ("an engine over several processes restarts with its group"
-                       if self._config.distributed.enabled else self._breaker.describe())
-                self.dead = (EngineHungError if cause == "hung" else EngineDeadError)(
-                    f"{detail}; not restarted: {why}")
+                if grouped:
+                    self.dead = GroupLostError(detail if cause == "group_lost"
+                                               else f"{detail}; not restarted: {why}")
+                else:
+                    self.dead = (EngineHungError if cause == "hung" else EngineDeadError)(
+                        f"{detail}; not restarted: {why}")
                 self._unanswered.clear()
-            self._carried = _with_counters(self._stats, EngineStats(), 0)
+            self._carried = self._stats  # the counters so far, all processes included
             profiles, self._profiles = list(self._profiles.values()), {}
         log.error("%s; %s (%d request(s) kept, %d ended as retryable)", detail,
-                  f"restarting it ({self._breaker.describe()})" if restart
-                  else f"not restarting it: {self._breaker.describe()}", len(kept), len(lost))
+                  f"restarting it ({why})" if restart else f"not restarting it: {why}",
+                  len(kept), len(lost))
         conn.kill()
         why = ("the request had streamed output, it may be retried" if restart
                else "the engine is not restarted, the request may be retried elsewhere")
@@ -332,6 +338,7 @@ class EngineClient:
             if self._stopping.is_set():
                 return None
             self._conn = conn
+            self._info = ready.info  # its warm-up may differ (step_timeout_s, from the cache)
             self._stats = _with_counters(ready.stats, self._carried, self._breaker.total)
             resent = [m for rid, m in self._unanswered.items() if rid in self._open]
             for add in resent:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxgen.config import ENGINE_HEARTBEAT_S
 from jaxgen.engine_api import EngineInfo, EngineStats
 from jaxgen.request_stream import RequestOutput
 from jaxgen.sampling_params import SamplingParams
 
-HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_INTERVAL_S = ENGINE_HEARTBEAT_S
 
 
 # -- server -> engine ---------------------------------------------------------------------------
