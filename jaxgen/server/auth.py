@@ -25,6 +25,15 @@ def bearer_key(header: str | bytes | None) -> str | None:
     return header[len("Bearer "):].strip()
 
 
+def key_matches(given: str | None, keys: list[bytes]) -> bool:
+    """Whether `given` is one of `keys`, compared in constant time; every key is compared, so
+    the time taken does not tell which one nearly matched."""
+    if given is None:
+        return False
+    given_bytes = given.encode("latin-1", "replace")
+    return any([hmac.compare_digest(given_bytes, key) for key in keys])
+
+
 def metadata_key(metadata) -> str | None:
     """The bearer key of a call's metadata (None without one)."""
     return bearer_key(next((v for k, v in metadata or () if k == "authorization"), None))
@@ -38,12 +47,7 @@ class ApiKeyInterceptor(aio.ServerInterceptor):
         self._open = tuple(f"/{s}/" for s in open_services)
 
     def authorized(self, metadata) -> bool:
-        key = metadata_key(metadata)
-        if key is None:
-            return False
-        given = key.encode("latin-1", "replace")
-        # Check every key, so the time taken does not tell which one nearly matched.
-        return any([hmac.compare_digest(given, key) for key in self._keys])
+        return key_matches(metadata_key(metadata), self._keys)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)

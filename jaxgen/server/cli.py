@@ -47,7 +47,7 @@ def cmd_serve(args) -> int:
         print(f"jaxgen: error: {e}", file=sys.stderr, flush=True)
         return e.exit_status
     except EngineDeadError as e:  # drained; exit non-zero so that an orchestrator replaces us
-        print(f"jaxgen: error: {e}", file=sys.stderr, flush=True)
+        print(f"jaxgen: error: the engine has failed: {e}", file=sys.stderr, flush=True)
         # A hung engine's thread may be stuck in a device call, which the interpreter's
         # teardown would wait for or abort in; nothing is left to save.
         sys.stdout.flush()

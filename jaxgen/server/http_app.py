@@ -17,7 +17,6 @@ requests: slots and pages are freed at the next step.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from jaxgen.openai_api import schemas
 from jaxgen.openai_api.requests import (ENDPOINTS, Generation, OpenAIError, chat_messages,
                                         check_model, parse)
 from jaxgen.openai_api.responses import Responder
-from jaxgen.server.auth import bearer_key
+from jaxgen.server.auth import bearer_key, key_matches
 from jaxgen.server.front_end import FrontEnd, NotReady
 from jaxgen.server.stream_bridge import merged_outputs
 from jaxgen.server.stream_guard import StreamGuard, StreamStalled
@@ -54,11 +53,8 @@ def build_app(front: FrontEnd, api_keys=(), version: str = "unknown") -> FastAPI
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if keys and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            given = header[len("Bearer "):].strip().encode("latin-1", "replace") \
-                if header.startswith("Bearer ") else None
-            # Every key is compared, so the time taken does not tell which one nearly matched.
-            if given is None or not any([hmac.compare_digest(given, k) for k in keys]):
+            given = bearer_key(request.headers.get("authorization"))
+            if not key_matches(given, keys):
                 what = "missing" if given is None else "invalid"
                 return _error(OpenAIError(401, f"{what} API key: send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key"))

@@ -133,10 +133,9 @@ async def _set_health(health_servicer, status) -> None:
         await health_servicer.set(name, status)
 
 
-async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Event,
-                        failed: list) -> None:
+async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Event) -> None:
     """Health follows the engine: NOT_SERVING while it restarts, SERVING again once it serves;
-    once it is dead for good, NOT_SERVING, its error in `failed` and `stop` set (drain, exit).
+    once it is dead for good, NOT_SERVING and `stop` set (drain, then `serve` raises).
     A multi-process engine that lost a process is not coming back either: health checkers see
     NOT_SERVING for LOST_GRACE_S first."""
     engine, serving = model.engine, True
@@ -146,7 +145,6 @@ async def _watch_engine(model: ServingModel, health_servicer, stop: asyncio.Even
             _say(f"error: the engine has failed ({engine.dead}); health is NOT_SERVING; "
                  f"draining, then exiting")
             await _set_health(health_servicer, NOT_SERVING)
-            failed.append(engine.dead)
             if isinstance(engine.dead, GroupLostError):
                 await asyncio.sleep(LOST_GRACE_S)
             stop.set()
@@ -184,7 +182,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
     _say(f"listening on {config.host}:{port} ({scheme}{keys}); warming up")
     if on_listening is not None:
         on_listening(port)
-    model, watcher, failed = None, None, []
+    model, watcher = None, None
     try:
         loading = _in_daemon_thread(load)
         loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen either way
@@ -196,7 +194,7 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
                 _start_metrics(config, front, model)
             front.model = model
             await _set_health(health_servicer, SERVING)
-            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer, stop, failed))
+            watcher = asyncio.ensure_future(_watch_engine(model, health_servicer, stop))
             _say(f"serving {model.name} on {config.host}:{port}")
             await stopping
         stopping.cancel()
@@ -210,10 +208,11 @@ async def serve(config: ServerConfig, load: Callable[[], ServingModel], stop: as
         front.close()
         if model is not None:
             model.engine.stop()
-    if failed:
-        if isinstance(failed[0], GroupLostError):  # `serve` exits with its status
-            raise failed[0]
-        raise EngineDeadError(f"the engine has failed: {failed[0]}")
+    dead = model.engine.dead if model is not None else None
+    if isinstance(dead, EngineDeadError):  # GroupLostError: `serve` exits with its status
+        raise dead
+    if dead is not None:  # the engine's loop failed
+        raise EngineDeadError(f"{type(dead).__name__}: {dead}") from dead
 
 
 def _http_server(config: ServerConfig, front: FrontEnd):
