@@ -261,6 +261,11 @@ class Engine:
         with self._lock:
             return self.scheduler.has_work()
 
+    @property
+    def running(self) -> bool:
+        """Whether `start()`'s loop thread steps the engine."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Runs `step()` on a background thread whenever there is work, watched by the step
         watchdog (with `step_timeout_s`)."""

@@ -179,20 +179,41 @@ def test_bad_lines_become_records_and_the_others_complete(tiny, xla_cache_dir, t
         {"custom_id": "who", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "x", "model": "gpt-4"}},
         {"custom_id": "nobody", "method": "POST", "url": "/v1/completions"},
+        {"custom_id": "many", "method": "POST", "url": "/v1/completions",  # never fits the queue
+         "body": {"prompt": "x", "n": 5, "max_tokens": 2}},
     ]
     inp = write(tmp_path / "in.jsonl", good[:1] + bad + good[1:], extra='{"custom_id": "torn", ')
-    run = batch(tiny, xla_cache_dir, inp, tmp_path / "out.jsonl", "--order", "input")
+    run = batch(tiny, xla_cache_dir, inp, tmp_path / "out.jsonl", "--order", "input",
+                "--max-waiting", "4")
     assert run.returncode == 0, run.stderr
     got = {r["custom_id"]: r for r in records(tmp_path / "out.jsonl")}
-    assert list(got) == ["req-0", "wrong-type", "cold", "where", "who", "nobody", "req-1",
-                         "req-2", "line-9"]  # input order; the torn line by its number
+    assert list(got) == ["req-0", "wrong-type", "cold", "where", "who", "nobody", "many",
+                         "req-1", "req-2", "line-10"]  # input order; the torn line by its number
     status = {k: (r["response"] or {}).get("status_code") for k, r in got.items()}
     assert status == {"req-0": 200, "wrong-type": 400, "cold": 400, "where": None, "who": 404,
-                      "nobody": None, "req-1": 200, "req-2": 200, "line-9": None}
+                      "nobody": None, "many": 400, "req-1": 200, "req-2": 200, "line-10": None}
+    assert "n=5: more choices than this job's queue holds (max_waiting=4)" in \
+        got["many"]["response"]["body"]["error"]["message"]
     assert "temperature=-1" in got["cold"]["response"]["body"]["error"]["message"]
     assert "url='/v1/embeddings'" in got["where"]["error"]["message"]
     assert "body: field required" in got["nobody"]["error"]["message"]
-    assert "line 9: not valid JSON" in got["line-9"]["error"]["message"]
+    assert "line 10: not valid JSON" in got["line-10"]["error"]["message"]
+
+
+def test_an_engine_already_started_is_refused(tiny, tmp_path):
+    """The job steps the engine itself: a started engine's loop thread would step it too."""
+    from jaxgen.batch import run
+    from jaxgen.build import build_engine
+    from jaxgen.config import Config, EngineConfig, ModelSource
+
+    engine = build_engine(Config(ModelSource(tiny), EngineConfig(
+        num_slots=2, max_model_len=256, num_pages=64, warmup=False)))
+    engine.start()
+    try:
+        with pytest.raises(ValueError, match="engine: must not be started"):
+            run(write(tmp_path / "in.jsonl", lines(1)), str(tmp_path / "out.jsonl"), engine=engine)
+    finally:
+        engine.stop()
 
 
 def test_duplicate_custom_ids_are_refused_before_any_work(tiny, xla_cache_dir, tmp_path):

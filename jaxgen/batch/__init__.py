@@ -37,6 +37,9 @@ def run(input: str, output: str, config: Config | None = None,
                 from jaxgen.build import build_engine
 
                 engine = build_engine(config or Config())
+            elif engine.running:
+                raise ValueError("engine: must not be started (its loop thread would step it "
+                                 "beside the job); the job steps it")
             job = Job(engine, inp, out, options)
             progress = Progress(len(ids), len(out.done & ids), options.quiet)
             del ids

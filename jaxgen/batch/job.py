@@ -146,7 +146,8 @@ class Job:
             if deadline is not None and time.monotonic() >= deadline:
                 self._abort_in_flight(progress)
                 break
-            self.engine.step()
+            if not self.engine.step() and not self.engine.has_work():
+                raise RuntimeError("the engine has unfinished requests but nothing to schedule")
             self._collect(progress)
         s.left = s.lines - s.skipped - s.ok - s.failed
         s.wall_s = time.perf_counter() - start
@@ -218,7 +219,11 @@ class Job:
 
     def _add(self, prompt, params, ids):
         """`add_choices`, stepping the engine while its queue is full (the window keeps it
-        from filling, unless a line asks for many choices)."""
+        from filling, unless a line asks for many choices). A line of more choices than the
+        queue holds could never enter: refused (all of a line's choices are queued at once)."""
+        if len(params) > self.info.max_waiting:
+            raise OpenAIError(400, f"n={len(params)}: more choices than this job's queue holds "
+                                   f"(max_waiting={self.info.max_waiting})", "n")
         while True:
             try:
                 return add_choices(self.engine, prompt, params, ids)

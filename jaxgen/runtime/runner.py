@@ -379,8 +379,6 @@ class ModelRunner:
         """A one-request verify call's time in decode tokens of this runner (a `generate` call's
         time over its `decode_steps`), measured on the compiled programs: what one speculating
         request's step costs against decoding one token for the whole batch."""
-        import time
-
         s = self.cfg.num_slots
 
         def best(call):
