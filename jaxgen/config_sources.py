@@ -99,7 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--step-timeout", target="engine.step_timeout_s", type=float, metavar="SECONDS",
        help="a device step running longer marks the engine hung: with the engine in its own "
             "process it is killed and restarted, on a thread the server exits non-zero; 0: off",
-       commands=SERVE,  # the server watches steps; generate and batch step on their caller
+       # An engine loop thread (start()) is watched; a batch job steps the engine itself.
+       commands=frozenset({"serve", "generate"}),
        default_text=f"the larger of {STEP_TIMEOUT_FLOOR_S:g}s and "
                     f"{STEP_TIMEOUT_WARMUP_FACTOR:g}x the slowest warm-up call"),
     _s("--prefix-cache", target="engine.enable_prefix_cache", type=bool,
