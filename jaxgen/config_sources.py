@@ -317,7 +317,7 @@ def config_from_args(args: argparse.Namespace, command: str,
     try:
         return _build(values, command, environ)
     except ConfigError as e:  # name the setting as the user wrote it
-        raise ConfigError(_setting_name(e.field), e.value, e.rule) from None
+        raise ConfigError(setting_name(e.field), e.value, e.rule) from None
 
 
 def _from_env(setting: Setting, text: str):
@@ -333,7 +333,7 @@ def _from_env(setting: Setting, text: str):
     return text
 
 
-def _setting_name(field: str) -> str:
+def setting_name(field: str) -> str:
     for s in SETTINGS:
         if s.target.rpartition(".")[2] == field:
             return s.name

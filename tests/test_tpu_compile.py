@@ -185,9 +185,20 @@ def test_plan_cli_names_the_limit(capsys):
     (["--target", "h100"], "target='h100': GPU targets cannot be planned here"),
     (["--target", "v5x:2x2"], "target='v5x:2x2': unknown chip 'v5x'"),
     (["--target", "v5e:2x2", "--mesh", "2,4"], "mesh=2,4: 8 devices, but the target has 4"),
-    (["--target", "v5e-1", "--page-size", "24"], "page_size=24"),
+    (["--target", "v5e-1", "--page-size", "24"], "page-size=24: must be a positive multiple of 16"),
+    (["--target", "v5e-1", "--slots", "0"], "slots=0: must be an integer >= 1"),
 ])
 def test_plan_cli_rejects_bad_flags_in_one_line(argv, message, capsys):
     assert cli.main(["--model", "gemma3-270m", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode-batches", "1,0"], "--decode-batches: '1,0': must be comma-separated batch sizes >= 1"),
+    (["--mesh", "0,4"], "--mesh: mesh='0,4': must be two positive sizes (data, model)"),
+])
+def test_plan_cli_refuses_bad_sizes_before_compiling(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--model", "gemma3-270m", "--target", "v5e-1", *argv])
+    assert exit.value.code == 2 and message in capsys.readouterr().err

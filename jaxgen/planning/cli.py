@@ -19,18 +19,22 @@ LEVELS = {"greedy": GREEDY, "draw": DRAW, "filter": FILTER}
 
 
 def _mesh(text: str) -> tuple[int, int]:
+    from jaxgen.config_sources import ConfigError, parse_mesh  # serve's parser (no jax)
+
     try:
-        data, model = (int(p) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh={text!r}: must be DATA,MODEL, e.g. 4,4") from None
-    return data, model
+        return parse_mesh(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _batches(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(p) for p in text.split(",") if p)
+        sizes = tuple(int(p) for p in text.split(",") if p)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated integers") from None
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated batch sizes >= 1")
+    return sizes
 
 
 def add_plan_parser(subparsers, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -57,7 +61,7 @@ def add_plan_parser(subparsers, formatter_class=argparse.ArgumentDefaultsHelpFor
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="largest prefill bucket (buckets: 16, 32, ... up to it)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call")
-    p.add_argument("--decode-batches", type=_ints, default=(1,),
+    p.add_argument("--decode-batches", type=_batches, default=(1,),
                    help="decode batch sizes to estimate besides --slots")
     p.add_argument("--sampling", choices=tuple(LEVELS), default="filter",
                    help="sampling level compiled (filter: the largest program)")
@@ -67,7 +71,8 @@ def add_plan_parser(subparsers, formatter_class=argparse.ArgumentDefaultsHelpFor
 
 
 def cmd_plan(args) -> int:
-    from jaxgen.config import EngineConfig
+    from jaxgen.config import ConfigError, EngineConfig
+    from jaxgen.config_sources import setting_name
     from jaxgen.planning.plan import PlanRequest, make_plan
     from jaxgen.planning.targets import TargetError
 
@@ -79,6 +84,10 @@ def cmd_plan(args) -> int:
         plan = make_plan(PlanRequest(args.model, args.target, engine, mesh=args.mesh,
                                      dtype=args.dtype, decode_batches=args.decode_batches,
                                      level=LEVELS[args.sampling]))
+    except ConfigError as e:  # named as the flag that set it (--slots, not num_slots)
+        print(f"jaxgen plan: {ConfigError(setting_name(e.field), e.value, e.rule)}",
+              file=sys.stderr)
+        return 2
     except (TargetError, ValueError) as e:  # bad flags, unknown model / target: one line
         print(f"jaxgen plan: {e}", file=sys.stderr)
         return 2
