@@ -237,12 +237,10 @@ class ServerConfig:
             _bad("metrics_port", self.metrics_port, "must differ from port")
         if self.log_level not in LOG_LEVELS:
             _bad("log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
-        if not isinstance(self.max_engine_restarts, int) or self.max_engine_restarts < 0:
-            _bad("max_engine_restarts", self.max_engine_restarts, "must be an integer >= 0")
+        _int_at_least(self, ("max_engine_restarts",), 0)
+        _int_at_least(self, ("stream_buffer_tokens",), 1)
         if not self.stream_stall_timeout_s > 0:
             _bad("stream_stall_timeout_s", self.stream_stall_timeout_s, "must be > 0")
-        if not isinstance(self.stream_buffer_tokens, int) or self.stream_buffer_tokens < 1:
-            _bad("stream_buffer_tokens", self.stream_buffer_tokens, "must be an integer >= 1")
         if self.prefix_cache_scope is not None:
             if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
                 _bad("prefix_cache_scope", self.prefix_cache_scope,

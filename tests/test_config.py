@@ -44,6 +44,13 @@ def test_server_config_validation_names_the_field(fields, message):
     (["serve", "--port", "70000"], "port=70000: must be in [0, 65535]"),
     (["serve", "--max-waiting", "0"], "max-waiting=0: must be an integer >= 1"),
     (["serve", "--step-timeout", "0.5"], "=0.5: must be 0 (off) or >= 5s with the engine in its own"),
+    (["serve", "--step-timeout", "-1"], "step-timeout=-1.0: must be >= 0 (0: no watchdog)"),
+    (["serve", "--max-queue-time", "0"], "max-queue-time=0.0: must be > 0 (unset: no limit)"),
+    (["serve", "--max-engine-restarts", "-1"], "max-engine-restarts=-1: must be an integer >= 0"),
+    (["serve", "--stream-stall-timeout", "0"], "stream-stall-timeout=0.0: must be > 0"),
+    (["serve", "--stream-buffer-tokens", "0"], "stream-buffer-tokens=0: must be an integer >= 1"),
+    (["serve", "--speculative-max-batch", "0"], "speculative-max-batch=0: must be an integer >= 1"),
+    (["serve", "--prefix-cache-scope", "key"], "prefix-cache-scope='key': needs API keys"),
 ])
 def test_bad_values_name_the_setting_the_value_and_the_limit(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
