@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
                        help="completion: records as lines finish; input: in input order (holds "
                             "at most --window early finishers in memory)")
     batch.add_argument("--window", type=int, default=None,
-                       help="lines in the engine at once (None: 2 x --slots)")
+                       help="lines in the engine at once, at most --max-waiting + --slots "
+                            "(None: 2 x --slots)")
     batch.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGINT / SIGTERM, how long lines in flight may take to finish")
     batch.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
