@@ -24,24 +24,16 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from spec_workloads import copy_heavy, free_writing  # noqa: E402
 
+from jaxgen.engine_api import EngineObserver  # noqa: E402
 
-class VerifyCount:
-    """Engine observer: verify steps (one per request per step that verified drafts)."""
 
-    def __init__(self):
-        self.count = 0
+class VerifyCount(EngineObserver):
+    """Counts verify steps (one per request per step that verified drafts)."""
+
+    count = 0
 
     def on_drafts(self, drafts, accepted):
         self.count += 1
-
-    def on_step(self, *args):
-        pass
-
-    def on_launch(self, *args):
-        pass
-
-    def on_finish(self, *args):
-        pass
 
 
 def run(engine, prompts, params):
