@@ -200,18 +200,11 @@ class _GuardedStream(StreamingResponse):
         self._guard, self._request_id = guard, request_id
 
     async def stream_response(self, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        events = self.body_iterator
-        try:
-            async for event in events:
-                await self._guard.send(send({"type": "http.response.body", "body": event,
-                                             "more_body": True}))
+        try:  # Starlette's own loop, every message sent through the guard
+            await super().stream_response(lambda message: self._guard.send(send(message)))
         except StreamStalled as e:
             log.warning("request %s: %s", self._request_id, e)
-            await events.aclose()
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.body_iterator.aclose()
 
 
 async def _run(front: FrontEnd, m, gen: Generation, request: Request):
