@@ -40,6 +40,9 @@ class RandomTokenTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return ""
 
+    def skips(self, id: int) -> bool:  # the detokenizer's question: no token is special here
+        return False
+
 
 def load_preset(name_or_path: str) -> ModelConfig:
     """A shape preset by name (configs/models/NAME.json) or a config JSON path."""

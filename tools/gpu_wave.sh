@@ -22,6 +22,10 @@
 # machine lacks, installed into /tmp/site), .gpu/gemma-N and .gpu/smol-N (pieces of the GGUFs of
 # Gemma 3 270M and SmolLM2-135M: each is over one call's transfer limit), .gpu/gemma-tok,
 # .gpu/dense_jax_decode.py. The spec stage runs the models whose pieces have all arrived.
+# A carried path is there for its own call only (the next call's checkout lacks it): carry
+# .gpu/gemma-tok with the stage that builds the bench checkpoint, and .whl with the first call.
+# What the script writes outside the checkout (/tmp/w, /tmp/site) stays while the machine is
+# warm, so GGUF pieces may arrive one per call, each call running a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
