@@ -1,6 +1,7 @@
 """`layers.project`: a one-row projection run as two rows (the GPU fast path) equals the plain
 einsum, alone and through a whole batch-1 decode step of each model family; the embed-major
-embedding table (the CPU layout) gives the same logits as the checkpoint layout."""
+embedding table (the CPU layout) gives the same logits as the checkpoint layout; the layers'
+shared trace gives the same logits as every layer written out."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxgen.models import Model, layers
+from jaxgen.models.gemma3 import Gemma3Block
+from jaxgen.models.llama import LlamaBlock
 from tests.helpers import TINY_GEMMA3, TINY_LLAMA, packed_metadata
 
 SPECS = [("te,ehcd->thcd", (1, 24), (24, 2, 5, 8)),  # fused Q/K/V
@@ -109,3 +112,38 @@ def test_embed_major_model_restores_and_saves_checkpoint_order(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["embed"]), np.asarray(params["embed"]).T)
     with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(64, 256\)"):
         orbax_format.save(str(tmp_path / "d"), TINY_LLAMA, restored)
+
+
+@pytest.mark.parametrize("cfg,block_type,kinds", [(TINY_GEMMA3, Gemma3Block, 2),
+                                                  (TINY_LLAMA, LlamaBlock, 1)], ids=["gemma3", "llama"])
+def test_shared_block_trace_equals_the_layers_written_out(cfg, block_type, kinds, monkeypatch):
+    """`_apply_block` (the default) against every layer inline: the same logits and pages, bit
+    for bit, prefill and decode; and the block body is traced once per block structure (Gemma
+    3: local and global layers; Llama: one) instead of once per layer."""
+    traced = []
+    call = block_type.__call__
+    monkeypatch.setattr(block_type, "__call__",
+                        lambda self, *a: traced.append(1) or call(self, *a))
+    rng = np.random.default_rng(3)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, 13), jnp.int32)  # 13: shapes no other test uses
+    page_indices = np.array([[1, 2]])
+    params = Model(cfg).init_random(seed=5)
+
+    def run(shared):
+        # The reference attention: the subject is the blocks' tracing, not the kernels'.
+        model = Model(cfg, attn_backend="reference", shared_block_trace=shared)
+        fwd = jax.jit(model.forward)
+        traced.clear()
+        first, pages = fwd(params, prompt, jnp.arange(13, dtype=jnp.int32),
+                           model.init_kv_pages(4, 16), packed_metadata([(13, 13)], page_indices))
+        prefill_traces = len(traced)
+        step, pages = fwd(params, jnp.asarray([7], jnp.int32), jnp.asarray([13], jnp.int32), pages,
+                          packed_metadata([(14, 1)], page_indices))
+        return prefill_traces, [np.asarray(a) for a in (first, step, *pages)]
+
+    inline_traces, inline = run(False)
+    shared_traces, shared = run(True)
+    assert inline_traces == cfg.num_layers
+    assert shared_traces == kinds < cfg.num_layers
+    for want, got in zip(inline, shared):
+        np.testing.assert_array_equal(got, want)

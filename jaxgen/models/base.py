@@ -72,13 +72,16 @@ class Model:
     """A decoder of `config`, split once; `params` are a nested dict of arrays.
 
     `embed_layout` is how this model holds its embedding table (`resolve_embed_layout`).
+    `shared_block_trace` (default) traces each block structure once per forward
+    (`layers._apply_block`); False writes every layer out (its slow twin).
     Checkpoints always store it vocab-major: loaders build params in the model's layout, and
     savers take `canonical_params(params)`.
     """
 
     def __init__(self, config: ModelConfig, attn_backend: str = "auto",
-                 embed_layout: str = "auto"):
+                 embed_layout: str = "auto", shared_block_trace: bool = True):
         self.config = config
+        self.shared_block_trace = shared_block_trace
         self.attn_backend = attn_backend
         self.embed_layout = resolve_embed_layout(embed_layout)
         module = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
@@ -90,7 +93,7 @@ class Model:
 
     def _build(self, rngs: nnx.Rngs) -> nnx.Module:
         return MODEL_TYPES[self.config.architecture](self.config, rngs, self.attn_backend,
-                                                     self.embed_major)
+                                                     self.embed_major, self.shared_block_trace)
 
     def canonical_params(self, params):
         """`params` with the embedding table in checkpoint order (`[vocab, embed]`). Its own

@@ -33,8 +33,9 @@ class Gemma3Block(nnx.Module):
 
 class Gemma3(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto",
-                 embed_major: bool = False):
+                 embed_major: bool = False, shared_trace: bool = True):
         dt = jnp.dtype(cfg.dtype)
+        self.shared_trace = shared_trace
         self.embed = embedding_table(cfg, rngs, embed_major)
         self.embed_major = embed_major
         self.layers = nnx.List(
@@ -49,7 +50,7 @@ class Gemma3(nnx.Module):
         x = embed_lookup(table, tokens, self.embed_major) * jnp.asarray(self.embed_scale,
                                                                          table.dtype)
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
-                                  logits_indices)
+                                  logits_indices, self.shared_trace)
         logits = tied_logits(x, table, self.embed_major).astype(jnp.float32)
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap

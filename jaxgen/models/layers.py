@@ -11,6 +11,7 @@ head_dim, embed]`, `gate_up: [embed, 2, mlp]`. Knows nothing about checkpoints o
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -202,12 +203,29 @@ class GatedMLP(nnx.Module):
         return project("tf,fe->te", act * up, self.down[...])
 
 
-def run_blocks(blocks, final_norm, x, positions, kv_pages, md, logits_indices=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_block(graphdef, state, x, positions, pages, md):
+    """One block as a function of its parameters. A jitted function traced once per block
+    structure and shapes: the layers of a model share one graphdef (Llama: all of them; Gemma 3:
+    one for local and one for global layers), so a forward traces and lowers its block body once
+    or twice instead of once per layer, and every program of the same shapes (each sampling
+    level's, each engine's in one process) reuses that trace. XLA inlines the calls before it
+    optimises, so the compiled step is the same as with the layers written out."""
+    return nnx.merge(graphdef, state)(x, positions, pages, md)
+
+
+def run_blocks(blocks, final_norm, x, positions, kv_pages, md, logits_indices=None,
+               shared_trace=True):
     """Runs `x: [T, E]` through every block (each with its own layer's page pool) and the final
-    norm; returns the normalised rows to take logits of (all, or `logits_indices`) and the pools."""
+    norm; returns the normalised rows to take logits of (all, or `logits_indices`) and the pools.
+    `shared_trace=False` runs the blocks inline: the slow twin of `_apply_block`."""
     new_pages = []
     for block, pages in zip(blocks, kv_pages):
-        x, pages = block(x, positions, pages, md)
+        if shared_trace:
+            graphdef, state = nnx.split(block)
+            x, pages = _apply_block(graphdef, state, x, positions, pages, md)
+        else:
+            x, pages = block(x, positions, pages, md)
         new_pages.append(pages)
     x = final_norm(x)
     return (x if logits_indices is None else x[logits_indices]), new_pages

@@ -27,8 +27,9 @@ class LlamaBlock(nnx.Module):
 
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_backend: str = "auto",
-                 embed_major: bool = False):
+                 embed_major: bool = False, shared_trace: bool = True):
         dt = jnp.dtype(cfg.dtype)
+        self.shared_trace = shared_trace
         self.embed = embedding_table(cfg, rngs, embed_major)
         self.embed_major = embed_major
         self.layers = nnx.List(
@@ -40,7 +41,7 @@ class Llama(nnx.Module):
     def __call__(self, tokens, positions, kv_pages, md, logits_indices=None):
         x = embed_lookup(self.embed[...], tokens, self.embed_major)
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
-                                  logits_indices)
+                                  logits_indices, self.shared_trace)
         if self.lm_head is None:
             logits = tied_logits(x, self.embed[...], self.embed_major)
         else:
