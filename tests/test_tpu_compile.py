@@ -16,6 +16,9 @@ the reason, when libtpu is not installed.
 
 import concurrent.futures
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -202,3 +205,29 @@ def test_plan_cli_refuses_bad_sizes_before_compiling(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["--model", "gemma3-270m", "--target", "v5e-1", *argv])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_targets_described_from_several_threads_at_first_use():
+    """A fresh process describing four targets from four threads at once, as the planner's and
+    this file's thread pools do: each gets its devices. Loading libtpu's PJRT plugin from two
+    threads at once failed one of them (ALREADY_EXISTS) in one to two runs of three here, and
+    once left the process to crash in a later compile (the full suite's test_tpu_compile.py)."""
+    code = """
+import concurrent.futures
+import os
+import subprocess
+import sys
+from jaxgen.planning import targets
+def one(spec):
+    try:
+        return len(targets.target_devices(targets.parse_target(spec)))
+    except Exception as e:
+        return repr(e)
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    print(list(pool.map(one, ["v5e-1", "v6e-1", "v5e:2x2", "v6e-1"])))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[1, 1, 4, 1]", run.stdout

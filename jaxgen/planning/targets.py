@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import threading
 
 GIB = 1 << 30
 
@@ -102,6 +103,9 @@ def _gpu_message(spec: str) -> str:
             f"machine itself, or name a TPU target (e.g. v5e:2x2).")
 
 
+_TOPOLOGY_LOCK = threading.Lock()
+
+
 def target_devices(target: Target) -> list:
     """Compile-only devices of `target`, in libtpu's order (process by process)."""
     if importlib.util.find_spec("libtpu") is None:
@@ -111,10 +115,14 @@ def target_devices(target: Target) -> list:
     from jax.experimental import topologies
 
     try:
-        if target.single_chip:
-            return list(topologies.get_topology_desc(
-                target.topology, "tpu", chips_per_host_bounds=(1, 1, 1)).devices)
-        return list(topologies.get_topology_desc(target.topology, "tpu").devices)
+        # One thread at a time: the first description loads libtpu's PJRT plugin, and two
+        # threads loading it at once fail one of them (ALREADY_EXISTS: PJRT_Api already exists)
+        # and have left the process to crash in a later compile.
+        with _TOPOLOGY_LOCK:
+            if target.single_chip:
+                return list(topologies.get_topology_desc(
+                    target.topology, "tpu", chips_per_host_bounds=(1, 1, 1)).devices)
+            return list(topologies.get_topology_desc(target.topology, "tpu").devices)
     except Exception as e:  # libtpu's own verdict (a JaxRuntimeError), in one line
         raise TargetError(f"target={target.name!r}: libtpu cannot describe it here: "
                           f"{str(e).strip().splitlines()[0]}") from None
