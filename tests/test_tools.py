@@ -248,3 +248,13 @@ def test_read_ceiling_reads_the_whole_array_once():
 
     read = device_ceilings.read_bandwidth(gib=1 / 64, reps=2)
     assert read > 0
+
+
+def test_bench_offline_stand_in_tokenizer_serves_the_detokenizer():
+    """The random-shape benchmarks' tokenizer answers what a request's detokenizer asks (its
+    missing `skips()` failed both offline GPU runs on their first request)."""
+    import bench_offline
+    from jaxgen.tokenizer.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(bench_offline.RandomTokenTokenizer(), [5, 6, 7])
+    assert detok.push([8, 9]) == ""
