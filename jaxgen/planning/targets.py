@@ -111,21 +111,23 @@ def target_devices(target: Target) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise TargetError(f"target={target.name!r}: compiling for a TPU needs libtpu "
                           "(pip install 'libtpu==0.0.42.*'; it is in jaxgen[test])")
-    _share_libtpu()
-    from jax.experimental import topologies
+    # One thread at a time, imports included: the first description imports JAX's topology
+    # module (two threads importing JAX at once can meet a partially initialised module) and
+    # loads libtpu's PJRT plugin (two threads loading it at once fail one of them with
+    # ALREADY_EXISTS: PJRT_Api already exists, and have left the process to crash in a later
+    # compile).
+    with _TOPOLOGY_LOCK:
+        _share_libtpu()
+        from jax.experimental import topologies
 
-    try:
-        # One thread at a time: the first description loads libtpu's PJRT plugin, and two
-        # threads loading it at once fail one of them (ALREADY_EXISTS: PJRT_Api already exists)
-        # and have left the process to crash in a later compile.
-        with _TOPOLOGY_LOCK:
+        try:
             if target.single_chip:
                 return list(topologies.get_topology_desc(
                     target.topology, "tpu", chips_per_host_bounds=(1, 1, 1)).devices)
             return list(topologies.get_topology_desc(target.topology, "tpu").devices)
-    except Exception as e:  # libtpu's own verdict (a JaxRuntimeError), in one line
-        raise TargetError(f"target={target.name!r}: libtpu cannot describe it here: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+        except Exception as e:  # libtpu's own verdict (a JaxRuntimeError), in one line
+            raise TargetError(f"target={target.name!r}: libtpu cannot describe it here: "
+                              f"{str(e).strip().splitlines()[0]}") from None
 
 
 def _share_libtpu() -> None:
