@@ -73,7 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--data-parallel-size", target="data_parallel", type=int, metavar="N",
        help="shorthand for --mesh N,1 (batch slots split over N devices)", default_text="1"),
     _s("--compilation-cache-dir", target="compilation_cache_dir", env=COMPILATION_CACHE_ENV,
-       metavar="DIR", help="persistent XLA compilation cache; 'off' disables it",
+       metavar="DIR", help="persistent XLA compilation cache, least recently used programs evicted past "
+       "$JAXGEN_COMPILATION_CACHE_MAX_BYTES (16 GiB); 'off' disables it",
        default_text=f"${COMPILATION_CACHE_ENV} or ~/.cache/jaxgen/xla"),
     # -- engine ---------------------------------------------------------------------------
     _s("--slots", "--max-num-seqs", target="engine.num_slots", type=int,

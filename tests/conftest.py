@@ -13,18 +13,31 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def _session_dir(tmp_path_factory, name: str) -> str:
+    """A folder of this test session that its xdist workers share (under the run's base
+    temporary folder, not one worker's)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """A private jaxgen cache: bundled models are converted here once per test session."""
-    return str(tmp_path_factory.mktemp("jaxgen-cache"))
+    """A private jaxgen cache, shared by the session's workers and processes: bundled models are
+    converted here once per test session (a conversion lock keeps two from converting at
+    once)."""
+    return _session_dir(tmp_path_factory, "jaxgen-cache")
 
 
 @pytest.fixture(scope="session")
 def xla_cache_dir(tmp_path_factory):
-    """A private persistent compilation cache shared by this process and the session's server
+    """A private persistent compilation cache shared by the session's workers and server
     processes, so a program compiles once per session (engines of the same model and shapes
     in many tests)."""
-    return str(tmp_path_factory.mktemp("xla-cache"))
+    return _session_dir(tmp_path_factory, "xla-cache")
 
 
 @pytest.fixture(scope="session", autouse=True)

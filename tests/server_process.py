@@ -68,14 +68,11 @@ def child_env() -> dict:
 
 
 def ensure_model(cache_dir: str) -> None:
-    """Converts the bundled model into `cache_dir` once, before any process loads it (two
-    processes converting at the same time would race)."""
+    """Converts the bundled model into `cache_dir` once, before the session's processes load it
+    (each would otherwise wait for the first to convert it)."""
     from jaxgen import checkpoints
-    from jaxgen.checkpoints import orbax_format, registry
 
-    path = os.path.join(registry.cache_dir(cache_dir), "models", MODEL)
-    if not orbax_format.is_jaxgen_checkpoint(path):
-        checkpoints.convert(MODEL, path)
+    checkpoints.ensure_converted(MODEL, cache_dir)
 
 
 class ServerProcess:

@@ -3,8 +3,11 @@ and one clear error (no traceback from the CLI) for each kind of user mistake.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +45,27 @@ def test_bundled_model_is_converted_once_then_cached(cache_dir):
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
     assert second.tokenizer.encode("Hello, world!") == first.tokenizer.encode("Hello, world!")
+
+
+def test_a_conversion_waits_for_another_and_reuses_what_it_wrote(cache_dir, tmp_path, monkeypatch):
+    """Two servers starting at once on one cold cache: the second waits for the first's lock
+    and then finds the model converted (converting again would rewrite the folder under the
+    first one's readers); a lock held too long is an error naming it."""
+    path = str(tmp_path / "models" / "smollm2-135m")
+    done = []
+    with checkpoints._converting(path):  # "the first server", converting
+        waiter = threading.Thread(target=lambda: done.append(
+            checkpoints.ensure_converted("smollm2-135m", str(tmp_path))))
+        waiter.start()
+        time.sleep(1.0)
+        assert not done and waiter.is_alive()  # waits for the lock
+        with pytest.raises(CheckpointError, match=r"smollm2-135m.lock.*stuck"):
+            with checkpoints._converting(path, timeout_s=0.3):
+                pass
+        shutil.copytree(checkpoints.ensure_converted("smollm2-135m", cache_dir), path)
+        monkeypatch.setattr(checkpoints, "convert", lambda *a: pytest.fail("converted twice"))
+    waiter.join(30)
+    assert done == [path]
 
 
 def test_convert_cli_round_trip(tmp_path, cache_dir):
@@ -150,15 +174,18 @@ def test_fused_projections_equal_the_separate_hf_ones():
     np.testing.assert_allclose(h[:, 1], x @ up.T)
 
 
-def test_a_cached_bundled_model_in_an_older_format_is_converted_again(cache_dir):
-    first = checkpoints.load("smollm2-135m", cache=cache_dir)
+def test_a_cached_bundled_model_in_an_older_format_is_converted_again(cache_dir, tmp_path):
+    # A private copy of the session's cache: the session's other processes read that one.
+    shutil.copytree(checkpoints.ensure_converted("smollm2-135m", cache_dir),
+                    tmp_path / "models" / "smollm2-135m")
+    first = checkpoints.load("smollm2-135m", cache=str(tmp_path))
     config = os.path.join(first.source, orbax_format.CONFIG_FILE)
     with open(config) as f:
         data = json.load(f)
     data["format_version"] = orbax_format.FORMAT_VERSION - 1
     with open(config, "w") as f:
         json.dump(data, f)
-    again = checkpoints.load("smollm2-135m", cache=cache_dir)
+    again = checkpoints.load("smollm2-135m", cache=str(tmp_path))
     assert again.converted and orbax_format.format_version(again.source) == orbax_format.FORMAT_VERSION
     a, b = orbax_format.flatten(first.params), orbax_format.flatten(again.params)
     for name in a:

@@ -219,3 +219,33 @@ def test_configuration_page_lists_every_setting():
 
     page = gen_config_docs.DOC.read_text()
     assert gen_config_docs.rendered(page) == page, "run python tools/gen_config_docs.py --write"
+
+
+def test_the_compilation_cache_is_bounded_and_locked(tmp_path):
+    """JAX locks its cache entries only when a size limit is set: a bounded cache is what lets
+    processes of one host (a server and the engine process it restarts, a group's processes)
+    share one without reading a half-written entry; a bad limit names the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, jax
+from jaxgen.runtime.compile_cache import enable_compilation_cache
+enable_compilation_cache(sys.argv[1])
+jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(4)).block_until_ready()
+print(jax.config.jax_compilation_cache_max_size, os.path.exists(os.path.join(sys.argv[1], ".lockfile")),
+      sum(name.endswith("-cache") for name in os.listdir(sys.argv[1])))
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               JAXGEN_COMPILATION_CACHE_MAX_BYTES=str(1 << 30))
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    limit, locked, entries = run.stdout.split()
+    assert (limit, locked) == (str(1 << 30), "True") and int(entries) >= 1
+    env["JAXGEN_COMPILATION_CACHE_MAX_BYTES"] = "lots"
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "JAXGEN_COMPILATION_CACHE_MAX_BYTES='lots': must be a whole number of bytes >= 1" in run.stderr

@@ -381,3 +381,63 @@ def test_a_process_started_unlike_the_others_is_one_clear_error_everywhere(
     assert group.wait(90) == [2, 2], group.dump()
     for rank in (0, 1):
         assert "were not started alike" in group.log(rank) and named in group.log(rank)
+
+
+def _free_slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX's Slurm rule: 61440 + id % 4096) is free here."""
+    import socket
+
+    for port in range(61440 + os.getpid() % 2048, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port - 61440
+    raise AssertionError("no free port in JAX's Slurm range")
+
+
+def test_distributed_auto_joins_the_group_a_slurm_job_describes(tiny, reference, tmp_path):
+    """`--distributed auto` with neither coordinator, count nor rank given: each process finds
+    them where JAX's own detection does, here the variables Slurm sets for each task of a
+    2-task job step on this host; the group's greedy output is one process's."""
+    job, procs = _free_slurm_job_id(), []
+    for rank in range(2):
+        env = dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jaxgen.cli", "generate", "--distributed", "auto",
+             "--model", tiny["llama"], "--mesh", "1,4", "--json", "--max-tokens", str(MAX_TOKENS),
+             "--peer-timeout", str(PEER_TIMEOUT_S), "--compilation-cache-dir", "off", *ENGINE,
+             *PROMPTS], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    try:
+        outs = [proc.communicate(timeout=START_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    got = {r["prompt"]: r["token_ids"] for r in map(json.loads, re.findall(r"^\{.*\}$", outs[0], re.M))}
+    assert got == reference
+    assert "process 1 of 2 stopped by process 0" in outs[1]
+
+
+def test_a_group_that_never_forms_is_one_clear_error_on_each_process(tiny):
+    """Process 0 of 2 started alone, and process 1 of 2 with no process 0: each says the group
+    did not form within 10 x --peer-timeout and exits 2 (JAX's own join timeout would abort
+    the process from C++, with no word of why)."""
+    procs = []
+    for rank in (0, 1):
+        env = process_env(rank, 2, f"127.0.0.1:{free_port()}", cpu_devices=2, base=child_env())
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jaxgen.cli", "generate", "--model", tiny["llama"],
+             "--peer-timeout", "1", *ENGINE, "Hello"], env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.monotonic()
+    outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert time.monotonic() - start < 60, outs
+    assert [proc.returncode for proc in procs] == [2, 2], outs
+    assert "process 0 of 2: the group did not form within 10s" in outs[0]
+    assert "the other 1 process(es) did not all reach this coordinator" in outs[0]
+    assert "process 1 of 2: the group did not form within 10s" in outs[1]

@@ -6,7 +6,9 @@ Bundled models are converted once into the cache directory and restored from the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import time
@@ -20,7 +22,7 @@ from jaxgen.models import Model
 log = logging.getLogger(__name__)
 
 __all__ = ["BUNDLED", "CACHE_ENV", "DEFAULT_MODEL", "CheckpointError", "LoadedModel", "convert",
-           "load"]
+           "ensure_converted", "load"]
 
 
 @dataclasses.dataclass
@@ -82,9 +84,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None
         if not current and not convert_bundled:
             path = entry.locate_gguf()
         elif not current:
-            log.info("converting %s into %s (first use of this jaxgen's format)", entry.name, path)
-            convert(entry.locate_gguf(), path)
-            converted = True
+            converted = _convert_bundled(entry, path)
     elif os.path.exists(name_or_path):
         path = name_or_path
     else:
@@ -93,6 +93,56 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh=None
             "and no such file or directory")
     model, params, tokenizer = _read(path, dtype, mesh, attn_backend, embed_layout)
     return LoadedModel(model, params, tokenizer, path, time.perf_counter() - start, converted)
+
+
+def ensure_converted(name: str, cache: str | None = None) -> str:
+    """The folder of bundled model `name` in the cache, converted first if it is not there yet
+    (or is in an older format)."""
+    entry = bundled(name)
+    if entry is None:
+        raise CheckpointError(f"model {name!r}: not a bundled model ({', '.join(sorted(BUNDLED))})")
+    path = os.path.join(cache_dir(cache), "models", entry.name)
+    if orbax_format.format_version(path) != orbax_format.FORMAT_VERSION:
+        _convert_bundled(entry, path)
+    return path
+
+
+def _convert_bundled(entry, path: str) -> bool:
+    """Converts `entry` into `path` unless another process did while this one waited for the
+    lock; whether this one did."""
+    with _converting(path):
+        if orbax_format.format_version(path) == orbax_format.FORMAT_VERSION:
+            return False
+        log.info("converting %s into %s (first use of this jaxgen's format)", entry.name, path)
+        convert(entry.locate_gguf(), path)
+        return True
+
+
+CONVERT_LOCK_TIMEOUT_S = 1800.0
+
+
+@contextlib.contextmanager
+def _converting(path: str, timeout_s: float = CONVERT_LOCK_TIMEOUT_S):
+    """Holds `path`.lock (an flock) while this process converts into `path`: two servers starting
+    at once on one cache would otherwise write the same `.partial` folder, each removing the
+    other's. The lock goes with the process, however it ends."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CheckpointError(
+                        f"{path}: another process has been converting this model for over "
+                        f"{timeout_s:g}s (it holds {path}.lock); is it stuck?") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str):

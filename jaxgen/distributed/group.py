@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
+import threading
 import time
 
 import jax
@@ -152,10 +155,17 @@ def join(config: Config) -> ProcessGroup:
     # jaxgen's own handling (process 0 drains, then stops the others) must keep it.
     jax.config.update("jax_enable_preemption_service", False)
     start = int(dist.peer_timeout_s * START_TIMEOUT_FACTOR)
+    # A group that never forms (a process not started, another --coordinator-address or
+    # --num-processes) ends jax.distributed's connect with an abort from C++ (an absl fatal
+    # error and SIGABRT), which no `except` sees: this process says why and leaves first.
+    # JAX's own timeout is set later than this one, so this one speaks.
+    gave_up = threading.Timer(start, _never_formed, args=(dist, start))
+    gave_up.daemon = True
+    gave_up.start()
     try:
         jax.distributed.initialize(
             dist.coordinator_address, dist.num_processes, dist.process_id,
-            initialization_timeout=start,
+            initialization_timeout=start + JOIN_MARGIN_S,
             # JAX's own heartbeat is the backstop: jaxgen's (wire.BEAT) notices a lost process
             # first, and stops the group with a message naming it.
             heartbeat_timeout_seconds=int(2 * dist.peer_timeout_s) + 10,
@@ -166,6 +176,8 @@ def join(config: Config) -> ProcessGroup:
             f"{dist.coordinator_address} within {start}s: {type(e).__name__}: {e}. Every process "
             "needs the same --coordinator-address and --num-processes, and process 0 must be "
             "running") from None
+    finally:
+        gave_up.cancel()
     from jax._src import distributed
 
     group = ProcessGroup(dist.process_id, dist.num_processes, dist.coordinator_address,
@@ -173,6 +185,25 @@ def join(config: Config) -> ProcessGroup:
     group.agree("start", start_facts(config, dist))
     log.info("%s joined (coordinator %s)", group.name, group.coordinator_address)
     return group
+
+
+JOIN_MARGIN_S = 10  # JAX's join timeout is this much past jaxgen's
+
+
+def _never_formed(dist: DistributedConfig, start: int) -> None:
+    """Runs on a timer thread while the main thread is still inside jax.distributed's connect."""
+    if dist.process_id == 0:
+        why = (f"the other {dist.num_processes - 1} process(es) did not all reach this "
+               f"coordinator at {dist.coordinator_address}")
+    else:
+        why = (f"not all {dist.num_processes} processes reached the coordinator at "
+               f"{dist.coordinator_address}, which process 0 runs")
+    print(f"jaxgen: error: process {dist.process_id} of {dist.num_processes}: the group did not "
+          f"form within {start}s (--peer-timeout x {START_TIMEOUT_FACTOR}): {why}. Start every "
+          "process, each with the same --coordinator-address and --num-processes and its own "
+          "--process-id", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
 
 
 def start_facts(config: Config, dist: DistributedConfig) -> dict:
