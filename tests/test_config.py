@@ -244,6 +244,17 @@ print(jax.config.jax_compilation_cache_max_size, os.path.exists(os.path.join(sys
     assert run.returncode == 0, run.stderr
     limit, locked, entries = run.stdout.split()
     assert (limit, locked) == (str(1 << 30), "True") and int(entries) >= 1
+    # A cache written with no limit (an earlier jaxgen) has entries with no last-use stamp, on
+    # which JAX's eviction scan failed and with it every write: nothing new was cached.
+    cache = tmp_path / "xla"
+    for stamp in cache.glob("*-atime"):
+        stamp.unlink()
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c",
+                          code.replace("x * 3 + 1", "x * 5 - 2"), str(cache)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[2]) > int(entries)  # the new program was written
+    assert len(list(cache.glob("*-atime"))) == len(list(cache.glob("*-cache")))
     env["JAXGEN_COMPILATION_CACHE_MAX_BYTES"] = "lots"
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], env=env,
                          capture_output=True, text=True, timeout=120)

@@ -32,8 +32,30 @@ def enable_compilation_cache(directory: str | None = None) -> str:
             raise ValueError
     except ValueError:
         raise ValueError(f"{MAX_BYTES_ENV}={raw!r}: must be a whole number of bytes >= 1") from None
+    _stamp_unstamped_entries(directory)
     jax.config.update("jax_compilation_cache_max_size", max_bytes)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def _stamp_unstamped_entries(directory: str) -> None:
+    """A bounded JAX cache keeps each entry's last use in `KEY-atime` beside `KEY-cache`, and
+    its eviction scan fails on an entry that has none — and with it every later write, so
+    nothing new would be cached. Entries written with no limit set (an earlier jaxgen, or JAX on
+    its own) have none: each gets its file's modification time."""
+    for name in os.listdir(directory):
+        if not name.endswith("-cache"):
+            continue
+        stamp = os.path.join(directory, name[:-len("-cache")] + "-atime")
+        if os.path.exists(stamp):
+            continue
+        try:
+            used = os.stat(os.path.join(directory, name)).st_mtime_ns
+        except FileNotFoundError:  # evicted meanwhile by another process
+            continue
+        partial = f"{stamp}.{os.getpid()}.partial"
+        with open(partial, "wb") as f:
+            f.write(used.to_bytes(8, "little"))
+        os.replace(partial, stamp)
