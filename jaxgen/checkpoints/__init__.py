@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import time
@@ -123,26 +122,18 @@ CONVERT_LOCK_TIMEOUT_S = 1800.0
 
 @contextlib.contextmanager
 def _converting(path: str, timeout_s: float = CONVERT_LOCK_TIMEOUT_S):
-    """Holds `path`.lock (an flock) while this process converts into `path`: two servers starting
-    at once on one cache would otherwise write the same `.partial` folder, each removing the
-    other's. The lock goes with the process, however it ends."""
+    """Holds `path`.lock while this process converts into `path`: two servers starting at once
+    on one cache would otherwise write the same `.partial` folder, each removing the other's.
+    An flock (filelock's on Linux): it goes with the process, however that ends."""
+    import filelock
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CheckpointError(
-                        f"{path}: another process has been converting this model for over "
-                        f"{timeout_s:g}s (it holds {path}.lock); is it stuck?") from None
-                time.sleep(0.2)
-        try:
+    try:
+        with filelock.FileLock(path + ".lock", timeout=timeout_s):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except filelock.Timeout:
+        raise CheckpointError(f"{path}: another process has been converting this model for over "
+                              f"{timeout_s:g}s (it holds {path}.lock); is it stuck?") from None
 
 
 def _read(path: str, dtype: str, mesh, attn_backend: str, embed_layout: str):
