@@ -1,5 +1,5 @@
 """The server fixtures shared by the gRPC and HTTP tests: one real `jaxgen serve` process per
-engine mode (SmolLM2-135M, API key required, HTTP on beside gRPC) for the whole session, and the
+engine mode (a small model cut from SmolLM2-135M, API key required, HTTP on beside gRPC) for the whole session, and the
 offline engine's greedy completions of the same requests (in a process of its own)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import (ENGINE_FLAGS, ENGINE_MODES, BearerKey, OfflineCompletions,
-                                  ServerProcess, engine_mode_flags, ensure_model)
+from tests.server_process import (ENGINE_MODES, BearerKey, OfflineCompletions,
+                                  ServerProcess, engine_flags, engine_mode_flags,
+                                  ensure_model)
 
 API_KEY = "test-key-5d1c"
 METADATA = (("authorization", f"Bearer {API_KEY}"),)
@@ -94,7 +95,7 @@ def served(request, offline, tmp_path_factory, cache_dir, xla_cache_dir):
     work = tmp_path_factory.mktemp("server")
     keys = work / "api-keys.txt"
     keys.write_text(f"# keys for the test server\n{API_KEY}\n")
-    server = ServerProcess([*ENGINE_FLAGS, *engine_mode_flags(request.param), "--api-keys-file",
+    server = ServerProcess([*engine_flags(cache_dir), *engine_mode_flags(request.param), "--api-keys-file",
                             str(keys)], work / "server.log", cache_dir, xla_cache_dir)
     try:
         server.wait_listening()

@@ -1,6 +1,7 @@
-"""Test harness for the gRPC server: a real `jaxgen serve` process on loopback with the bundled
-SmolLM2-135M, the offline engine's completions for the same requests (in a process of its own,
-same flags and environment as the server), and a throw-away TLS certificate."""
+"""Test harness for the gRPC server: a real `jaxgen serve` process on loopback with a small model
+cut from the bundled SmolLM2-135M, the offline engine's completions for the same requests (in a
+process of its own, same flags and environment as the server), and a throw-away TLS
+certificate."""
 
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
+# The front-end tests' servers and engines run the first SMALL_LAYERS of SmolLM2's 30 layers (its
+# real weights and tokenizer), served as SMALL_NAME: what they check -- a server's output equals
+# the offline engine's on the same checkpoint, through every path of the front end -- needs no
+# good model, and a step or a warm-up costs a fraction of the whole model's on the CPU box. The
+# tests of the model itself (HF parity, real-model speculative decoding and multi-host) load the
+# whole model.
+SMALL_LAYERS = 4
+SMALL_NAME = "smollm2-135m-small"
 # Small shapes keep warm-up short on CPU; the offline reference uses the very same flags.
-ENGINE_FLAGS = ("--model", MODEL, "--slots", "8", "--max-model-len", "512", "--num-pages", "256",
-                "--decode-steps", "4", "--max-prefill-tokens", "64")
+SHAPE_FLAGS = ("--slots", "8", "--max-model-len", "512", "--num-pages", "256", "--decode-steps", "4",
+               "--max-prefill-tokens", "64")
 START_TIMEOUT_S = 240
 # Where `jaxgen serve` runs the engine: on a thread of the server, or in a process of its own.
 ENGINE_MODES = ("thread", "process")
@@ -67,12 +76,41 @@ def child_env() -> dict:
     return dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
-def ensure_model(cache_dir: str) -> None:
-    """Converts the bundled model into `cache_dir` once, before the session's processes load it
-    (each would otherwise wait for the first to convert it)."""
-    from jaxgen import checkpoints
+def small_model_path(cache_dir: str) -> str:
+    from jaxgen.checkpoints import registry
 
-    checkpoints.ensure_converted(MODEL, cache_dir)
+    return os.path.join(registry.cache_dir(cache_dir), "models", f"{MODEL}-first{SMALL_LAYERS}")
+
+
+def engine_flags(cache_dir: str) -> tuple[str, ...]:
+    """`jaxgen serve` flags of the small model (made by `ensure_model`) and the test shapes."""
+    return ("--model", small_model_path(cache_dir), "--served-model-name", SMALL_NAME, *SHAPE_FLAGS)
+
+
+def ensure_model(cache_dir: str) -> str:
+    """Converts the bundled model into `cache_dir` once, before the session's processes load it
+    (each would otherwise wait for the first to convert it), and cuts the small model from it:
+    the first SMALL_LAYERS layers, the embedding table, final norm and tokenizer. Returns the
+    small model's path. The session's workers share `cache_dir`: a file lock makes one cut it."""
+    import filelock
+
+    from jaxgen import checkpoints
+    from jaxgen.checkpoints import orbax_format
+    from jaxgen.models import Model
+    from jaxgen.tokenizer import load_tokenizer
+
+    whole = checkpoints.ensure_converted(MODEL, cache_dir)
+    path = small_model_path(cache_dir)
+    with filelock.FileLock(path + ".lock", timeout=START_TIMEOUT_S):
+        if orbax_format.is_jaxgen_checkpoint(path):
+            return path
+        config = orbax_format.read_config(whole)
+        params = Model(config).canonical_params(orbax_format.restore(whole, Model(config)))
+        params["layers"] = {i: params["layers"][i] for i in range(SMALL_LAYERS)}
+        small = config.replace(num_layers=SMALL_LAYERS,
+                               name=f"{config.name} (first {SMALL_LAYERS} layers)")
+        orbax_format.save(path, small, params, load_tokenizer(os.path.join(whole, "tokenizer")))
+    return path
 
 
 class ServerProcess:
@@ -173,7 +211,8 @@ class OfflineCompletions:
         self._path = work_dir / "offline-requests.json"
         self._path.write_text(json.dumps(requests))
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", OFFLINE, str(self._path), cache_dir, xla_cache_dir, *ENGINE_FLAGS],
+            [sys.executable, "-c", OFFLINE, str(self._path), cache_dir, xla_cache_dir,
+             *engine_flags(cache_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT)
         self._result = None
 

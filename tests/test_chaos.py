@@ -27,7 +27,7 @@ import pytest
 from jaxgen.v1 import generation_pb2 as pb
 from tests.chaos import (KEYS, LONG, NOT_SERVING, REQUESTS, SERVING, STREAM_TIMEOUT_S, Chaos,
                          http_stream, unread_http_stream)
-from tests.server_process import ENGINE_FLAGS, ServerProcess, ensure_model, wait_gone
+from tests.server_process import ServerProcess, engine_flags, ensure_model, wait_gone
 
 KILLS = 5
 MAX_RESTARTS = KILLS + 1  # the five SIGKILLs and the SIGSTOP
@@ -39,7 +39,7 @@ STALL_TIMEOUT_S = 4
 def chaos(tmp_path_factory, cache_dir, xla_cache_dir):
     ensure_model(cache_dir)
     work = tmp_path_factory.mktemp("chaos")
-    server = ServerProcess([*ENGINE_FLAGS, "--engine-process", "--metrics-port", "0",
+    server = ServerProcess([*engine_flags(cache_dir), "--engine-process", "--metrics-port", "0",
                             "--api-key", KEYS[0], "--api-key", KEYS[1],
                             "--step-timeout", str(STEP_TIMEOUT_S),
                             "--max-engine-restarts", str(MAX_RESTARTS),

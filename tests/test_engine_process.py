@@ -14,7 +14,7 @@ import pytest
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import (ENGINE_FLAGS, ENGINE_MODES, ROOT, ServerProcess, child_env,
+from tests.server_process import (ENGINE_MODES, ROOT, ServerProcess, child_env, engine_flags,
                                   engine_mode_flags, ensure_model)
 
 RECORD_BACKENDS = """
@@ -46,7 +46,7 @@ def test_the_server_process_starts_no_jax_backend_of_its_own(mode, tmp_path, cac
     (hook / "sitecustomize.py").write_text(RECORD_BACKENDS)
     env = dict(child_env(), PYTHONPATH=f"{hook}{os.pathsep}{ROOT}",
                JAXGEN_TEST_BACKENDS_DIR=str(tmp_path))
-    server = ServerProcess([*ENGINE_FLAGS, *engine_mode_flags(mode), "--metrics-port", "0"],
+    server = ServerProcess([*engine_flags(cache_dir), *engine_mode_flags(mode), "--metrics-port", "0"],
                            tmp_path / "server.log", cache_dir, xla_cache_dir, env=env)
     try:
         server.wait_listening()

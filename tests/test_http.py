@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from jaxgen.v1 import generation_pb2 as pb
 from tests.served import API_KEY, CONCURRENT, FREED_WITHIN_S, STREAMED, as_request
-from tests.server_process import MODEL
+from tests.server_process import MODEL, SMALL_NAME
 
-MODEL_NAME = MODEL  # --served-model-name defaults to --model as given
+MODEL_NAME = SMALL_NAME  # the servers' --served-model-name
 # The session's server with the engine in its own process (the default mode); the HTTP app is
 # the same over both modes' engine surface, which tests/test_server.py covers in each.
 pytestmark = pytest.mark.parametrize("served", ["process"], indirect=True)

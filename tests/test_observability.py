@@ -1,5 +1,5 @@
-"""Observability against a real `jaxgen serve` process (SmolLM2-135M, the test_server flags):
-/metrics adds up during and after a small load, a profiler trace captured through
+"""Observability against a real `jaxgen serve` process (the small model and flags of
+test_server): /metrics adds up during and after a small load, a profiler trace captured through
 `jaxgen profile` names the step scopes and host annotations, the per-request log lines, and
 tools/bench_serving.py's report for a few seconds of load."""
 
@@ -21,7 +21,7 @@ import pytest
 
 from jaxgen.v1 import generation_pb2 as pb
 from jaxgen.v1 import generation_pb2_grpc as pb_grpc
-from tests.server_process import (ENGINE_FLAGS, ENGINE_MODES, ROOT, ServerProcess, child_env,
+from tests.server_process import (ENGINE_MODES, ROOT, ServerProcess, child_env, engine_flags,
                                   engine_mode_flags, ensure_model)
 
 NUM_PAGES = 256
@@ -57,7 +57,7 @@ def observed(request, tmp_path_factory, cache_dir, xla_cache_dir):
     scheduler counters and traces reach /metrics and `jaxgen profile` through the server)."""
     ensure_model(cache_dir)
     work = tmp_path_factory.mktemp("observed")
-    server = ServerProcess([*ENGINE_FLAGS, *engine_mode_flags(request.param), "--metrics-port",
+    server = ServerProcess([*engine_flags(cache_dir), *engine_mode_flags(request.param), "--metrics-port",
                             "0", "--profile-dir", str(work / "profiles")], work / "server.log",
                            cache_dir, xla_cache_dir)
     try:

@@ -1,7 +1,7 @@
-"""The gRPC server end to end: a real `jaxgen serve` process on loopback (SmolLM2-135M, API key
-required) against the offline engine's greedy output — streaming, 64 concurrent clients,
-cancellation / deadline / Abort freeing slot and pages, fuzzed requests, validation messages,
-reflection-only clients, auth, tokenization and model info."""
+"""The gRPC server end to end: a real `jaxgen serve` process on loopback (a small model cut from
+SmolLM2-135M, API key required) against the offline engine's greedy output — streaming, 64
+concurrent clients, cancellation / deadline / Abort freeing slot and pages, fuzzed requests,
+validation messages, reflection-only clients, auth, tokenization and model info."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def test_stream_equals_offline_engine(served):
         assert last.usage.completion_tokens == len(expected["token_ids"])
         assert last.usage.HasField("time_to_first_token_s") and last.usage.HasField("queue_time_s")
         assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
-    assert "Paris" in want[0]["text"]
+    # The small model's text means nothing; that both engines give the whole model's right
+    # answer is tests/test_engine_surface.py's check.
+    assert all(w["token_ids"] for w in want)
 
 
 def test_64_concurrent_streaming_clients_equal_offline(served):
