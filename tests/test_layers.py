@@ -42,6 +42,32 @@ def test_the_two_row_path_is_taken_only_for_one_row():
         layers.project("te,ef->tf", x1, w, one_row="pad2")
 
 
+@pytest.mark.parametrize("rows", [2, 5])
+def test_vocabulary_blocked_logits_equal_the_plain_product(rows):
+    vocab = 3 * layers.CPU_VOCAB_BLOCK
+    kx, kw = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (rows, 32), jnp.float32)
+    w = jax.random.normal(kw, (vocab, 32), jnp.float32)
+    blocked = layers.output_logits(x, w, 0, blocked=True)
+    plain = layers.output_logits(x, w, 0, blocked=False)
+    assert blocked.shape == plain.shape == (rows, vocab)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers.output_logits(x, w.T, 1)), np.asarray(plain),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_blocked_output_projection_is_taken_only_where_it_helps():
+    vocab = 2 * layers.CPU_VOCAB_BLOCK
+    jaxpr = lambda x, w, axis: str(jax.make_jaxpr(lambda x: layers.output_logits(x, w, axis))(x))
+    w = jnp.ones((vocab, 8))
+    assert "reshape" in jaxpr(jnp.ones((4, 8)), w, 0)  # several rows on CPU: blocked
+    assert "reshape" not in jaxpr(jnp.ones((1, 8)), w, 0)  # one row: a vector product already
+    assert "reshape" not in jaxpr(jnp.ones((4, 8)), w.T, 1)  # [embed, vocab] blocks are strided
+    assert "reshape" not in jaxpr(jnp.ones((4, 8)), jnp.ones((vocab + 8, 8)), 0)  # not whole blocks
+    with pytest.raises(ValueError, match="multiple of"):
+        layers.output_logits(jnp.ones((4, 8)), jnp.ones((vocab + 8, 8)), 0, blocked=True)
+
+
 @pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
 def test_batch_one_decode_step_is_the_same_through_two_rows(cfg, monkeypatch):
     model = Model(cfg)

@@ -55,7 +55,7 @@ def test_proposer_equals_a_rescan_as_tokens_arrive(prompt, steps, ngram_min, ext
 
 def test_drafts_that_keep_failing_pause_proposals():
     cfg = NgramConfig(num_speculative_tokens=4, ngram_min=1, ngram_max=2, min_acceptance=0.5,
-                      cooldown=5)
+                      cooldown=5, max_cooldown=20)
     p = NgramProposer(cfg, [1, 2, 3, 1, 2])
     assert p.propose() == (3, 1, 2)
     p.record(4, 0)
@@ -64,6 +64,29 @@ def test_drafts_that_keep_failing_pause_proposals():
     p.extend([3, 1, 2, 3, 1])
     assert p.active and p.propose()
     assert (p.proposed, p.accepted) == (8, 0)
+    # A trial after the cooldown: one failing verify ends it, and the next cooldown is twice
+    # as long (then 20, capped at max_cooldown=20).
+    for cooldown in (10, 20, 20):
+        p.record(4, 1)
+        assert not p.active
+        p.extend([2] * (cooldown - 1))
+        assert not p.active
+        p.extend([2])
+        assert p.active
+    # A trial that pays (at or above the threshold) goes on, and resets the cooldown to 5.
+    p.record(4, 2)
+    assert p.active
+    p.record(4, 0)  # the average (0.5) falls to 0.35
+    assert not p.active
+    p.extend([2] * 5)
+    assert p.active
+
+
+def test_cooldown_settings_are_checked():
+    with pytest.raises(ValueError, match="max_cooldown=4: must be an integer >= cooldown=5"):
+        NgramConfig(cooldown=5, max_cooldown=4)
+    with pytest.raises(ValueError, match="cooldown=0: must be an integer >= 1"):
+        NgramConfig(cooldown=0)
 
 
 @pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])

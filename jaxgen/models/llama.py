@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxgen.models.config import ModelConfig
 from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, embed_lookup, embedding_table,
-                                  param, run_blocks, tied_logits)
+                                  output_logits, param, run_blocks, tied_logits)
 
 
 class LlamaBlock(nnx.Module):
@@ -45,5 +45,5 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             logits = tied_logits(x, self.embed[...], self.embed_major)
         else:
-            logits = x @ self.lm_head[...]
+            logits = output_logits(x, self.lm_head[...], 1)
         return logits.astype(jnp.float32), new_pages

@@ -9,7 +9,10 @@ not themselves.
 
 Adaptive: when the recent acceptance rate (an exponential average over verified drafts) falls
 below `min_acceptance`, the request stops proposing for `cooldown` of its tokens, so free-writing
-text pays nothing for drafts that keep failing. Knows tokens only: nothing of the device.
+text pays nothing for drafts that keep failing. After a cooldown the average restarts at the
+threshold, so one more failing verify ends the trial, and each trial that fails at once doubles
+the next cooldown (up to `max_cooldown`); a verify at or above the threshold resets it.
+Knows tokens only: nothing of the device.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class NgramConfig:
     ngram_min: int = 2
     min_acceptance: float = 0.25  # below it (recent average), stop proposing for a while
     cooldown: int = 32  # tokens without proposals after the acceptance fell
+    max_cooldown: int = 512  # the longest cooldown, after trials that failed at once
     ema: float = 0.3  # weight of the newest verify step in the average
     # Nobody drafts while more requests than this run: a verify step computes K+1 rows per
     # request, and past some batch the step costs more than the drafts save (on a CPU, whose
@@ -43,6 +47,10 @@ class NgramConfig:
             bad("max_batch", self.max_batch, "must be an integer >= 1")
         if not 0 <= self.min_acceptance <= 1:
             bad("min_acceptance", self.min_acceptance, "must be in [0, 1]")
+        if not isinstance(self.cooldown, int) or self.cooldown < 1:
+            bad("cooldown", self.cooldown, "must be an integer >= 1")
+        if not isinstance(self.max_cooldown, int) or self.max_cooldown < self.cooldown:
+            bad("max_cooldown", self.max_cooldown, f"must be an integer >= cooldown={self.cooldown}")
 
 
 class NgramProposer:
@@ -55,6 +63,8 @@ class NgramProposer:
         self._indexed = 0  # n-grams ending before this position are in the index
         self._acceptance = 1.0
         self._cooldown = 0
+        self._last_cooldown = config.cooldown  # doubled by each trial that fails at once
+        self._trial = False  # the first verify after a cooldown
         self.proposed = self.accepted = 0  # totals, for usage and metrics
         self.extend(tokens)
 
@@ -96,7 +106,14 @@ class NgramProposer:
         self.proposed += proposed
         self.accepted += accepted
         c = self.config
-        self._acceptance = (1 - c.ema) * self._acceptance + c.ema * (accepted / proposed)
+        rate = accepted / proposed
+        self._acceptance = (1 - c.ema) * self._acceptance + c.ema * rate
         if self._acceptance < c.min_acceptance:
-            self._cooldown = c.cooldown
-            self._acceptance = 1.0  # a fresh start after the cooldown
+            self._last_cooldown = min(2 * self._last_cooldown, c.max_cooldown) if self._trial \
+                else c.cooldown
+            self._cooldown = self._last_cooldown
+            # After the cooldown: the average starts at the threshold, so the first verify
+            # alone decides whether drafting goes on.
+            self._acceptance, self._trial = c.min_acceptance, True
+        elif rate >= c.min_acceptance:
+            self._trial = False
