@@ -16,7 +16,7 @@
 #            `jaxgen serve` at saturation through gRPC and HTTP against the offline engine
 #   batch    `jaxgen batch` against the offline engine on the same checkpoint (built if missing)
 #   spec     speculative decoding with the real Gemma 3 270M and SmolLM2 GGUFs in bfloat16, and
-#            the default dtype ("auto") of a served model
+#            the default dtype ("auto") of a served model (SPEC_MODELS=smol or gemma: one of them)
 #
 # Inputs that cannot be committed travel as ignored paths (`run`'s carry): .whl/ (wheels the
 # machine lacks, installed into /tmp/site), .gpu/gemma-N and .gpu/smol-N (pieces of the GGUFs of
@@ -116,9 +116,12 @@ for stage in "$@"; do
       --max-tokens 256 --reps 2 -- --config configs/serving/gemma3-270m-bench-gpu.json
     ;;
   spec)
+    # SPEC_MODELS=smol or gemma: that model alone (one call may not hold both models' runs)
     models=""
-    assemble smol $SMOL_BYTES /tmp/w/smollm2.gguf && models=/tmp/w/smollm2.gguf
-    assemble gemma $GEMMA_BYTES /tmp/w/gemma.gguf && models=/tmp/w/gemma.gguf,$models
+    [ "${SPEC_MODELS:-smol}" = smol ] && assemble smol $SMOL_BYTES /tmp/w/smollm2.gguf \
+      && models=/tmp/w/smollm2.gguf
+    [ "${SPEC_MODELS:-gemma}" = gemma ] && assemble gemma $GEMMA_BYTES /tmp/w/gemma.gguf \
+      && models=/tmp/w/gemma.gguf,$models
     [ -n "$models" ] || { echo "no model has all its pieces here"; exit 1; }
     run 60 python3 - "${models%%,*}" <<'EOF'
 import sys
@@ -132,7 +135,7 @@ loaded, _ = load_model(config)
 print("default dtype:", config.model.dtype, "->", loaded.model.config.dtype,
       {str(x.dtype) for x in jax.tree.leaves(loaded.params)}, jax.devices()[0].device_kind)
 EOF
-    run 420 python3 tools/bench_speculative.py --models "${models%,}" \
+    run 540 python3 tools/bench_speculative.py --models "${models%,}" \
       --batches 1,8 --prompts 2 --max-tokens 128 --reps 2 --dtype bfloat16 \
       --out-json "$OUT/speculative.json"
     ;;
