@@ -52,9 +52,10 @@ pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRP
 
 # The slowest files first: `make test` runs two xdist workers taking one file at a time
 # (--dist loadfile), and a long file started last would leave one worker running it alone.
-SLOW_FIRST = ("test_chaos.py", "test_hf_parity.py", "test_speculative.py", "test_server.py",
-              "test_multihost.py", "test_tpu_compile.py", "test_engine.py", "test_observability.py",
-              "test_http.py", "test_batch.py", "test_server_lifecycle.py", "test_tools.py")
+SLOW_FIRST = ("test_speculative.py", "test_hf_parity.py", "test_multihost.py", "test_engine.py",
+              "test_tpu_compile.py", "test_server.py", "test_chaos.py", "test_attention_gpu.py",
+              "test_batch.py", "test_layers.py", "test_server_lifecycle.py", "test_checkpoints.py",
+              "test_tools.py", "test_http.py", "test_observability.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

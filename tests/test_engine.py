@@ -20,7 +20,17 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 @pytest.fixture(scope="module", params=[TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
 def tiny(request):
+    """Both architectures: for what the model's layers could change (output against the naive
+    decode, with preemption, the prefix cache and reused pages)."""
     model = Model(request.param)
+    return model, model.init_random(seed=11)
+
+
+@pytest.fixture(scope="module")
+def tiny1():
+    """One architecture (Gemma 3's, with its sliding window), for the engine's own mechanics
+    past the logits: the loop, launch-ahead, failures, aborts, queues, observers."""
+    model = Model(TINY_GEMMA3)
     return model, model.init_random(seed=11)
 
 
@@ -47,8 +57,8 @@ def test_continuous_batching_equals_naive_greedy(tiny):
     assert engine.runner.compilations_after_warmup == 0
 
 
-def test_staggered_arrivals_in_background_loop(tiny):
-    engine = make_engine(tiny)
+def test_staggered_arrivals_in_background_loop(tiny1):
+    engine = make_engine(tiny1)
     engine.start()
     try:
         ps = prompts(6, seed=1)
@@ -60,7 +70,7 @@ def test_staggered_arrivals_in_background_loop(tiny):
     finally:
         engine.stop()
     for p, r in zip(ps, results):
-        assert list(r.token_ids) == expected(tiny, p)
+        assert list(r.token_ids) == expected(tiny1, p)
         assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == len(r.token_ids)
         assert r.usage.time_to_first_token is not None
 
@@ -76,11 +86,11 @@ def test_small_pool_preempts_and_still_matches(tiny):
     assert engine.scheduler.num_running == 0 and engine.scheduler.num_pages_used == 0
 
 
-def test_seeded_sampling_ignores_batch_mates(tiny):
+def test_seeded_sampling_ignores_batch_mates(tiny1):
     """Also across sampling levels: `plain` runs at DRAW alone and at FILTER beside `params`."""
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
     plain = SamplingParams(max_tokens=10, temperature=1.3, seed=77)
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     alone = engine.generate([[5, 6, 7]], params)[0].token_ids
     plain_alone = engine.generate([[4, 4]], plain)[0].token_ids
     crowd = engine.generate(
@@ -116,8 +126,8 @@ def test_freed_pages_poisoned_with_nan_change_nothing(tiny):
         assert list(s.result().token_ids) == expected(tiny, p, 20)
 
 
-def test_abort_and_deadline_free_slot_and_pages(tiny):
-    engine = make_engine(tiny)
+def test_abort_and_deadline_free_slot_and_pages(tiny1):
+    engine = make_engine(tiny1)
     long = SamplingParams(max_tokens=60, temperature=0.0)
     a = engine.add_request([1, 2, 3], long)
     b = engine.add_request([4, 5, 6], long, deadline=time.monotonic() + 0.3)
@@ -149,8 +159,8 @@ def test_stop_strings_and_logprobs():
     assert r.logprobs[0].token_id == r.token_ids[0] == r.logprobs[0].top[0][0]
 
 
-def test_one_failing_request_does_not_take_down_the_others(tiny, monkeypatch):
-    engine = make_engine(tiny)
+def test_one_failing_request_does_not_take_down_the_others(tiny1, monkeypatch):
+    engine = make_engine(tiny1)
     ps = prompts(3, seed=5)
     streams = [engine.add_request(p, GREEDY) for p in ps]
     victim = engine._text[streams[1].request_id]._detok
@@ -164,12 +174,12 @@ def test_one_failing_request_does_not_take_down_the_others(tiny, monkeypatch):
     results = [s.result() for s in streams]
     assert results[1].finish_reason == "error" and "exploded" in results[1].detail
     for i in (0, 2):
-        assert list(results[i].token_ids) == expected(tiny, ps[i])
+        assert list(results[i].token_ids) == expected(tiny1, ps[i])
     assert engine.generate([ps[0]], GREEDY)[0].token_ids == results[0].token_ids
 
 
-def test_queue_bound_and_validation(tiny):
-    model, params = tiny
+def test_queue_bound_and_validation(tiny1):
+    model, params = tiny1
     engine = Engine(model, params, ByteTokenizer(), EngineConfig(
         num_slots=2, max_model_len=64, num_pages=16, max_prefill_tokens=32, decode_steps=2,
         max_waiting=2, warmup=False))
@@ -224,10 +234,10 @@ def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["inline", "launcher"])
-def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch, overlap):
+def test_device_failure_fails_the_plan_not_the_engine(tiny1, monkeypatch, overlap):
     """Inline, the failed dispatch ends its requests at once; from the launcher thread
     (`overlap_launch`), when the step is read."""
-    engine = make_engine(tiny, overlap_launch=overlap)
+    engine = make_engine(tiny1, overlap_launch=overlap)
     ps = prompts(3, seed=7)
     streams = [engine.add_request(p, GREEDY) for p in ps]
     real = engine.runner.launch
@@ -245,15 +255,15 @@ def test_device_failure_fails_the_plan_not_the_engine(tiny, monkeypatch, overlap
     assert failed and all("device lost" in r.detail for r in failed)
     for p, r in zip(ps, results):
         if r.finish_reason != "error":
-            assert list(r.token_ids) == expected(tiny, p)
+            assert list(r.token_ids) == expected(tiny1, p)
     p = prompts(1, seed=8)[0]
-    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny1, p)
     assert engine.dead is None
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["inline", "launcher"])
-def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch, overlap):
-    engine = make_engine(tiny, overlap_launch=overlap)
+def test_lost_device_buffers_mark_the_engine_dead(tiny1, monkeypatch, overlap):
+    engine = make_engine(tiny1, overlap_launch=overlap)
     waiting = [engine.add_request(p, GREEDY) for p in prompts(6, seed=9)]  # > slots: some wait
 
     def consume_and_fail(plan):
@@ -269,10 +279,10 @@ def test_lost_device_buffers_mark_the_engine_dead(tiny, monkeypatch, overlap):
         engine.add_request([1, 2], GREEDY)
 
 
-def test_a_device_that_fails_its_probe_marks_the_engine_dead(tiny, monkeypatch):
+def test_a_device_that_fails_its_probe_marks_the_engine_dead(tiny1, monkeypatch):
     """A sticky device error (CUDA_ERROR_LAUNCH_FAILED poisons the context: every later call
     fails) surfaces while reading a step; the buffers look intact, the probe tells."""
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     streams = [engine.add_request(p, GREEDY) for p in prompts(6, seed=11)]
     engine.step()  # admitted and running
 
@@ -294,14 +304,14 @@ def test_a_device_that_fails_its_probe_marks_the_engine_dead(tiny, monkeypatch):
         engine.add_request([1, 2], GREEDY)
 
 
-def test_the_device_probe_passes_on_a_healthy_device(tiny):
-    engine = make_engine(tiny)
+def test_the_device_probe_passes_on_a_healthy_device(tiny1):
+    engine = make_engine(tiny1)
     assert engine.runner.device_lost() is False
     engine.runner._probe_device()  # runs on every device of the state
 
 
-def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny):
-    engine = make_engine(tiny)
+def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny1):
+    engine = make_engine(tiny1)
     ps = prompts(6, seed=12)
     engine.start()
     try:
@@ -317,11 +327,11 @@ def test_quiesced_pauses_the_loop_with_nothing_in_flight(tiny):
     finally:
         engine.stop()
     for p, r in zip(ps + prompts(1, seed=13), results):
-        assert list(r.token_ids) == expected(tiny, p)
+        assert list(r.token_ids) == expected(tiny1, p)
 
 
-def test_quiesced_times_out_mid_step_and_serving_resumes(tiny, monkeypatch):
-    engine = make_engine(tiny)
+def test_quiesced_times_out_mid_step_and_serving_resumes(tiny1, monkeypatch):
+    engine = make_engine(tiny1)
     real_step = engine.step
 
     def slow_step():
@@ -339,12 +349,12 @@ def test_quiesced_times_out_mid_step_and_serving_resumes(tiny, monkeypatch):
         result = stream.result()  # the failed pause left no pause behind
     finally:
         engine.stop()
-    assert list(result.token_ids) == expected(tiny, prompts(1, seed=15)[0])
+    assert list(result.token_ids) == expected(tiny1, prompts(1, seed=15)[0])
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_quiesced_does_not_wait_on_a_loop_that_died(tiny, monkeypatch):
-    engine = make_engine(tiny)
+def test_quiesced_does_not_wait_on_a_loop_that_died(tiny1, monkeypatch):
+    engine = make_engine(tiny1)
 
     def crash():
         raise RuntimeError("loop bug")
@@ -370,8 +380,8 @@ def test_quiesced_does_not_wait_on_a_loop_that_died(tiny, monkeypatch):
     assert waited < 5 and isinstance(engine.dead, RuntimeError)
 
 
-def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny):
-    engine = make_engine(tiny)
+def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny1):
+    engine = make_engine(tiny1)
     stream = engine.add_request(prompts(1, seed=14)[0], GREEDY)
     engine.step()
     engine.step()
@@ -379,14 +389,14 @@ def test_quiesced_without_a_loop_thread_reads_the_launched_steps(tiny):
         assert not engine._pipeline.in_flight
     while engine.has_work():
         engine.step()
-    assert list(stream.result().token_ids) == expected(tiny, prompts(1, seed=14)[0])
+    assert list(stream.result().token_ids) == expected(tiny1, prompts(1, seed=14)[0])
 
 
-def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
+def test_decode_steps_are_launched_ahead_and_change_nothing(tiny1):
     """Steps are launched before the previous one's tokens are read (decoding, chunked
     prompts, admissions); requests that stop inside a step lose only look-ahead tokens
     (outputs equal the naive decode)."""
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     ahead = []
     real = engine.scheduler.schedule_ahead
 
@@ -403,15 +413,15 @@ def test_decode_steps_are_launched_ahead_and_change_nothing(tiny):
     assert any(p.assignments for p in ahead) and any(p.decode_slots for p in ahead)
     assert any(not c.sample for p in ahead for c in p.prefills), "no chunked prompt went on ahead"
     for p, c in zip(ps, out):
-        assert list(c.token_ids) == expected(tiny, p)
+        assert list(c.token_ids) == expected(tiny1, p)
     assert engine.scheduler.allocator.num_used == 0
 
 
-def test_next_step_is_launched_before_tokens_are_delivered(tiny):
+def test_next_step_is_launched_before_tokens_are_delivered(tiny1):
     """Where the next step is not planned ahead (here: never), it is planned and launched as
     soon as the previous step is updated, before that step's tokens become text: text work
     overlaps the device."""
-    engine = make_engine(tiny, num_slots=2)
+    engine = make_engine(tiny1, num_slots=2)
     engine.scheduler.schedule_ahead = lambda: None
     in_flight = []
     real = engine._deliver
@@ -425,12 +435,12 @@ def test_next_step_is_launched_before_tokens_are_delivered(tiny):
     ps = [list(range(1, 80)), *prompts(3, seed=42)]  # 4 requests, 2 slots, chunked prefill
     out = engine.generate(ps, GREEDY)
     for p, c in zip(ps, out):
-        assert list(c.token_ids) == expected(tiny, p)
+        assert list(c.token_ids) == expected(tiny1, p)
     # Every delivery but the last (nothing left to run) had the next step in flight.
     assert all(n >= 1 for n in in_flight[:-1]) and len(in_flight) > 4, in_flight
 
 
-def test_a_step_launched_after_the_device_drained_is_reported(tiny):
+def test_a_step_launched_after_the_device_drained_is_reported(tiny1):
     """When delivering tokens takes the host longer than the step in flight takes the device,
     the next launch finds the device idle: observers are told (the host gap cannot show it,
     since that step is still launched before the previous one's tokens are read)."""
@@ -441,7 +451,7 @@ def test_a_step_launched_after_the_device_drained_is_reported(tiny):
         def on_launch(self, device_drained, launch_seconds):
             self.drained.append(device_drained)
 
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     seen = Launches()
     engine.observers.append(seen)
     real = engine._deliver
@@ -460,7 +470,7 @@ def test_a_step_launched_after_the_device_drained_is_reported(tiny):
     assert len(seen.drained) >= 3 and all(seen.drained[1:]), seen.drained
 
 
-def test_drained_is_asked_after_the_dispatch_which_is_timed(tiny, monkeypatch):
+def test_drained_is_asked_after_the_dispatch_which_is_timed(tiny1, monkeypatch):
     """A slow dispatch drains the device as surely as slow delivery: the previous step is asked
     whether it finished once the new one is queued, and the dispatch time is reported."""
     from jaxgen.runtime import runner as runner_module
@@ -471,7 +481,7 @@ def test_drained_is_asked_after_the_dispatch_which_is_timed(tiny, monkeypatch):
         def on_launch(self, device_drained, launch_seconds):
             reports.append((device_drained, launch_seconds))
 
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     engine.observers.append(Launches())
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     engine.generate(prompts(2, seed=7), params)  # compiles every step shape
@@ -496,7 +506,7 @@ def test_drained_is_asked_after_the_dispatch_which_is_timed(tiny, monkeypatch):
     assert order[:3] == ["launched", "launched", "asked"], order  # asked after the dispatch
 
 
-def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
+def test_observers_hear_of_a_finished_request_before_its_caller(tiny1):
     """A caller holding the final output can rely on the request being counted and logged
     (a draining server exits once its last stream ends)."""
     class Slow(EngineObserver):
@@ -506,7 +516,7 @@ def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
             time.sleep(0.2)
             self.finished.append(finished.output.request_id)
 
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     engine.observers.append(Slow())
     engine.start()
     try:
@@ -518,10 +528,10 @@ def test_observers_hear_of_a_finished_request_before_its_caller(tiny):
         engine.stop()
 
 
-def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests(tiny, monkeypatch):
+def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests(tiny1, monkeypatch):
     """A device error surfacing when tokens are read (with the next step already launched)
     ends the running requests with "error"; the engine keeps serving."""
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     streams = [engine.add_request(p, SamplingParams(max_tokens=30, temperature=0.0))
                for p in prompts(2, seed=31)]
     real = engine.runner.collect
@@ -539,11 +549,11 @@ def test_failure_while_reading_a_step_launched_ahead_fails_only_running_requests
     assert all(r.finish_reason == "error" and "device lost" in r.detail for r in results)
     assert engine.scheduler.num_pages_used == 0 and engine.dead is None
     p = prompts(1, seed=32)[0]
-    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny, p)
+    assert list(engine.generate([p], GREEDY)[0].token_ids) == expected(tiny1, p)
 
 
-def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny):
-    engine = make_engine(tiny)
+def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny1):
+    engine = make_engine(tiny1)
     with pytest.raises(ValueError, match=r"stop_token_ids\[1\]=256: outside the vocabulary \[0, 256\)"):
         engine.add_request([1, 2], SamplingParams(stop_token_ids=(3, 256)))
     assert not engine.has_work()
@@ -557,13 +567,13 @@ def _aligned_zeros(shape, dtype=np.int32, alignment=64):
     return raw[start:start + n * size].view(dtype).reshape(shape)
 
 
-def test_a_step_in_flight_keeps_its_page_table_when_the_next_is_planned(tiny):
+def test_a_step_in_flight_keeps_its_page_table_when_the_next_is_planned(tiny1):
     """The page table a launched step reads is never changed by the host planning the next step
     (CPU device_put of an aligned host array shares its memory: updating the host table in
     place would move an in-flight step's K/V writes into another request's pages). Checked on the
     tables themselves: an end-to-end run with these tiny models passes even with the aliasing
     (their steps finish before the host edits the table), so it would prove nothing."""
-    engine = make_engine(tiny)
+    engine = make_engine(tiny1)
     runner = engine.runner
     runner._page_table = _aligned_zeros(runner._page_table.shape)
     runner._update_page_table({0: [3, 4]})
