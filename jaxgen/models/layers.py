@@ -115,12 +115,12 @@ def output_logits(x: jax.Array, w: jax.Array, vocab_axis: int, blocked: bool | N
     `blocked` (default: on XLA:CPU, with T > 1 and a vocabulary-major `w` of whole blocks)
     computes the same products one block of `CPU_VOCAB_BLOCK` vocabulary rows at a time, as one
     batched product: for more than one row XLA:CPU's matrix product copies (packs) the whole
-    weight before using it, so a 5-row product reads Gemma 3 270M's 0.67 GB table about twice
-    (51 vs 21 ms for 1 row on the 2-core box); a block's copy stays in cache (36 ms).
-    Speculative verification (K + 1 rows) and batched decode on CPU pay this every step. Only
-    for vocabulary-major weights, whose blocks are contiguous (blocks of `[embed, vocab]` are
-    strided: 6x slower). Each logit is the same sum over `embed`; `blocked=False` is the plain
-    product (the slow twin, compared in tests/test_layers.py)."""
+    weight before using it, so a few-row product over a large vocabulary reads the table about
+    twice; a block's copy stays in cache. Speculative verification (K + 1 rows) and batched
+    decode on CPU pay this every step (measured in docs/benchmarks.md, "Speculative decoding").
+    Only for vocabulary-major weights, whose blocks are contiguous (blocks of `[embed, vocab]`
+    are strided and slower than the plain product). Each logit is the same sum over `embed`;
+    `blocked=False` is the plain product (the slow twin, compared in tests/test_layers.py)."""
     t, vocab = x.shape[0], w.shape[vocab_axis]
     if blocked is None:
         blocked = (jax.default_backend() == "cpu" and vocab_axis == 0 and t > 1
