@@ -68,6 +68,26 @@ def test_the_blocked_output_projection_is_taken_only_where_it_helps():
         layers.output_logits(jnp.ones((4, 8)), jnp.ones((vocab + 8, 8)), 0, blocked=True)
 
 
+def test_a_model_built_for_an_accelerator_keeps_the_plain_output_projection():
+    """`jaxgen plan` compiles TPU programs on this CPU host: the CPU-only blocking must not
+    reach them (nor GPU kernels' models); a model for this host's CPU gets the default."""
+    from flax import nnx
+
+    from jaxgen.models.gemma3 import Gemma3
+    from jaxgen.models.llama import Llama
+
+    assert layers.blocked_logits("auto") is None and layers.blocked_logits("xla") is None
+    assert layers.blocked_logits("tpu") is False and layers.blocked_logits("gpu") is False
+    for arch, cfg in ((Gemma3, TINY_GEMMA3), (Llama, TINY_LLAMA)):
+        cfg = cfg.replace(vocab_size=2 * layers.CPU_VOCAB_BLOCK)
+        table, x = jnp.ones((cfg.vocab_size, cfg.hidden_size)), jnp.ones((4, cfg.hidden_size))
+        for backend, blocked in (("auto", True), ("tpu", False)):
+            module = nnx.eval_shape(lambda: arch(cfg, nnx.Rngs(0), attn_backend=backend))
+            jaxpr = str(jax.make_jaxpr(lambda x: layers.tied_logits(
+                x, table, False, module.blocked_logits))(x))
+            assert ("reshape" in jaxpr) == blocked, (arch, backend)
+
+
 @pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
 def test_batch_one_decode_step_is_the_same_through_two_rows(cfg, monkeypatch):
     model = Model(cfg)

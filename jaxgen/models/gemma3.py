@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, embed_lookup, embedding_table,
-                                  param, run_blocks, tied_logits)
+from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, blocked_logits, embed_lookup,
+                                  embedding_table, param, run_blocks, tied_logits)
 
 
 class Gemma3Block(nnx.Module):
@@ -38,6 +38,7 @@ class Gemma3(nnx.Module):
         self.shared_trace = shared_trace
         self.embed = embedding_table(cfg, rngs, embed_major)
         self.embed_major = embed_major
+        self.blocked_logits = blocked_logits(attn_backend)
         self.layers = nnx.List(
             [Gemma3Block(cfg, i, rngs, attn_backend) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs, zero_centered=True)
@@ -51,7 +52,7 @@ class Gemma3(nnx.Module):
                                                                          table.dtype)
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
                                   logits_indices, self.shared_trace)
-        logits = tied_logits(x, table, self.embed_major).astype(jnp.float32)
+        logits = tied_logits(x, table, self.embed_major, self.blocked_logits).astype(jnp.float32)
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap
             logits = cap * jnp.tanh(logits / cap)

@@ -107,7 +107,8 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, embed_major: bool) -> jax.
 CPU_VOCAB_BLOCK = 8192
 
 
-def output_logits(x: jax.Array, w: jax.Array, vocab_axis: int, blocked: bool | None = None) -> jax.Array:
+def output_logits(x: jax.Array, w: jax.Array, vocab_axis: int,
+                  blocked: bool | None = None) -> jax.Array:
     """`x [T, embed]` against an output projection `w` whose vocabulary axis is `vocab_axis`
     (0: `[vocab, embed]`, the tied table in checkpoint order; 1: `[embed, vocab]`): logits
     `[T, vocab]` in x's dtype.
@@ -135,9 +136,17 @@ def output_logits(x: jax.Array, w: jax.Array, vocab_axis: int, blocked: bool | N
     return out.transpose(1, 0, 2).reshape(t, vocab)
 
 
-def tied_logits(x: jax.Array, table: jax.Array, embed_major: bool) -> jax.Array:
+def blocked_logits(attn_backend: str) -> bool | None:
+    """`output_logits`' `blocked` for a model built for `attn_backend`: the default (blocked on
+    XLA:CPU) where the model runs on this host's CPU, never where it is built for an accelerator
+    (`jaxgen plan` compiles TPU programs on a CPU host: their products must stay plain)."""
+    return None if pallas_kernels.resolve_backend(attn_backend) == "xla" else False
+
+
+def tied_logits(x: jax.Array, table: jax.Array, embed_major: bool,
+                blocked: bool | None = None) -> jax.Array:
     """`x [T, embed]` against the embedding table: logits `[T, vocab]` (in x's dtype)."""
-    return output_logits(x, table, 1 if embed_major else 0)
+    return output_logits(x, table, 1 if embed_major else 0, blocked)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:

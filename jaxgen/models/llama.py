@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.config import ModelConfig
-from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, embed_lookup, embedding_table,
-                                  output_logits, param, run_blocks, tied_logits)
+from jaxgen.models.layers import (Attention, GatedMLP, RMSNorm, blocked_logits, embed_lookup,
+                                  embedding_table, output_logits, param, run_blocks,
+                                  tied_logits)
 
 
 class LlamaBlock(nnx.Module):
@@ -32,6 +33,7 @@ class Llama(nnx.Module):
         self.shared_trace = shared_trace
         self.embed = embedding_table(cfg, rngs, embed_major)
         self.embed_major = embed_major
+        self.blocked_logits = blocked_logits(attn_backend)
         self.layers = nnx.List(
             [LlamaBlock(cfg, i, rngs, attn_backend) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs, zero_centered=False)
@@ -43,7 +45,7 @@ class Llama(nnx.Module):
         x, new_pages = run_blocks(self.layers, self.final_norm, x, positions, kv_pages, md,
                                   logits_indices, self.shared_trace)
         if self.lm_head is None:
-            logits = tied_logits(x, self.embed[...], self.embed_major)
+            logits = tied_logits(x, self.embed[...], self.embed_major, self.blocked_logits)
         else:
-            logits = output_logits(x, self.lm_head[...], 1)
+            logits = output_logits(x, self.lm_head[...], 1, self.blocked_logits)
         return logits.astype(jnp.float32), new_pages

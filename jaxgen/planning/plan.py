@@ -113,7 +113,8 @@ def _compile_all(program: programs.ServingProgram, engine: EngineConfig, batches
     jobs += [functools.partial(program.compile_prefill, t) for t in engine.prefill_buckets]
     jobs += [functools.partial(program.compile_decode, b)
              for b in sorted(set(batches) | {engine.num_slots})]
-    # Two at a time: XLA compiles without the GIL while the next program is traced.
+    # Two at a time: one program is traced and lowered while another compiles (compilations
+    # themselves one at a time: programs._COMPILE_LOCK).
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return tuple(pool.map(lambda job: job(), jobs))
 

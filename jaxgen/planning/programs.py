@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 
 import jax
@@ -28,6 +29,11 @@ from jaxgen.planning.targets import compiling_for
 from jaxgen.runtime.sampling import SamplingRows
 from jaxgen.runtime.state import DecodeState, state_shardings
 from jaxgen.runtime.steps import make_generate, make_insert, make_prefill
+
+# One TPU compilation at a time: `jaxgen plan` lowers the next program while one compiles, and
+# two libtpu compilations at once crashed the process once in the test suite (a segmentation
+# fault with both threads inside the compiler, compiling the Llama-3-8B shape for v6e).
+_COMPILE_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +136,9 @@ class ServingProgram:
     def _compile(self, name, kind, tokens, fn, *args, **static) -> CompiledStep:
         start = time.perf_counter()
         with compiling_for(self.mesh.devices.flat[0]), jax.set_mesh(self.mesh):
-            compiled = fn.lower(*args, **static).compile()
+            lowered = fn.lower(*args, **static)
+            with _COMPILE_LOCK:
+                compiled = lowered.compile()
         return CompiledStep.of(name, kind, tokens, compiled, time.perf_counter() - start)
 
     def compile_insert(self) -> CompiledStep:
