@@ -108,43 +108,39 @@ CPU_VOCAB_BLOCK = 8192
 
 
 def output_logits(x: jax.Array, w: jax.Array, vocab_axis: int,
-                  blocked: bool | None = None) -> jax.Array:
+                  blocked: bool = False) -> jax.Array:
     """`x [T, embed]` against an output projection `w` whose vocabulary axis is `vocab_axis`
     (0: `[vocab, embed]`, the tied table in checkpoint order; 1: `[embed, vocab]`): logits
     `[T, vocab]` in x's dtype.
 
-    `blocked` (default: on XLA:CPU, with T > 1 and a vocabulary-major `w` of whole blocks)
-    computes the same products one block of `CPU_VOCAB_BLOCK` vocabulary rows at a time, as one
-    batched product: for more than one row XLA:CPU's matrix product copies (packs) the whole
-    weight before using it, so a few-row product over a large vocabulary reads the table about
-    twice; a block's copy stays in cache. Speculative verification (K + 1 rows) and batched
-    decode on CPU pay this every step (measured in docs/benchmarks.md, "Speculative decoding").
-    Only for vocabulary-major weights, whose blocks are contiguous (blocks of `[embed, vocab]`
-    are strided and slower than the plain product). Each logit is the same sum over `embed`;
-    `blocked=False` is the plain product (the slow twin, compared in tests/test_layers.py)."""
+    `blocked` (a model built for the CPU path: `blocked_logits`) computes the same products one
+    block of `CPU_VOCAB_BLOCK` vocabulary rows at a time, as one batched product, where that
+    helps: T > 1 and a vocabulary-major `w` of whole blocks. For more than one row XLA:CPU's
+    matrix product copies (packs) the whole weight before using it, so a few-row product over a
+    large vocabulary reads the table about twice; a block's copy stays in cache. Speculative
+    verification (K + 1 rows) and batched decode on CPU pay this every step (measured in
+    docs/benchmarks.md, "Speculative decoding"). Blocks of `[embed, vocab]` are strided and
+    slower than the plain product, so they are never used. Each logit is the same sum over
+    `embed`; `blocked=False` is the plain product (the slow twin, compared in
+    tests/test_layers.py)."""
     t, vocab = x.shape[0], w.shape[vocab_axis]
-    if blocked is None:
-        blocked = (jax.default_backend() == "cpu" and vocab_axis == 0 and t > 1
-                   and vocab > CPU_VOCAB_BLOCK and vocab % CPU_VOCAB_BLOCK == 0)
-    if not blocked:
+    if not (blocked and vocab_axis == 0 and t > 1 and vocab > CPU_VOCAB_BLOCK
+            and vocab % CPU_VOCAB_BLOCK == 0):
         return jnp.einsum("te,ve->tv" if vocab_axis == 0 else "te,ev->tv", x, w)
-    if vocab_axis != 0 or vocab % CPU_VOCAB_BLOCK:
-        raise ValueError(f"blocked output projection: needs a [vocab, embed] weight with vocab a "
-                         f"multiple of {CPU_VOCAB_BLOCK}, got shape {w.shape}")
     n = vocab // CPU_VOCAB_BLOCK
     out = jnp.einsum("te,nve->ntv", x, w.reshape(n, CPU_VOCAB_BLOCK, w.shape[1]))
     return out.transpose(1, 0, 2).reshape(t, vocab)
 
 
-def blocked_logits(attn_backend: str) -> bool | None:
-    """`output_logits`' `blocked` for a model built for `attn_backend`: the default (blocked on
-    XLA:CPU) where the model runs on this host's CPU, never where it is built for an accelerator
-    (`jaxgen plan` compiles TPU programs on a CPU host: their products must stay plain)."""
-    return None if pallas_kernels.resolve_backend(attn_backend) == "xla" else False
+def blocked_logits(attn_backend: str) -> bool:
+    """`output_logits`' `blocked` for a model built for `attn_backend`: only the CPU path
+    ("xla", what "auto" picks on a CPU host); never a model built for an accelerator (`jaxgen
+    plan` compiles TPU programs on a CPU host: their products must stay plain)."""
+    return pallas_kernels.resolve_backend(attn_backend) == "xla"
 
 
 def tied_logits(x: jax.Array, table: jax.Array, embed_major: bool,
-                blocked: bool | None = None) -> jax.Array:
+                blocked: bool = False) -> jax.Array:
     """`x [T, embed]` against the embedding table: logits `[T, vocab]` (in x's dtype)."""
     return output_logits(x, table, 1 if embed_major else 0, blocked)
 
