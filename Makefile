@@ -33,7 +33,7 @@ run: $(RUN_STAMP)
 	$(VENV)/bin/jaxgen serve
 
 test: $(TEST_STAMP)
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=40 tests
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -n 3 --dist loadfile --durations=40 tests
 
 clean:
 	rm -rf $(VENV)

@@ -262,3 +262,35 @@ print(json.dumps({"ok": s.ok, "rss_kb": resource.getrusage(resource.RUSAGE_SELF)
         assert result["ok"] == n
         peaks[n] = result["rss_kb"]
     assert peaks[2000] - peaks[200] < 8 * 1024, peaks
+
+
+def test_cache_salt_narrows_the_prefix_cache_to_lines_of_the_same_salt(tiny, xla_cache_dir,
+                                                                        tmp_path):
+    """A job is one tenant: a line reuses the cached prompt pages of an earlier line only when
+    both carry the same `cache_salt` (none is a salt of its own); the output does not change."""
+    from jaxgen.batch import BatchOptions, run
+    from jaxgen.config import Config, EngineConfig, ModelSource
+
+    shared = "Examples: one, two, three. " * 6 + "Item:"  # several whole pages of 16 tokens
+
+    def line(i, salt, prompt=shared):
+        body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        if salt is not None:
+            body["cache_salt"] = salt
+        return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+
+    # Two slots: r0 and r1 run first, then r2 and r3, then r4 (all after r0 finished).
+    specs = [line(0, "a"), line(1, None, "Something else, to fill the other slot."),
+             line(2, "b"), line(3, "a"), line(4, None)]
+    out = tmp_path / "out.jsonl"
+    config = Config(ModelSource(tiny), EngineConfig(num_slots=2, max_model_len=256, num_pages=64,
+                                                    decode_steps=1, max_prefill_tokens=64),
+                    compilation_cache_dir=xla_cache_dir)
+    summary = run(write(tmp_path / "in.jsonl", specs), str(out), config, BatchOptions(quiet=True))
+    assert summary.ok == len(specs)
+    bodies = {r["custom_id"]: r["response"]["body"] for r in records(out)}
+    cached = {k: b["usage"]["prompt_tokens_details"]["cached_tokens"] for k, b in bodies.items()}
+    assert cached["r3"] >= 16, cached  # salt "a" again: r0's pages
+    assert cached["r0"] == cached["r2"] == cached["r4"] == 0, cached  # first of their salt
+    texts = {k: b["choices"][0]["text"] for k, b in bodies.items()}
+    assert texts["r0"] == texts["r2"] == texts["r3"] == texts["r4"]

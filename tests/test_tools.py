@@ -200,8 +200,10 @@ def test_bench_host_times_every_stage(tmp_path, cache_dir, xla_cache_dir, capsys
 
     import bench_host
 
-    preset = tmp_path / "preset.json"
-    preset.write_text(json.dumps({"model": "smollm2-135m", "slots": 4, "max-model-len": 256,
+    from tests.server_process import ensure_model
+
+    preset = tmp_path / "preset.json"  # the stages, not the model, are the subject: 4 layers
+    preset.write_text(json.dumps({"model": ensure_model(cache_dir), "slots": 4, "max-model-len": 256,
                                   "num-pages": 64, "decode-steps": 4, "max-prefill-tokens": 64}))
     out = tmp_path / "host.json"
     assert bench_host.main(["--config", str(preset), "--num-requests", "6", "--max-prompt-tokens",

@@ -3,7 +3,11 @@ the same loaded model: output tok/s with and without, the acceptance rate and th
 length per verify step, per workload (tools/spec_workloads.py) and batch size.
 
     python tools/bench_speculative.py --models smollm2-135m,gemma3-270m --batches 1,8 \\
-        --max-tokens 96 --reps 2 [--dtype float32] [--num-speculative-tokens 4]
+        --max-tokens 96 --reps 2 [--dtype float32] [--num-speculative-tokens 4] [--chat]
+
+`--chat` sends each prompt as one user message through the model's chat template (what an
+instruct model such as SmolLM2-135M-Instruct receives from `/v1/chat/completions`); without it
+the prompts are plain text (the bundled Gemma 3 270M is a base model: it continues text).
 
 Each (model, batch, workload) cell runs the same prompts greedily through both engines, plain
 first, alternating for --reps rounds (the best round of each is kept), after one untimed round
@@ -67,7 +71,10 @@ def bench_model(name, args) -> list[dict]:
                 ngram_max=args.ngram_max, ngram_min=args.ngram_min))}
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         for workload, texts in workloads.items():
-            prompts = [tok.encode(t) for t in texts]
+            if args.chat:
+                prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+            else:
+                prompts = [tok.encode(t) for t in texts]
             for e in engines.values():
                 run(e, prompts[:batch], params)  # compile the shapes this cell uses
             best = {k: float("inf") for k in engines}
@@ -85,7 +92,7 @@ def bench_model(name, args) -> list[dict]:
             drafted = s.num_draft_tokens - drafted0
             accepted = s.num_accepted_draft_tokens - accepted0
             rows.append(dict(
-                model=name, batch=batch, workload=workload, prompts=len(prompts),
+                model=name, batch=batch, workload=workload, chat=args.chat, prompts=len(prompts),
                 max_tokens=args.max_tokens, plain_tok_s=tokens / best["plain"],
                 ngram_tok_s=tokens / best["ngram"], speedup=best["plain"] / best["ngram"],
                 acceptance=accepted / drafted if drafted else 0.0,
@@ -94,7 +101,7 @@ def bench_model(name, args) -> list[dict]:
                 dtype=args.dtype, jax=jax.__version__))
             rows[-1]["verify_cost"] = engines["ngram"].verify_cost
             r = rows[-1]
-            print(f"{name:>14} B={batch:<3} {workload:>12}: plain {r['plain_tok_s']:7.1f} tok/s, "
+            print(f"{name:>14} B={batch:<3} {workload + (' chat' if args.chat else ''):>17}: plain {r['plain_tok_s']:7.1f} tok/s, "
                   f"ngram {r['ngram_tok_s']:7.1f} tok/s = {r['speedup']:.2f}x; acceptance "
                   f"{r['acceptance']:.0%}, {r['accepted_per_verify']:.2f} accepted per verify; "
                   f"identical={r['identical']}", flush=True)
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--ngram-max", type=int, default=4)
     p.add_argument("--ngram-min", type=int, default=2)
+    p.add_argument("--chat", action="store_true",
+                   help="prompts as one user message through the model's chat template")
     p.add_argument("--out-json", default=None)
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
