@@ -55,19 +55,19 @@ def _compilation_cache(xla_cache_dir):
 # optimised programs they serve with, and files that mostly run programs (test_mesh, the Pallas
 # interpreter of test_attention_gpu) run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles
 # these optimised too.
-FAST_COMPILE = frozenset(os.environ.get("JAXGEN_TEST_FAST_COMPILE",
-                                        "test_layers.py test_attention_xla.py test_attention_tpu.py "
-                                        "test_engine.py").split())
+FAST_COMPILE = frozenset({"test_layers.py", "test_attention_xla.py", "test_attention_tpu.py",
+                          "test_engine.py"})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compile(request):
-    fast = request.path.name in FAST_COMPILE and not os.environ.get("JAXGEN_TEST_OPTIMIZE")
-    if fast:
-        jax.config.update("jax_disable_most_optimizations", True)
+    if request.path.name not in FAST_COMPILE or os.environ.get("JAXGEN_TEST_OPTIMIZE"):
+        yield
+        return
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
     yield
-    if fast:
-        jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRPC and HTTP tests)

@@ -107,8 +107,8 @@ def test_greedy_continuations_match_hf(pair, continuations, hf_logits):
     for seq, completion, reference in zip(*continuations, hf_logits):
         # HF's greedy choice after the prompt and each prefix of our continuation.
         want = reference[len(seq) - 1:].argmax(-1).tolist()
-        assert completion == want, (
-            f"first difference at token {next(i for i, (a, b) in enumerate(zip(completion, want)) if a != b)}"
-            f": ours {tok.decode(completion)!r}, HF {tok.decode(want)!r}")
+        differ = [i for i, (a, b) in enumerate(zip(completion, want)) if a != b]
+        assert not differ, (f"first difference at token {differ[0]}: ours "
+                            f"{tok.decode(completion)!r}, HF {tok.decode(want)!r}")
         # Shorter than asked only by ending on a stop id, as HF's generate would.
         assert len(completion) == NEW_TOKENS or completion[-1] in tok.stop_ids

@@ -260,3 +260,23 @@ def test_bench_offline_stand_in_tokenizer_serves_the_detokenizer():
 
     detok = IncrementalDetokenizer(bench_offline.RandomTokenTokenizer(), [5, 6, 7])
     assert detok.push([8, 9]) == ""
+
+
+def test_bench_speculative_chat_prompts_go_through_the_chat_template(cache_dir):
+    """`--chat`: each workload prompt becomes one user message rendered by the model's template
+    (SmolLM2-Instruct's `<|im_start|>user ... <|im_start|>assistant`); without it, plain text."""
+    import bench_speculative
+    from spec_workloads import copy_heavy
+
+    from jaxgen.tokenizer import load_tokenizer
+    from tests.server_process import ensure_model
+
+    tok = load_tokenizer(os.path.join(ensure_model(cache_dir), "tokenizer"))
+    texts = copy_heavy(2)
+    plain = bench_speculative.encode_prompts(tok, texts, chat=False)
+    chat = bench_speculative.encode_prompts(tok, texts, chat=True)
+    assert plain == [tok.encode(t) for t in texts]
+    for text, ids in zip(texts, chat):
+        rendered = tok.decode(ids)
+        assert rendered.startswith("<|im_start|>") and text in rendered
+        assert rendered.endswith("<|im_start|>assistant\n")

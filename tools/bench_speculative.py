@@ -40,6 +40,14 @@ class VerifyCount(EngineObserver):
         self.count += 1
 
 
+def encode_prompts(tok, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of the workload's prompts: plain text, or each one user message through the
+    model's chat template (`chat`)."""
+    if chat:
+        return [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    return [tok.encode(t) for t in texts]
+
+
 def run(engine, prompts, params):
     start = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -71,10 +79,7 @@ def bench_model(name, args) -> list[dict]:
                 ngram_max=args.ngram_max, ngram_min=args.ngram_min))}
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         for workload, texts in workloads.items():
-            if args.chat:
-                prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
-            else:
-                prompts = [tok.encode(t) for t in texts]
+            prompts = encode_prompts(tok, texts, args.chat)
             for e in engines.values():
                 run(e, prompts[:batch], params)  # compile the shapes this cell uses
             best = {k: float("inf") for k in engines}
@@ -101,7 +106,8 @@ def bench_model(name, args) -> list[dict]:
                 dtype=args.dtype, jax=jax.__version__))
             rows[-1]["verify_cost"] = engines["ngram"].verify_cost
             r = rows[-1]
-            print(f"{name:>14} B={batch:<3} {workload + (' chat' if args.chat else ''):>17}: plain {r['plain_tok_s']:7.1f} tok/s, "
+            cell = workload + (" chat" if args.chat else "")
+            print(f"{name:>14} B={batch:<3} {cell:>17}: plain {r['plain_tok_s']:7.1f} tok/s, "
                   f"ngram {r['ngram_tok_s']:7.1f} tok/s = {r['speedup']:.2f}x; acceptance "
                   f"{r['acceptance']:.0%}, {r['accepted_per_verify']:.2f} accepted per verify; "
                   f"identical={r['identical']}", flush=True)
