@@ -99,3 +99,38 @@ def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_
     return Engine(model, params, tokenizer, EngineConfig(
         **defaults, warmup=warmup, enable_prefix_cache=prefix_cache,
         overlap_launch=overlap_launch))
+
+
+def gguf_without_vocabulary(path: str, out_dir) -> str:
+    """A copy of the GGUF at `path` without its tokenizer's arrays (tokens, scores, token types,
+    merges), with `<arch>.vocab_size` set from them where it is not stored, written into `out_dir`; the tensors (as
+    stored, quantized blocks included) and every other metadata entry are the same. For loading
+    HF's model from it: HF's `from_pretrained(gguf_file=...)` parses the metadata twice with
+    `gguf.GGUFReader`, which takes ~50 s over Gemma 3's 262,144-entry vocabulary and which its
+    model does not use (HF's tokenizer parity is tests/test_tokenizer.py's)."""
+    import os
+
+    import gguf
+
+    from jaxgen.gguf_reader import GGUFFile
+
+    source = GGUFFile(path)
+    arch = source.fields["general.architecture"].value
+    out = os.path.join(str(out_dir), os.path.basename(path))
+    writer = gguf.GGUFWriter(out, arch)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].value)
+    for key, field in source.fields.items():
+        if key == "general.architecture" or (key.startswith("tokenizer.ggml.")
+                                             and field.element_type is not None):
+            continue
+        sub = gguf.GGUFValueType(field.element_type) if field.element_type is not None else None
+        writer.add_key_value(key, field.value, gguf.GGUFValueType(field.value_type), sub)
+    if f"{arch}.vocab_size" not in source.fields:
+        writer.add_uint32(f"{arch}.vocab_size", vocab)
+    for t in source.tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

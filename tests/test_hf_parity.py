@@ -21,7 +21,7 @@ import torch
 from jaxgen import checkpoints
 from jaxgen.checkpoints.registry import bundled
 from jaxgen.sampling_params import SamplingParams
-from tests.helpers import engine_for, packed_metadata
+from tests.helpers import engine_for, gguf_without_vocabulary, packed_metadata
 
 PROMPTS = [
     "The capital of France is",
@@ -34,11 +34,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
-def pair(request, cache_dir):
+def pair(request, cache_dir, tmp_path_factory):
     ours = checkpoints.load(request.param, cache=cache_dir)
     from transformers import AutoModelForCausalLM
 
-    path = bundled(request.param).locate_gguf()
+    # HF reads the same tensors and model metadata, without the vocabulary it does not use.
+    path = gguf_without_vocabulary(bundled(request.param).locate_gguf(),
+                                   tmp_path_factory.mktemp("hf-gguf"))
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32)
     hf.eval()
