@@ -51,23 +51,45 @@ def _compilation_cache(xla_cache_dir):
 # in interpret mode) rather than running them: their programs compile with XLA's backend
 # optimisations off (`jax_disable_most_optimizations`: LLVM at -O0), which shortens their compile
 # time (docs/reliability.md has the measurement). Both sides of every comparison in them compile
-# the same way; the tests of real checkpoints (HF parity, speculative decoding, servers) keep the
-# optimised programs they serve with, and files that mostly run programs (test_mesh, the Pallas
-# interpreter of test_attention_gpu) run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles
-# these optimised too.
+# the same way. Tests of real checkpoints (marked `slow`: HF parity, real-model speculative
+# decoding, ...) and tests marked `optimized` keep the optimised programs, in these files too,
+# and so do
+# files that mostly run programs (test_mesh, the Pallas interpreter of test_attention_gpu), which
+# run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles everything optimised.
 FAST_COMPILE = frozenset({"test_layers.py", "test_attention_xla.py", "test_attention_tpu.py",
-                          "test_engine.py"})
+                          "test_engine.py", "test_speculative.py",
+                          "test_engine_overlap.py", "test_paged_consistency.py",
+                          "test_server_units.py", "test_engine_surface.py", "test_watchdog.py",
+                          "test_overload.py", "test_checkpoint_fuzz.py"})
+
+
+def _set_fast_compile(on: bool):
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", on)
+    return before
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compile(request):
+    """On for a FAST_COMPILE file's module fixtures and tests; restored after it."""
     if request.path.name not in FAST_COMPILE or os.environ.get("JAXGEN_TEST_OPTIMIZE"):
         yield
         return
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
+    before = _set_fast_compile(True)
     yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    _set_fast_compile(before)
+
+
+@pytest.fixture(autouse=True)
+def _optimized_real_checkpoints(request, _fast_compile):
+    """Off again, inside a FAST_COMPILE file, for a `slow` (real-checkpoint) test and one marked
+    `optimized` (it runs its programs far more than it compiles them)."""
+    if not any(request.node.get_closest_marker(m) for m in ("slow", "optimized")):
+        yield
+        return
+    before = _set_fast_compile(False)
+    yield
+    _set_fast_compile(before)
 
 
 pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRPC and HTTP tests)

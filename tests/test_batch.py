@@ -235,32 +235,30 @@ def test_stdin_to_stdout(tiny, xla_cache_dir, reference):
 
 
 def test_python_api_and_memory_does_not_grow_with_the_input(tiny, xla_cache_dir, tmp_path):
-    """Peak RSS of a 2,000-line job within a few MB of a 200-line one's (the engine holds a
-    bounded window of lines; nothing is buffered per line). tools/bench_batch.py measures
-    20,000 lines."""
+    """Peak RSS after a 2,000-line job within a few MB of the peak after a 200-line one, run
+    before it in the same process (the engine holds a bounded window of lines; nothing is
+    buffered per line). tools/bench_batch.py measures 20,000 lines."""
     code = """
 import json, resource, sys
 from jaxgen.batch import BatchOptions, run
 from jaxgen.config import Config, EngineConfig, ModelSource
-n = int(sys.argv[1])
-with open(sys.argv[2], "w") as f:
-    for i in range(n):
-        f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                            "body": {"prompt": f"Line {i} of a long file.", "max_tokens": 1}}) + "\\n")
-config = Config(ModelSource(sys.argv[4]), EngineConfig(num_slots=8, max_model_len=128,
-                num_pages=64, decode_steps=1, max_prefill_tokens=128), compilation_cache_dir=sys.argv[5])
-s = run(sys.argv[2], sys.argv[3], config, BatchOptions(quiet=True))
-print(json.dumps({"ok": s.ok, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+config = Config(ModelSource(sys.argv[2]), EngineConfig(num_slots=8, max_model_len=128,
+                num_pages=64, decode_steps=1, max_prefill_tokens=128), compilation_cache_dir=sys.argv[3])
+for n in (200, 2000):
+    inp, out = f"{sys.argv[1]}/{n}.jsonl", f"{sys.argv[1]}/{n}.out"
+    with open(inp, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"prompt": f"Line {i} of a long file.", "max_tokens": 1}}) + "\\n")
+    s = run(inp, out, config, BatchOptions(quiet=True))
+    print(json.dumps({"n": n, "ok": s.ok, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
-    peaks = {}
-    for n in (200, 2000):
-        run = subprocess.run([sys.executable, "-c", code, str(n), str(tmp_path / f"{n}.jsonl"),
-                              str(tmp_path / f"{n}.out"), tiny, xla_cache_dir], env=child_env(),
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout.splitlines()[-1])
-        assert result["ok"] == n
-        peaks[n] = result["rss_kb"]
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path), tiny, xla_cache_dir],
+                         env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [(r["n"], r["ok"]) for r in results] == [(200, 200), (2000, 2000)]
+    peaks = {r["n"]: r["rss_kb"] for r in results}
     assert peaks[2000] - peaks[200] < 8 * 1024, peaks
 
 

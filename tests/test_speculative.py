@@ -177,6 +177,7 @@ def _chi_square(a: np.ndarray, b: np.ndarray) -> float:
     return float(((table - expected) ** 2 / expected).sum() / max(len(cats) - 1, 1))
 
 
+@pytest.mark.optimized
 def test_sampled_output_keeps_the_target_distribution(tiny_llama, monkeypatch):
     """Tokens 2..4 of many seeded requests, with and without speculation, come from one
     distribution; accepting drafts without the rejection-sampling correction does not."""
