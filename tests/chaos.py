@@ -87,9 +87,16 @@ class Chaos:
         return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
                                          if line and not line.startswith("#"))}
 
-    def run(self, requests, on_output=None) -> list[Ended]:
-        """Streams every request at once; how each ended."""
+    def run(self, requests, on_output=None, on_end=None) -> list[Ended]:
+        """Streams every request at once; how each ended (`on_end()` as each one ends)."""
         def one(request):
+            try:
+                return stream(request)
+            finally:
+                if on_end is not None:
+                    on_end()
+
+        def stream(request):
             tokens, first, usage = [], None, None
             try:
                 for response in self.stub.Generate(request, timeout=STREAM_TIMEOUT_S):
@@ -109,20 +116,35 @@ class Chaos:
             return list(pool.map(one, requests))
 
     def run_killed(self, sig=signal.SIGKILL) -> tuple[list[Ended], float, int]:
-        """REQUESTS streamed while the engine process gets `sig` once some have output; how
-        each ended, when the signal was sent, and the length of the server's log then."""
-        pid, started, sent = self.engine_pid(), threading.Event(), []
+        """REQUESTS streamed while the engine process gets `sig` once some have output and
+        every one has reached the engine (one that reached the server only during the restart
+        would be refused, UNAVAILABLE with no output: the answer to a request that arrives while
+        the engine restarts, not what this round checks); how each ended, when the signal was
+        sent, and the length of the server's log then."""
+        pid, started, sent, ended = self.engine_pid(), threading.Event(), [], []
+
+        def admitted() -> int:
+            # Ended streams first: a stream seen ended here has ended on the server too, so it
+            # is not also among the server's active ones (no request is counted twice).
+            done = len(ended)
+            return done + self.stats().active_streams
 
         def kill():
-            if started.wait(60):
-                sent.append((time.monotonic(), len(self.server.log)))
-                os.kill(pid, sig)
+            deadline = time.monotonic() + 60
+            if not started.wait(60):
+                return
+            while admitted() < len(REQUESTS):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            sent.append((time.monotonic(), len(self.server.log)))
+            os.kill(pid, sig)
 
         killer = threading.Thread(target=kill)
         killer.start()
-        results = self.run(REQUESTS, on_output=started.set)
+        results = self.run(REQUESTS, on_output=started.set, on_end=lambda: ended.append(1))
         killer.join()
-        assert sent, "no stream had output within 60s"
+        assert sent, "within 60s, no stream had output or not every request reached the engine"
         assert wait_gone(pid, 60), "the engine process was not replaced"
         return (results, *sent[0])
 
