@@ -53,9 +53,9 @@ def _compilation_cache(xla_cache_dir):
 # time (docs/reliability.md has the measurement). Both sides of every comparison in them compile
 # the same way. Tests of real checkpoints (marked `slow`: HF parity, real-model speculative
 # decoding, ...) and tests marked `optimized` keep the optimised programs, in these files too,
-# and so do
-# files that mostly run programs (test_mesh, the Pallas interpreter of test_attention_gpu), which
-# run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles everything optimised.
+# and so do files that mostly run programs (test_mesh, the Pallas interpreter of
+# test_attention_gpu), which run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles everything
+# optimised.
 FAST_COMPILE = frozenset({"test_layers.py", "test_attention_xla.py", "test_attention_tpu.py",
                           "test_engine.py", "test_speculative.py",
                           "test_engine_overlap.py", "test_paged_consistency.py",

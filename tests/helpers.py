@@ -103,11 +103,12 @@ def engine_for(model: Model, params, tokenizer, *, warmup: bool = False, prefix_
 
 def gguf_without_vocabulary(path: str, out_dir) -> str:
     """A copy of the GGUF at `path` without its tokenizer's arrays (tokens, scores, token types,
-    merges), with `<arch>.vocab_size` set from them where it is not stored, written into `out_dir`; the tensors (as
-    stored, quantized blocks included) and every other metadata entry are the same. For loading
-    HF's model from it: HF's `from_pretrained(gguf_file=...)` parses the metadata twice with
-    `gguf.GGUFReader`, which takes ~50 s over Gemma 3's 262,144-entry vocabulary and which its
-    model does not use (HF's tokenizer parity is tests/test_tokenizer.py's)."""
+    merges), with `<arch>.vocab_size` set from them where it is not stored, written into
+    `out_dir`; the tensors (as stored, quantized blocks included) and every other metadata entry
+    are the same. For loading HF's model from it: HF's `from_pretrained(gguf_file=...)` parses the
+    metadata twice with `gguf.GGUFReader`, slow over Gemma 3's 262,144-entry vocabulary
+    (docs/reliability.md), which its model does not use (HF's tokenizer parity is
+    tests/test_tokenizer.py's)."""
     import os
 
     import gguf
