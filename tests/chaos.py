@@ -88,13 +88,12 @@ class Chaos:
                                          if line and not line.startswith("#"))}
 
     def run(self, requests, on_output=None, on_end=None) -> list[Ended]:
-        """Streams every request at once; how each ended (`on_end()` as each one ends)."""
+        """Streams every request at once; how each ended (also passed to `on_end` as it ends)."""
         def one(request):
-            try:
-                return stream(request)
-            finally:
-                if on_end is not None:
-                    on_end()
+            ended = stream(request)
+            if on_end is not None:
+                on_end(ended)
+            return ended
 
         def stream(request):
             tokens, first, usage = [], None, None
@@ -142,7 +141,7 @@ class Chaos:
 
         killer = threading.Thread(target=kill)
         killer.start()
-        results = self.run(REQUESTS, on_output=started.set, on_end=lambda: ended.append(1))
+        results = self.run(REQUESTS, on_output=started.set, on_end=ended.append)
         killer.join()
         assert sent, "within 60s, no stream had output or not every request reached the engine"
         assert wait_gone(pid, 60), "the engine process was not replaced"

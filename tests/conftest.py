@@ -81,7 +81,7 @@ def _fast_compile(request):
 
 
 @pytest.fixture(autouse=True)
-def _optimized_real_checkpoints(request, _fast_compile):
+def _optimized_tests(request, _fast_compile):
     """Off again, inside a FAST_COMPILE file, for a `slow` (real-checkpoint) test and one marked
     `optimized` (it runs its programs far more than it compiles them)."""
     if not any(request.node.get_closest_marker(m) for m in ("slow", "optimized")):
