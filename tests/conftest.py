@@ -48,15 +48,16 @@ def _compilation_cache(xla_cache_dir):
 
 
 # Files whose time goes to XLA:CPU compiling many small programs (tiny random models, kernels
-# in interpret mode) rather than running them: their programs compile with XLA's backend
-# optimisations off (`jax_disable_most_optimizations`: LLVM at -O0), which shortens their compile
-# time (docs/reliability.md has the measurement). Both sides of every comparison in them compile
-# the same way. Tests of real checkpoints (marked `slow`: HF parity, real-model speculative
-# decoding, ...) and tests marked `optimized` keep the optimised programs, in these files too,
-# and so do files that mostly run programs (test_mesh, the Pallas interpreter of
-# test_attention_gpu), which run slower without them. JAXGEN_TEST_OPTIMIZE=1 compiles everything
-# optimised.
+# in interpret mode, meshes of small models) rather than running them: their programs compile
+# with XLA's backend optimisations off (`jax_disable_most_optimizations`: LLVM at -O0), which
+# shortens their compile time more than it lengthens their runs (docs/reliability.md has the
+# measurement). Both sides of every comparison in them compile the same way. Tests of real
+# checkpoints (marked `slow`: HF parity, real-model speculative decoding, ...) and tests marked
+# `optimized` keep the optimised programs, in these files too. JAXGEN_TEST_OPTIMIZE=1 compiles
+# everything optimised.
 FAST_COMPILE = frozenset({"test_layers.py", "test_attention_xla.py", "test_attention_tpu.py",
+                          "test_attention_gpu.py", "test_attention_reference.py", "test_mesh.py",
+                          "test_sampling.py", "test_tools.py", "test_hf_safetensors.py",
                           "test_engine.py", "test_speculative.py",
                           "test_engine_overlap.py", "test_paged_consistency.py",
                           "test_server_units.py", "test_engine_surface.py", "test_watchdog.py",

@@ -57,6 +57,24 @@ def test_continuous_batching_equals_naive_greedy(tiny):
     assert engine.runner.compilations_after_warmup == 0
 
 
+def test_engines_of_one_model_and_config_share_their_compiled_steps(tiny1):
+    """A second engine of the same model object and settings (an engine restarted in its
+    process) calls the first one's step functions: its warm-up and its requests compile
+    nothing, and its tokens are the same. Another config gets functions of its own."""
+    first = make_engine(tiny1)
+    ps = prompts(3, seed=4)
+    want = [c.token_ids for c in first.generate(ps, GREEDY)]
+    compiled = first.runner._compiled()
+    second = make_engine(tiny1)
+    assert all(a is b for a, b in zip(second.runner._jitted, first.runner._jitted))
+    assert [c.token_ids for c in second.generate(ps, GREEDY)] == want
+    assert second.runner._compiled() == compiled
+    assert second.runner.compilations_after_warmup == first.runner.compilations_after_warmup == 0
+    other = engine_for(*tiny1, ByteTokenizer(), num_slots=2)  # no warm-up: what it runs
+    assert not set(map(id, other.runner._jitted)) & set(map(id, first.runner._jitted))
+    assert [c.token_ids for c in other.generate(ps, GREEDY)] == want
+
+
 def test_staggered_arrivals_in_background_loop(tiny1):
     engine = make_engine(tiny1)
     engine.start()
@@ -199,7 +217,7 @@ import numpy as np
 from jaxgen import checkpoints
 from jaxgen.sampling_params import SamplingParams
 from tests.helpers import engine_for
-m = checkpoints.load("smollm2-135m", cache=sys.argv[1])  # a real load: host-placed params
+m = checkpoints.load(sys.argv[1])  # a real load (host-placed params) of SmolLM2's first layers
 engine = engine_for(m.model, m.params, m.tokenizer, warmup=True, num_pages=128)
 mixed = [
     SamplingParams(max_tokens=9, temperature=0.0),
@@ -220,14 +238,19 @@ print("COMPILES_AFTER_WARMUP", engine.runner.compilations_after_warmup)
 
 def test_no_compilation_after_warmup_across_a_mixed_workload(cache_dir):
     """In a fresh single-device process (as a server runs), so jit's placement-keyed cache
-    sees exactly what serving does."""
+    sees exactly what serving does. The checkpoint is the front-end tests' cut of SmolLM2 (its
+    first layers, real weights and vocabulary): which programs compile does not depend on the
+    depth, and each compiles in a fraction of the whole model's time."""
     import os
     import subprocess
     import sys
 
+    from tests.server_process import ensure_model
+
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", MIXED_WORKLOAD, cache_dir], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", MIXED_WORKLOAD, ensure_model(cache_dir)],
+                         capture_output=True, text=True,
                          env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=root), cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "COMPILES_AFTER_WARMUP 0" in run.stdout, run.stderr[-2000:]

@@ -6,6 +6,7 @@ conditions, logprobs and max_tokens; no compilation after warm-up; metrics and u
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -184,7 +185,7 @@ def test_sampled_output_keeps_the_target_distribution(tiny_llama, monkeypatch):
     import jax.numpy as jnp
 
     from jaxgen import engine as engine_module
-    from jaxgen.runtime import sampling, steps
+    from jaxgen.runtime import runner, sampling, steps
 
     # Drafts at every step (no cooldown), so the test sees many accepted and rejected ones.
     monkeypatch.setattr(engine_module, "DEFAULT_MIN_ACCEPTANCE", 0.0)
@@ -210,6 +211,10 @@ def test_sampled_output_keeps_the_target_distribution(tiny_llama, monkeypatch):
         return dataclasses.replace(out, tokens=tokens, counts=draft_lens + 1)
 
     monkeypatch.setattr(steps, "verify_drafts", uncorrected)
+    # Runners of one model and config share their step functions (`runner._step_functions`):
+    # the next engine must trace verify afresh, with the uncorrected acceptance, and no later
+    # one may reuse that.
+    monkeypatch.setattr(runner, "_STEP_FUNCTIONS", collections.OrderedDict())
     wrong = _first_tokens(engine(tiny_llama, **kw, **SPEC), prompt, seeds, 4, temperature)
     stats = [_chi_square(plain[:, i], wrong[:, i]) for i in range(1, 4)]
     print("... and uncorrected:", stats)

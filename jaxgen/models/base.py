@@ -8,6 +8,7 @@ the only thing jitted step functions call. Knows nothing about checkpoints or sc
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -144,5 +145,13 @@ class Model:
         dtype = jnp.dtype(dtype or self.config.dtype)
         shape = self.kv_page_shape(num_pages, page_size)
         sharding = None if mesh is None else kv_pages_sharding(self.config.num_kv_heads, mesh)
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        make = _zeros(shape, dtype, sharding)
         return [make() for _ in range(self.config.num_layers)]
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple[int, ...], dtype, sharding):
+    """One jitted maker per (shape, dtype, sharding): pools built again (an engine restarted, a
+    second engine of the same model) reuse its compiled program instead of tracing, lowering
+    and looking up a fresh function's."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)

@@ -10,9 +10,11 @@ beyond an argmax. Knows nothing about requests, queues or text.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 
 import jax
@@ -70,6 +72,54 @@ def _settled(call):
     def settled(*args, **kwargs):
         return jax.block_until_ready(call(*args, **kwargs))
     return settled
+
+
+def _as_is(call):
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepFunctions:
+    prefill: object  # make_prefill's; `.jitted` lists its two programs
+    generate: object
+    insert: object
+    verify: object  # None without speculative decoding
+
+    @property
+    def jitted(self) -> tuple:
+        return (*self.prefill.jitted, self.generate, self.insert) + \
+            ((self.verify,) if self.verify is not None else ())
+
+
+# The jitted step functions of the last few runners, by everything their programs depend on. A
+# runner built again with the same model object and settings (an engine restarted in its
+# process, a test's next engine of one model) calls the functions whose programs are compiled
+# already, instead of tracing and lowering each anew and reading it back from the persistent
+# cache. Runners sharing them see each other's compilations in `_compiled()`; they compile the
+# same programs for the same shapes, so after both warm-ups neither adds any.
+_STEP_FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
+_STEP_FUNCTIONS_KEPT = 8
+_step_functions_lock = threading.Lock()
+
+
+def _step_functions(model: Model, cfg: EngineConfig, num_pages: int, mesh, placement,
+                    sync_dispatch: bool) -> _StepFunctions:
+    """The step functions of a runner of `model` with `cfg` and `num_pages` over `mesh`
+    (`placement` follows from those), made once and kept while recently used."""
+    key = (model, cfg, num_pages, mesh, sync_dispatch)
+    with _step_functions_lock:
+        if key in _STEP_FUNCTIONS:
+            _STEP_FUNCTIONS.move_to_end(key)
+            return _STEP_FUNCTIONS[key]
+        num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
+        fns = _StepFunctions(
+            make_prefill(model, _settled if sync_dispatch else _as_is, placement),
+            make_generate(model, cfg.decode_steps, placement), make_insert(placement),
+            make_verify(model, num_drafts, placement) if num_drafts else None)
+        _STEP_FUNCTIONS[key] = fns
+        while len(_STEP_FUNCTIONS) > _STEP_FUNCTIONS_KEPT:
+            _STEP_FUNCTIONS.popitem(last=False)
+        return fns
 
 
 def _local_copy(tree):
@@ -134,17 +184,13 @@ class ModelRunner:
             self.state = self._put(state)
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
-        settled = _settled if sync_dispatch else (lambda f: f)
-        self._prefill = make_prefill(model, settled, placement)
-        generate = make_generate(model, cfg.decode_steps, placement)
-        insert_state = make_insert(placement)
+        settled = _settled if sync_dispatch else _as_is
+        fns = _step_functions(model, cfg, self.num_pages, mesh, placement, sync_dispatch)
+        self._prefill, self._jitted = fns.prefill, fns.jitted
         # Speculative decoding: K drafts verified per slot and step (0: off).
         self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
-        verify = make_verify(model, self.num_drafts, placement) if self.num_drafts else None
-        self._jitted = (*self._prefill.jitted, generate, insert_state) + \
-            ((verify,) if verify is not None else ())
-        self._generate, self._insert = settled(generate), settled(insert_state)
-        self._verify = settled(verify) if verify is not None else None
+        self._generate, self._insert = settled(fns.generate), settled(fns.insert)
+        self._verify = settled(fns.verify) if fns.verify is not None else None
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
         self.slowest_warmup_s: float | None = None  # set by warmup()
