@@ -95,17 +95,7 @@ def _optimized_tests(request, _fast_compile):
 
 pytest_plugins = ["tests.served"]  # the session's `jaxgen serve` processes (gRPC and HTTP tests)
 
-
-# The slowest files first: `make test` runs three xdist workers taking one file at a time
-# (--dist loadfile), and a long file started last would leave one worker running it alone.
+# `make test` runs three xdist workers taking one file at a time (--dist loadfile); pytest-xdist
+# hands the files out in its own order (most tests first), whatever order collection gives them.
 # Three on the two-core CI box: the front-end, multi-process and restart tests spend much of
 # their time waiting on other processes, which a third worker fills (docs/reliability.md).
-SLOW_FIRST = ("test_speculative.py", "test_hf_parity.py", "test_multihost.py", "test_engine.py",
-              "test_tpu_compile.py", "test_server.py", "test_chaos.py", "test_attention_gpu.py",
-              "test_batch.py", "test_layers.py", "test_server_lifecycle.py", "test_checkpoints.py",
-              "test_tools.py", "test_http.py", "test_observability.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: files stay whole

@@ -45,8 +45,8 @@ EMBED_LAYOUTS = ("auto", "vocab_major", "embed_major")
 
 def resolve_embed_layout(layout: str) -> str:
     """"auto" is "vocab_major" (checkpoint order) on every platform. "embed_major" is faster
-    for a tied table on CPU (see `layers.embedding_table`: Gemma 3 270M 10.1 -> 11.7 tok/s on
-    the 2-core box) but sums the logits in another order: on Gemma 3 270M's 1,097-token parity
+    for a tied table on CPU (see `layers.embedding_table`; docs/benchmarks.md has the figures)
+    but sums the logits in another order: on Gemma 3 270M's 1,097-token parity
     prompt that moved them 1.9e-4 of their scale from HF's, past the 1e-4 the parity test
     allows, so it is opt-in until the logits are summed in the reference's order."""
     if layout not in EMBED_LAYOUTS:
