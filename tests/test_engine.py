@@ -11,7 +11,7 @@ import pytest
 from jaxgen.config import EngineConfig
 from jaxgen.engine import Engine
 from jaxgen.engine_api import EngineObserver, QueueFullError
-from jaxgen.models import Model
+from jaxgen.models import Model, base
 from jaxgen.sampling_params import SamplingParams
 from tests.helpers import TINY_GEMMA3, TINY_LLAMA, ByteTokenizer, engine_for, naive_greedy
 
@@ -65,7 +65,9 @@ def test_engines_of_one_model_and_config_share_their_compiled_steps(tiny1):
     ps = prompts(3, seed=4)
     want = [c.token_ids for c in first.generate(ps, GREEDY)]
     compiled = first.runner._compiled()
+    pool_makers = base._zeros.cache_info().misses  # the page pools' jitted maker too
     second = make_engine(tiny1)
+    assert base._zeros.cache_info().misses == pool_makers
     assert all(a is b for a, b in zip(second.runner._jitted, first.runner._jitted))
     assert [c.token_ids for c in second.generate(ps, GREEDY)] == want
     assert second.runner._compiled() == compiled

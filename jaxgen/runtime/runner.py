@@ -80,15 +80,14 @@ def _as_is(call):
 
 @dataclasses.dataclass(frozen=True)
 class _StepFunctions:
-    prefill: object  # make_prefill's; `.jitted` lists its two programs
+    """A runner's step calls (each waited for when the runner dispatches synchronously) and
+    the jitted functions behind them (whose cache sizes count compilations)."""
+
+    prefill: object
     generate: object
     insert: object
     verify: object  # None without speculative decoding
-
-    @property
-    def jitted(self) -> tuple:
-        return (*self.prefill.jitted, self.generate, self.insert) + \
-            ((self.verify,) if self.verify is not None else ())
+    jitted: tuple
 
 
 # The jitted step functions of the last few runners, by everything their programs depend on. A
@@ -111,11 +110,16 @@ def _step_functions(model: Model, cfg: EngineConfig, num_pages: int, mesh, place
         if key in _STEP_FUNCTIONS:
             _STEP_FUNCTIONS.move_to_end(key)
             return _STEP_FUNCTIONS[key]
+        settled = _settled if sync_dispatch else _as_is
+        prefill = make_prefill(model, settled, placement)
+        generate = make_generate(model, cfg.decode_steps, placement)
+        insert_state = make_insert(placement)
         num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
+        verify = make_verify(model, num_drafts, placement) if num_drafts else None
         fns = _StepFunctions(
-            make_prefill(model, _settled if sync_dispatch else _as_is, placement),
-            make_generate(model, cfg.decode_steps, placement), make_insert(placement),
-            make_verify(model, num_drafts, placement) if num_drafts else None)
+            prefill, settled(generate), settled(insert_state),
+            settled(verify) if verify is not None else None,
+            (*prefill.jitted, generate, insert_state) + ((verify,) if verify is not None else ()))
         _STEP_FUNCTIONS[key] = fns
         while len(_STEP_FUNCTIONS) > _STEP_FUNCTIONS_KEPT:
             _STEP_FUNCTIONS.popitem(last=False)
@@ -184,13 +188,11 @@ class ModelRunner:
             self.state = self._put(state)
         self._page_table = np.zeros((cfg.num_slots, cfg.pages_per_seq), np.int32)
         self._slot_levels = np.full(cfg.num_slots, GREEDY, np.int32)  # of the request placed there
-        settled = _settled if sync_dispatch else _as_is
         fns = _step_functions(model, cfg, self.num_pages, mesh, placement, sync_dispatch)
-        self._prefill, self._jitted = fns.prefill, fns.jitted
+        self._prefill, self._generate, self._insert = fns.prefill, fns.generate, fns.insert
+        self._verify, self._jitted = fns.verify, fns.jitted
         # Speculative decoding: K drafts verified per slot and step (0: off).
         self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
-        self._generate, self._insert = settled(fns.generate), settled(fns.insert)
-        self._verify = settled(fns.verify) if fns.verify is not None else None
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
         self.slowest_warmup_s: float | None = None  # set by warmup()
