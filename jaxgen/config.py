@@ -92,7 +92,7 @@ class ModelSource:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """The engine's sizes and switches; the scheduler's and the runner's settings derive from
-    these (`jaxgen.engine.scheduler_config`, `ModelRunner`)."""
+    these (`jaxgen.scheduler.config.scheduler_config`, `ModelRunner`)."""
 
     num_slots: int = 8  # decode batch rows: requests running at once
     page_size: int = 16  # tokens per KV page, a multiple of 16

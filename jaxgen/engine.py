@@ -3,7 +3,7 @@
 Owns the `Scheduler` (host, no jax), the `ModelRunner` (device) and the `LaunchPipeline`
 between them. `step()` is plan -> execute -> update; the requests' token events then become
 streamed outputs (text via `RequestText`: incremental detokenizer, stop strings never streamed
-past). A background loop thread calls `step()` while there is work. The scheduler is the only
+past). A loop thread (`EngineLoop`) calls `step()` while there is work. The scheduler is the only
 state shared with caller threads, behind one lock held only for host bookkeeping, never across a
 device call. An exception in one request's handling ends that request with finish_reason
 "error"; a failed device step fails the requests in flight; the loop keeps serving either way,
@@ -20,7 +20,6 @@ engine dead and ends its requests UNAVAILABLE, and `stop()` stops the other proc
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
@@ -33,43 +32,20 @@ from jaxgen.config import DEFAULT_PROFILE_DIR, EngineConfig
 from jaxgen.engine_api import (EngineDeadError, EngineHungError, EngineInfo, EngineStats,
                                GroupLostError, Observers, OpenRequests, QueueFullError,
                                check_request)
+from jaxgen.engine_loop import EngineLoop
 from jaxgen.launch_pipeline import LaunchPipeline
 from jaxgen.request_stream import ENGINE_UNAVAILABLE, Completion, RequestOutput, RequestStream
 from jaxgen.runtime.runner import ModelRunner
 from jaxgen.sampling_params import SamplingParams
-from jaxgen.scheduler import RequestEvent, Scheduler, SchedulerConfig
-from jaxgen.scheduler.ngram import NgramConfig
-from jaxgen.step_watchdog import StepWatchdog
+from jaxgen.scheduler import RequestEvent, Scheduler
+from jaxgen.scheduler.config import scheduler_config
 from jaxgen.tokenizer.request_text import RequestText
 
 log = logging.getLogger(__name__)
-# The acceptance rate a drafting request must keep: from the measured verify cost, within these
-# bounds; without a measurement (no warm-up), the default.
-MIN_ACCEPTANCE, MAX_ACCEPTANCE, DEFAULT_MIN_ACCEPTANCE = 0.1, 0.9, 0.25
 
 STOP_DEAD_TIMEOUT_S = 5.0  # stop(): a dead engine's loop may be stuck in a device call
 
-__all__ = ["Engine", "scheduler_config"]
-
-
-def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids,
-                     verify_cost: float | None = None) -> SchedulerConfig:
-    """The scheduler's settings: the engine's (resolved) config, the pool the runner sized and,
-    with speculative decoding, a verify step's measured cost in decode tokens: a request keeps
-    drafting while its acceptance rate pays for it (1 + rate x K tokens per verify >= cost)."""
-    draft = None
-    if config.speculative == "ngram":
-        k = config.num_speculative_tokens
-        threshold = DEFAULT_MIN_ACCEPTANCE if verify_cost is None else \
-            min(max((verify_cost - 1) / k, MIN_ACCEPTANCE), MAX_ACCEPTANCE)
-        draft = NgramConfig(k, config.ngram_max, config.ngram_min, min_acceptance=threshold,
-                            max_batch=config.speculative_max_batch)
-    return SchedulerConfig(
-        num_slots=config.num_slots, num_pages=num_pages, page_size=config.page_size,
-        max_model_len=config.max_model_len, max_waiting=config.max_waiting,
-        max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
-        model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
-        max_queue_time=config.max_queue_time_s, speculative=draft)
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -84,7 +60,6 @@ class Engine:
                                   sync_dispatch=group is not None and group.sync_dispatch)
         self.warmup_seconds: float | None = None
         self.verify_cost: float | None = None  # speculative decoding: see scheduler_config
-        self._watchdog: StepWatchdog | None = None
         # Off without warm-up unless asked for: steps would compile, for as long as they take.
         self.step_timeout_s = config.step_timeout_s or None
         if config.warmup:
@@ -109,10 +84,11 @@ class Engine:
             group.on_lost(self._lose)
         self._text: dict[str, RequestText] = {}
         self._seeds = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._pauses = 0  # quiesced() callers waiting or inside
-        self._quiet = threading.Event()  # set while the loop is paused with nothing in flight
+        self._loop = EngineLoop(  # step and drain looked up per call: tests replace them
+            self._work, step=lambda: self.step(), drain=lambda: self._drain(),
+            has_work=self.scheduler.has_work,
+            in_flight=lambda: self._pipeline.in_flight, idle=self._pipeline.idle,
+            dead=lambda: self.dead is not None, on_crash=self._crashed)
         self._profile_dir = profile_dir
         self._profiles = None
         self.dead: BaseException | None = None  # set when the engine can no longer serve
@@ -264,29 +240,31 @@ class Engine:
     @property
     def running(self) -> bool:
         """Whether `start()`'s loop thread steps the engine."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
     def start(self) -> None:
         """Runs `step()` on a background thread whenever there is work, watched by the step
         watchdog (with `step_timeout_s`)."""
-        if self.step_timeout_s:
-            self._watchdog = StepWatchdog(self.step_timeout_s, self._hung).start()
-        self._thread = threading.Thread(target=self._loop, name="jaxgen-engine", daemon=True)
-        self._thread.start()
+        self._loop.start(self.step_timeout_s, self._hung)
 
     def stop(self) -> None:
         """Ends the loop after its step; bounded once the engine is dead (its loop may be stuck
         in a device call that never returns)."""
-        with self._work:
-            self._stopping = True
-            self._work.notify()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        if self._thread is not None:
-            self._thread.join(None if self.dead is None else STOP_DEAD_TIMEOUT_S)
+        self._loop.stop(None if self.dead is None else STOP_DEAD_TIMEOUT_S)
         self._pipeline.shutdown(wait=self.dead is None)
         if self.group is not None:  # the other processes stop with this one
             self.group.close()
+
+    def quiesced(self, timeout_s: float = 60.0):
+        """A context manager: the loop paused at a step boundary with nothing in flight (the
+        device idle) for its body, e.g. to start or stop a profiler trace (`EngineLoop`)."""
+        return self._loop.quiesced(timeout_s)
+
+    def _drain(self) -> None:
+        """Reads every launched step (their tokens are delivered as usual)."""
+        while self._pipeline.in_flight:
+            events = self._pipeline.update_oldest()
+            self._deliver(events + self._pipeline.take_failed())
 
     def _hung(self, seconds: float) -> None:
         """The watchdog's call: a step has run past step_timeout_s. The engine is dead, and its
@@ -303,67 +281,8 @@ class Engine:
         self.dead = error
         self._open.fail_all(f"{ENGINE_UNAVAILABLE}: {error}")
 
-    @contextlib.contextmanager
-    def quiesced(self, timeout_s: float = 60.0):
-        """Pauses the loop at a step boundary with nothing in flight (every launched step read,
-        so the device is idle) for the body of the `with`; serving resumes after it. For work
-        that must not overlap device execution, e.g. starting or stopping a profiler trace.
-        Without a loop thread (offline use) the caller's thread reads the launched steps; once
-        the loop has ended (stopped or dead) nothing is launched and nobody waits. Raises
-        TimeoutError if the loop does not reach a step boundary within `timeout_s`."""
-        with self._work:
-            self._pauses += 1
-            self._work.notify_all()
-        try:
-            if self._thread is not None and self._thread.is_alive():
-                if not self._quiet.wait(timeout_s):
-                    raise TimeoutError(f"the engine did not pause within {timeout_s}s")
-            else:
-                self._drain()
-            yield
-        finally:
-            with self._work:
-                self._pauses -= 1
-                if self._pauses == 0:
-                    self._quiet.clear()
-                self._work.notify_all()
-
-    def _drain(self) -> None:
-        """Reads every launched step (their tokens are delivered as usual)."""
-        while self._pipeline.in_flight:
-            events = self._pipeline.update_oldest()
-            self._deliver(events + self._pipeline.take_failed())
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self._work:
-                    while not self._stopping and (self._pauses or not self.scheduler.has_work()):
-                        if self._pauses and self._pipeline.in_flight:
-                            break  # drain first, outside the lock
-                        if self._pauses:
-                            self._quiet.set()
-                        self._pipeline.idle()  # an idle wait is not a host gap
-                        self._work.wait()
-                    if self._stopping:
-                        return
-                    pausing = bool(self._pauses)
-                with self._watched():
-                    if pausing:
-                        self._drain()
-                    else:
-                        self.step()
-                if self.dead is not None:
-                    return
-        except BaseException as e:  # the loop must never die silently: health reads `dead`
-            log.exception("engine loop crashed")
-            self.dead = e
-            raise
-        finally:  # no step will be launched any more: a quiesced() caller need not wait
-            self._quiet.set()
-
-    def _watched(self):
-        return self._watchdog.step() if self._watchdog is not None else contextlib.nullcontext()
+    def _crashed(self, error: BaseException) -> None:
+        self.dead = error  # health reads it
 
     # -- offline ------------------------------------------------------------------------------
 

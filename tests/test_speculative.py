@@ -184,11 +184,11 @@ def test_sampled_output_keeps_the_target_distribution(tiny_llama, monkeypatch):
     distribution; accepting drafts without the rejection-sampling correction does not."""
     import jax.numpy as jnp
 
-    from jaxgen import engine as engine_module
     from jaxgen.runtime import runner, sampling, steps
+    from jaxgen.scheduler import config as scheduler_config_module
 
     # Drafts at every step (no cooldown), so the test sees many accepted and rejected ones.
-    monkeypatch.setattr(engine_module, "DEFAULT_MIN_ACCEPTANCE", 0.0)
+    monkeypatch.setattr(scheduler_config_module, "DEFAULT_MIN_ACCEPTANCE", 0.0)
     # Every token occurs in the prompt: whatever is sampled, the n-gram index drafts what
     # followed it there, which the model mostly does not want (rejections) and sometimes does.
     prompt = list(range(1, 256))

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import TYPE_CHECKING
+
 from jaxgen.scheduler.ngram import NgramConfig
+
+if TYPE_CHECKING:
+    from jaxgen.config import EngineConfig
+
+# The acceptance rate a drafting request must keep: from the measured verify cost, within these
+# bounds; without a measurement (no warm-up), the default.
+MIN_ACCEPTANCE, MAX_ACCEPTANCE, DEFAULT_MIN_ACCEPTANCE = 0.1, 0.9, 0.25
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    # No defaults: the engine derives these from its EngineConfig (jaxgen.engine.scheduler_config),
+    # No defaults: the engine derives these from its EngineConfig (`scheduler_config` below),
     # the one place their defaults live.
     num_slots: int  # decode batch rows
     num_pages: int  # KV pages in the pool, the null page 0 included
@@ -61,3 +70,23 @@ class SchedulerConfig:
         """Pages covering max_model_len tokens: the most one request ever holds. (The runtime's
         page-table rows may be longer: lookahead writes past them land in the null page.)"""
         return -(-self.max_model_len // self.page_size)
+
+
+def scheduler_config(config: EngineConfig, num_pages: int, model_stop_ids,
+                     verify_cost: float | None = None) -> SchedulerConfig:
+    """The scheduler's settings: the engine's (resolved) config, the pool the runner sized and,
+    with speculative decoding, a verify step's measured cost in decode tokens: a request keeps
+    drafting while its acceptance rate pays for it (1 + rate x K tokens per verify >= cost)."""
+    draft = None
+    if config.speculative == "ngram":
+        k = config.num_speculative_tokens
+        threshold = DEFAULT_MIN_ACCEPTANCE if verify_cost is None else \
+            min(max((verify_cost - 1) / k, MIN_ACCEPTANCE), MAX_ACCEPTANCE)
+        draft = NgramConfig(k, config.ngram_max, config.ngram_min, min_acceptance=threshold,
+                            max_batch=config.speculative_max_batch)
+    return SchedulerConfig(
+        num_slots=config.num_slots, num_pages=num_pages, page_size=config.page_size,
+        max_model_len=config.max_model_len, max_waiting=config.max_waiting,
+        max_prefill_tokens=config.max_prefill_tokens, decode_steps=config.decode_steps,
+        model_stop_ids=frozenset(model_stop_ids), enable_prefix_cache=config.enable_prefix_cache,
+        max_queue_time=config.max_queue_time_s, speculative=draft)
