@@ -49,6 +49,34 @@ def test_bf16_pool(decode_only):
           decode_only=decode_only)
 
 
+# A speculative verify step's shape: each sequence at most 1 + K rows (K = 4; fewer when it
+# drafted fewer), contexts ending mid-page and on page boundaries.
+VERIFY = [(37, 5), (0, 5), (16, 3), (70, 1), (33, 5)]
+
+
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (40, 30.0)])
+@pytest.mark.parametrize("blocks", [None, XlaBlockSizes(2, 4)])  # 4 < max_q_len: plain blocks
+def test_max_q_len_one_block_per_sequence(window, soft_cap, blocks):
+    """`max_q_len` (one work block per sequence, as long as its longest) against the oracle,
+    and against the same call without it (blocks of `block_q`): the same pool, the same
+    outputs to float32 rounding."""
+    check(VERIFY, 8, 2, 64, 16, window=window, soft_cap=soft_cap, seed=11, backend="xla",
+          max_q_len=5, block_sizes=blocks)
+    args, _ = make_case(np.random.default_rng(12), VERIFY, 8, 2, 64, 16, jnp.float32)
+    calls = {m: jax.jit(lambda *a, m=m: ragged_paged_attention(
+        *a, sm_scale=0.125, sliding_window=window, soft_cap=soft_cap, backend="xla",
+        max_q_len=m, block_sizes=blocks)) for m in (None, 5)}
+    outs = {m: call(*args) for m, call in calls.items()}
+    flops = {m: call.lower(*args).compile().cost_analysis()["flops"] for m, call in calls.items()}
+    if blocks is None:  # 5 work blocks of 5 rows against 2 + 5 blocks of 16
+        assert flops[5] < 0.5 * flops[None], flops
+    else:
+        assert flops[5] == flops[None], flops
+    np.testing.assert_array_equal(np.asarray(outs[5][1]), np.asarray(outs[None][1]))
+    np.testing.assert_allclose(np.asarray(outs[5][0]), np.asarray(outs[None][0]),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_no_live_rows_and_a_long_page_table():
     """Only idle rows: zeros, pool unchanged. A table far longer than the context (what a large
     max_model_len gives) changes nothing: pages past the context are never read."""

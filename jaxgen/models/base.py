@@ -30,7 +30,8 @@ class AttentionMetadata:
     kv_lens: i32[S] tokens per sequence after this step; page_indices: i32[S, P];
     cu_q_lens: i32[S + 1] packed query offsets; num_seqs: i32[1] live rows of S.
     decode_only (static): one query token per row, row s is sequence s — a decode step, which
-    kernels run on their decode-specialised path.
+    kernels run on their decode-specialised path. max_q_len (static): no sequence has more query
+    rows than this (a verify step: 1 + the drafts), or None.
     """
 
     kv_lens: jax.Array
@@ -38,6 +39,7 @@ class AttentionMetadata:
     cu_q_lens: jax.Array
     num_seqs: jax.Array
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    max_q_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 EMBED_LAYOUTS = ("auto", "vocab_major", "embed_major")

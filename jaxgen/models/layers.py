@@ -215,7 +215,8 @@ class Attention(nnx.Module):
         out, kv_pages = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
             sm_scale=self.sm_scale, sliding_window=self.sliding_window,
-            soft_cap=self.soft_cap, decode_only=md.decode_only, backend=self.attn_backend,
+            soft_cap=self.soft_cap, decode_only=md.decode_only, max_q_len=md.max_q_len,
+            backend=self.attn_backend,
         )
         # One 2-D matmul over (head, dim) flattened: with the 3-D einsum XLA CPU re-laid out the
         # whole o weight every step to match the attention output (~10% of a CPU decode step).

@@ -194,7 +194,7 @@ def make_verify(model: Model, num_drafts: int, placement=None):
             positions[:, None] + offsets, mode="drop")
         kv_lens = jnp.where(active, positions + q_lens, 0).astype(jnp.int32)
         md = AttentionMetadata(kv_lens, state.page_table[safe], cu_q_lens,
-                               jnp.array([chunks], jnp.int32))
+                               jnp.array([chunks], jnp.int32), max_q_len=width)
         logits, kv_pages = model.forward(params, tokens, token_positions, kv_pages, md)
         logits = logits[jnp.minimum(cu_q_lens[:-1, None] + offsets, rows - 1)]  # [C, K+1, V]
         rows_of = jax.tree.map(lambda a: a[safe], state.rows)

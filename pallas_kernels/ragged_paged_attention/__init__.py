@@ -54,6 +54,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     decode_only: bool = False,
+    max_q_len: int | None = None,
     block_sizes=None,
     backend: str = "auto",
     head_axis: str | None = "model",
@@ -81,6 +82,10 @@ def ragged_paged_attention(
       decode_only: static promise that every sequence has exactly one query row and row `s`
         belongs to sequence `s` (`T == S`, `cu_q_lens == arange(S + 1)`): a decode step. Kernels
         use a decode-specialised path; the result is the same.
+      max_q_len: static promise that no sequence has more than this many query rows (a
+        speculative verify step: 1 + the drafts); the blocked XLA backend then sizes its work
+        blocks to it, one per sequence, instead of blocks of `block_q` rows. The result is the
+        same; the other backends ignore it.
       block_sizes: backend-specific block-size / memory-budget parameters (a dataclass of the
         backend module), or None for its defaults. Ignored by the reference.
       backend: "auto" (by platform) or one of `BACKENDS`.
@@ -98,7 +103,7 @@ def ragged_paged_attention(
     call = functools.partial(
         _backend_module(resolved).ragged_paged_attention, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, decode_only=decode_only,
-        block_sizes=block_sizes)
+        max_q_len=max_q_len, block_sizes=block_sizes)
     if resolved in _KERNEL_BACKENDS:
         call = sharding.per_device(call, kv_pages.shape[2] // 2, head_axis)
     return call(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)

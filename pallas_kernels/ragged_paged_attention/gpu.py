@@ -358,8 +358,10 @@ def _mixed(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, seq, live, *
 def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, decode_only: bool = False,
+                           max_q_len: int | None = None,
                            block_sizes: GpuBlockSizes | None = None):
-    """GPU backend; see `pallas_kernels.ragged_paged_attention` for the contract."""
+    """GPU backend; see `pallas_kernels.ragged_paged_attention` for the contract (`max_q_len`
+    is not used)."""
     blocks = block_sizes or GpuBlockSizes()
     interpret = jax.default_backend() != "gpu"
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,

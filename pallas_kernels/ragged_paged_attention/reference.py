@@ -98,10 +98,10 @@ def _attend_one(q, seq, pos, live, kv_pages, page_indices, sm_scale, sliding_win
 def ragged_paged_attention(
     q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-    decode_only: bool = False, block_sizes=None,
+    decode_only: bool = False, max_q_len: int | None = None, block_sizes=None,
 ):
     """Reference implementation; see `pallas_kernels.ragged_paged_attention` for the contract.
-    `block_sizes` is accepted for a uniform signature and ignored."""
+    `max_q_len` and `block_sizes` are accepted for a uniform signature and ignored."""
     del block_sizes
     if decode_only:
         seq, pos, live = decode_layout(kv_lens, num_seqs)

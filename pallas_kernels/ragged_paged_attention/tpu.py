@@ -108,9 +108,11 @@ def _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, decode_only, 
 def ragged_paged_attention(
     q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-    decode_only: bool = False, block_sizes: TpuBlockSizes | None = None,
+    decode_only: bool = False, max_q_len: int | None = None,
+    block_sizes: TpuBlockSizes | None = None,
 ):
-    """TPU kernels; see `pallas_kernels.ragged_paged_attention` for shapes and semantics."""
+    """TPU kernels; see `pallas_kernels.ragged_paged_attention` for shapes and semantics
+    (`max_q_len` is not used)."""
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, decode_only, sliding_window,
               soft_cap)
     return _attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,

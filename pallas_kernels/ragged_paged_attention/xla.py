@@ -6,8 +6,10 @@ max_model_len 2048 a Gemma 3 270M decode step on the 2-core CPU box spent most o
 copying empty pages. Here the work is the GPU kernels' shape, written with `lax` ops:
 
 - query rows are cut into work blocks of `block_q` rows of one sequence (`work_list`; a decode
-  step is one block of one row per sequence), so a block's keys are gathered once for all its
-  rows and query heads (GQA: the G heads of a KV head share them);
+  step is one block of one row per sequence; a step whose sequences have at most `max_q_len`
+  rows, such as a speculative verify step, one block of `max_q_len` rows per sequence, so its
+  few rows are not padded to `block_q`), so a block's keys are gathered once for all its rows
+  and query heads (GQA: the G heads of a KV head share them);
 - a loop runs over key blocks of `pages_per_block` pages, from the first block any live row can
   see (the sliding window's start) to the block of the last live position, with an online
   softmax in f32 — nothing past the longest live context, or before the window, is read;
@@ -88,6 +90,7 @@ def _attend(qw, wseq, wpos, wlive, kv_pages, kv_lens, page_indices, *, sm_scale,
 def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, decode_only: bool = False,
+                           max_q_len: int | None = None,
                            block_sizes: XlaBlockSizes | None = None):
     """Blocked XLA backend; see `pallas_kernels.ragged_paged_attention` for the contract."""
     blocks = block_sizes or XlaBlockSizes()
@@ -108,7 +111,9 @@ def ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, 
                       page_indices, **common)[:, 0]
     else:
         bq = blocks.block_q
-        num_work = -(-t // bq) + s
+        num_work = -(-t // bq) + s  # a sequence's rows may straddle blocks
+        if max_q_len is not None and max_q_len <= bq:  # e.g. a verify step's 1 + K rows
+            bq, num_work = max_q_len, s  # one block per sequence, as long as its longest
         work, starts = work_list(cu_q_lens, kv_lens, num_seqs, num_work, bq)
         rows = work[:, :1] + jnp.arange(bq)[None, :]  # [W, R] packed query row of each slot
         wlive = jnp.arange(bq)[None, :] < work[:, 1:2]
