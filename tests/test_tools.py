@@ -280,3 +280,22 @@ def test_bench_speculative_chat_prompts_go_through_the_chat_template(cache_dir):
         rendered = tok.decode(ids)
         assert rendered.startswith("<|im_start|>") and text in rendered
         assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_bench_verify_times_decode_and_verify_at_each_context(tmp_path, cache_dir, capsys):
+    import json
+
+    import bench_verify
+
+    from tests.server_process import ensure_model
+
+    out = tmp_path / "verify.json"
+    assert bench_verify.main(["--model", ensure_model(cache_dir), "--contexts", "0,40",
+                              "--num-speculative-tokens", "3", "--reps", "1",
+                              "--out-json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["context"] for r in rows] == [0, 40] and all(r["k"] == 3 for r in rows)
+    for r in rows:
+        assert r["decode_token_ms"] > 0 and r["verify_ms"] > 0
+        assert r["verify_in_tokens"] == r["verify_ms"] / r["decode_token_ms"]
+    assert "context    40: decode" in capsys.readouterr().out

@@ -427,7 +427,20 @@ class ModelRunner:
         """A one-request verify call's time in decode tokens of this runner (a `generate` call's
         time over its `decode_steps`), measured on the compiled programs: what one speculating
         request's step costs against decoding one token for the whole batch."""
+        per_token, verify = self.step_times(reps=reps)
+        return verify / per_token
+
+    def step_times(self, position: int | None = None, reps: int = 3) -> tuple[float, float]:
+        """(a decode token's time, a one-request verify call's time) in seconds, the best of
+        `reps` calls of the compiled programs. `position` None: every slot idle (what warm-up
+        can run: no request holds pages); else slot 0 decodes from `position` and verifies
+        `num_drafts` drafts there, its attention reading that much context (the pages of an
+        unassigned slot are the null page: the numbers are garbage, the work is real)."""
         s = self.cfg.num_slots
+        positions, active, rows = np.zeros(s, np.int32), np.zeros(s, bool), ()
+        if position is not None:
+            positions[0], active[0] = position, True
+            rows = [(0, position, (1,) * self.num_drafts)]
 
         def best(call):
             times = []
@@ -439,18 +452,18 @@ class ModelRunner:
 
         def generate():
             out, self.kv_pages, self.state = self._generate(
-                self.params, self.kv_pages, self.state,
-                *self._args(np.zeros(s, np.int32), np.zeros(s, bool)), level=GREEDY)
+                self.params, self.kv_pages, self.state, *self._args(positions, active),
+                level=GREEDY)
             return out.tokens
 
         def verify():
             out, self.kv_pages, self.state = self._verify(
-                self.params, self.kv_pages, self.state, *self._verify_args(1, ()), level=GREEDY)
+                self.params, self.kv_pages, self.state, *self._verify_args(1, rows),
+                level=GREEDY)
             return out.tokens
 
         with self._on_mesh():
-            per_token = best(generate) / self.cfg.decode_steps
-            return best(verify) / per_token
+            return best(generate) / self.cfg.decode_steps, best(verify)
 
     @property
     def verify_buckets(self) -> tuple[int, ...]:
