@@ -88,7 +88,8 @@ class Chaos:
                                          if line and not line.startswith("#"))}
 
     def run(self, requests, on_output=None, on_end=None) -> list[Ended]:
-        """Streams every request at once; how each ended (also passed to `on_end` as it ends)."""
+        """Streams every request at once; how each ended (also passed to `on_end` as it ends).
+        `on_output()` is called at each stream's first output."""
         def one(request):
             ended = stream(request)
             if on_end is not None:
@@ -101,10 +102,10 @@ class Chaos:
                 for response in self.stub.Generate(request, timeout=STREAM_TIMEOUT_S):
                     if response.token_ids and first is None:
                         first = time.monotonic()
+                        if on_output is not None:
+                            on_output()
                     tokens += response.token_ids
                     usage = response.usage if response.HasField("usage") else usage
-                    if on_output is not None and response.token_ids:
-                        on_output()
                 queue_time = usage.queue_time_s if usage is not None and \
                     usage.HasField("queue_time_s") else None
                 return Ended(tokens, grpc.StatusCode.OK, "", first, queue_time)
@@ -115,12 +116,14 @@ class Chaos:
             return list(pool.map(one, requests))
 
     def run_killed(self, sig=signal.SIGKILL) -> tuple[list[Ended], float, int]:
-        """REQUESTS streamed while the engine process gets `sig` once some have output and
-        every one has reached the engine (one that reached the server only during the restart
-        would be refused, UNAVAILABLE with no output: the answer to a request that arrives while
-        the engine restarts, not what this round checks); how each ended, when the signal was
-        sent, and the length of the server's log then."""
-        pid, started, sent, ended = self.engine_pid(), threading.Event(), [], []
+        """REQUESTS streamed while the engine process gets `sig` once every one has reached the
+        engine (one that reached the server only during the restart would be refused,
+        UNAVAILABLE with no output: the answer to a request that arrives while the engine
+        restarts, not what this round checks) and some stream is mid-output (requests of a few
+        tokens: the first ones can end before the last is admitted, and a kill with nobody
+        mid-output fails nobody); how each ended, when the signal was sent, and the length of
+        the server's log then."""
+        pid, sent, ended, outputs = self.engine_pid(), [], [], []
 
         def admitted() -> int:
             # Ended streams first: a stream seen ended here has ended on the server too, so it
@@ -128,22 +131,25 @@ class Chaos:
             done = len(ended)
             return done + self.stats().active_streams
 
+        def streaming() -> bool:
+            # Streams with output, less the ended ones with output (each was in `outputs` first).
+            done = sum(e.first_output_at is not None for e in list(ended))
+            return len(outputs) > done
+
         def kill():
             deadline = time.monotonic() + 60
-            if not started.wait(60):
-                return
-            while admitted() < len(REQUESTS):
+            while admitted() < len(REQUESTS) or not streaming():
                 if time.monotonic() > deadline:
                     return
-                time.sleep(0.01)
+                time.sleep(0.005)
             sent.append((time.monotonic(), len(self.server.log)))
             os.kill(pid, sig)
 
         killer = threading.Thread(target=kill)
         killer.start()
-        results = self.run(REQUESTS, on_output=started.set, on_end=ended.append)
+        results = self.run(REQUESTS, on_output=lambda: outputs.append(1), on_end=ended.append)
         killer.join()
-        assert sent, "within 60s, no stream had output or not every request reached the engine"
+        assert sent, "within 60s, not every request reached the engine or none was mid-output"
         assert wait_gone(pid, 60), "the engine process was not replaced"
         return (results, *sent[0])
 
