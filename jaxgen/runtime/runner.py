@@ -435,7 +435,8 @@ class ModelRunner:
         `reps` calls of the compiled programs. `position` None: every slot idle (what warm-up
         can run: no request holds pages); else slot 0 decodes from `position` and verifies
         `num_drafts` drafts there, its attention reading that much context (the pages of an
-        unassigned slot are the null page: the numbers are garbage, the work is real)."""
+        unassigned slot are the null page: the numbers are garbage, the work is real). For
+        benchmarks of a runner that serves nothing: slot 0's decode state is left changed."""
         s = self.cfg.num_slots
         positions, active, rows = np.zeros(s, np.int32), np.zeros(s, bool), ()
         if position is not None:
