@@ -70,22 +70,26 @@ def test_the_blocked_output_projection_is_taken_only_where_it_helps():
 
 def test_a_model_built_for_an_accelerator_keeps_the_plain_output_projection():
     """`jaxgen plan` compiles TPU programs on this CPU host: the CPU-only blocking must not
-    reach them (nor GPU kernels' models); a model for this host's CPU gets the default."""
-    from flax import nnx
-
-    from jaxgen.models.gemma3 import Gemma3
-    from jaxgen.models.llama import Llama
+    reach them (nor GPU kernels' models); a model for this host's CPU gets the default. Read
+    from the model's whole forward pass over several rows: its output projection is a product
+    against `[blocks, CPU_VOCAB_BLOCK, hidden]` exactly when the model was built for the CPU."""
+    from jaxgen.models.base import AttentionMetadata
 
     assert layers.blocked_logits("auto") and layers.blocked_logits("xla")  # this CPU host
     assert not layers.blocked_logits("tpu") and not layers.blocked_logits("gpu")
-    for arch, cfg in ((Gemma3, TINY_GEMMA3), (Llama, TINY_LLAMA)):
+    rows, seqs, pages_per_seq = 4, 2, 4
+    md = AttentionMetadata(jnp.zeros(seqs, jnp.int32), jnp.zeros((seqs, pages_per_seq), jnp.int32),
+                           jnp.zeros(seqs + 1, jnp.int32), jnp.ones(1, jnp.int32))
+    tokens = jnp.zeros(rows, jnp.int32)
+    for cfg in (TINY_GEMMA3, TINY_LLAMA.replace(tie_embeddings=True)):  # both tie, as shipped
         cfg = cfg.replace(vocab_size=2 * layers.CPU_VOCAB_BLOCK)
-        table, x = jnp.ones((cfg.vocab_size, cfg.hidden_size)), jnp.ones((4, cfg.hidden_size))
-        for backend, blocked in (("auto", True), ("tpu", False)):
-            module = nnx.eval_shape(lambda: arch(cfg, nnx.Rngs(0), attn_backend=backend))
-            jaxpr = str(jax.make_jaxpr(lambda x: layers.tied_logits(
-                x, table, False, module.blocked_logits))(x))
-            assert ("reshape" in jaxpr) == blocked, (arch, backend)
+        blocks = f"[2,{layers.CPU_VOCAB_BLOCK},{cfg.hidden_size}]"
+        for backend, blocked in (("auto", True), ("tpu", False), ("gpu", False)):
+            model = Model(cfg, attn_backend=backend)
+            pages = [jax.ShapeDtypeStruct(model.kv_page_shape(16, 16), jnp.float32)] * cfg.num_layers
+            jaxpr = str(jax.make_jaxpr(model.forward)(model.abstract_params, tokens, tokens,
+                                                      pages, md))
+            assert (blocks in jaxpr) == blocked, (cfg.architecture, backend)
 
 
 @pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY_LLAMA], ids=["gemma3", "llama"])
