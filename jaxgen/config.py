@@ -167,6 +167,12 @@ class EngineConfig:
         return math.ceil((self._max_len + self.decode_steps) / self.page_size)
 
     @property
+    def num_drafts(self) -> int:
+        """Draft tokens a drafting request verifies per step: `num_speculative_tokens` with
+        speculative decoding, else 0 (no verify program)."""
+        return self.num_speculative_tokens if self.speculative else 0
+
+    @property
     def prefill_buckets(self) -> tuple[int, ...]:
         """Token counts a prefill call is padded to: 16, 32, ... below max_prefill_tokens, and it."""
         buckets, size = [], 16

@@ -77,6 +77,13 @@ def test_max_q_len_one_block_per_sequence(window, soft_cap, blocks):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_max_q_len_must_be_a_positive_integer(bad):
+    args, _ = make_case(np.random.default_rng(0), VERIFY, 8, 2, 64, 16, jnp.float32)
+    with pytest.raises(ValueError, match=rf"max_q_len={bad!r}: must be an integer >= 1"):
+        ragged_paged_attention(*args, sm_scale=0.125, backend="xla", max_q_len=bad)
+
+
 def test_no_live_rows_and_a_long_page_table():
     """Only idle rows: zeros, pool unchanged. A table far longer than the context (what a large
     max_model_len gives) changes nothing: pages past the context are never read."""

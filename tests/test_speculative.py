@@ -116,6 +116,21 @@ def engine(tiny, **kw):
     return Engine(model, params, ByteTokenizer(), EngineConfig(**{**BASE, **kw}))
 
 
+def test_step_times_refuse_a_runner_without_verify_and_a_position_past_the_length(tiny_llama):
+    """`ModelRunner.step_times` (tools/bench_verify.py): times both programs at a position, and
+    names what it cannot time."""
+    runner = engine(tiny_llama, **SPEC).runner
+    limit = runner.cfg.max_model_len - 4 - 1
+    token_s, verify_s = runner.step_times(limit, reps=1)
+    assert token_s > 0 and verify_s > 0
+    with pytest.raises(ValueError, match=rf"position={limit + 1}: must be within 0..{limit}"):
+        runner.step_times(limit + 1)
+    with pytest.raises(ValueError, match="position=-1"):
+        runner.step_times(-1)
+    with pytest.raises(ValueError, match="no speculative decoding"):
+        engine(tiny_llama).runner.step_times()
+
+
 def test_greedy_output_is_identical_with_staggered_arrivals_preemption_and_aborts(tiny):
     """More requests than slots (staggered admission), a pool too small for all of them
     (preemption), an abort mid-run: every token equals the run without speculation."""

@@ -86,6 +86,14 @@ def test_bench_tools_name_bad_input(capsys):
         check_backends.main(["--backends", "xla,auto", "--model", "unused"])
     assert e.value.code == 2
     assert "need two distinct backends" in capsys.readouterr().err
+    import bench_verify
+
+    for contexts in ("0,-5", "12,x", ""):  # refused before any model is loaded
+        with pytest.raises(SystemExit) as e:
+            bench_verify.main(["--model", "unused", "--contexts", contexts])
+        assert e.value.code == 2
+        assert f"--contexts {contexts!r}: must be comma-separated integers >= 0" in \
+            capsys.readouterr().err
 
 
 def test_bench_attention_block_specs(capsys):

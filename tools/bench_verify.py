@@ -38,7 +38,12 @@ def main(argv=None) -> int:
     from jaxgen.config import EngineConfig
     from jaxgen.engine import Engine
 
-    contexts = [int(c) for c in args.contexts.split(",")]
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        contexts = []
+    if not contexts or min(contexts) < 0:
+        p.error(f"--contexts {args.contexts!r}: must be comma-separated integers >= 0")
     loaded = checkpoints.load(args.model, dtype=args.dtype)
     max_len = max(contexts) + args.num_speculative_tokens + 64
     engine = Engine(loaded.model, loaded.params, loaded.tokenizer, EngineConfig(

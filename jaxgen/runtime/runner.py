@@ -114,8 +114,7 @@ def _step_functions(model: Model, cfg: EngineConfig, num_pages: int, mesh, place
         prefill = make_prefill(model, settled, placement)
         generate = make_generate(model, cfg.decode_steps, placement)
         insert_state = make_insert(placement)
-        num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
-        verify = make_verify(model, num_drafts, placement) if num_drafts else None
+        verify = make_verify(model, cfg.num_drafts, placement) if cfg.num_drafts else None
         fns = _StepFunctions(
             prefill, settled(generate), settled(insert_state),
             settled(verify) if verify is not None else None,
@@ -192,7 +191,7 @@ class ModelRunner:
         self._prefill, self._generate, self._insert = fns.prefill, fns.generate, fns.insert
         self._verify, self._jitted = fns.verify, fns.jitted
         # Speculative decoding: K drafts verified per slot and step (0: off).
-        self.num_drafts = cfg.num_speculative_tokens if cfg.speculative else 0
+        self.num_drafts = cfg.num_drafts
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
         self.slowest_warmup_s: float | None = None  # set by warmup()
@@ -437,6 +436,14 @@ class ModelRunner:
         `num_drafts` drafts there, its attention reading that much context (the pages of an
         unassigned slot are the null page: the numbers are garbage, the work is real). For
         benchmarks of a runner that serves nothing: slot 0's decode state is left changed."""
+        if self._verify is None:
+            raise ValueError("step_times: this runner has no speculative decoding "
+                             "(EngineConfig.speculative), so no verify step to time")
+        limit = self.cfg.max_model_len - self.num_drafts - 1
+        if position is not None and not 0 <= position <= limit:
+            raise ValueError(f"position={position}: must be within 0..{limit} (max_model_len="
+                             f"{self.cfg.max_model_len} less the {self.num_drafts} drafts and "
+                             f"the token they follow)")
         s = self.cfg.num_slots
         positions, active, rows = np.zeros(s, np.int32), np.zeros(s, bool), ()
         if position is not None:

@@ -99,6 +99,8 @@ def ragged_paged_attention(
     A sequence only ever reads pages listed in its own `page_indices` row, and within them only
     positions below its `kv_lens` entry, so stale or foreign data (even NaN) never leaks in.
     """
+    if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
+        raise ValueError(f"max_q_len={max_q_len!r}: must be an integer >= 1 (or None)")
     resolved = resolve_backend(backend)
     call = functools.partial(
         _backend_module(resolved).ragged_paged_attention, sm_scale=sm_scale,
