@@ -89,7 +89,7 @@ class Chaos:
 
     def run(self, requests, on_output=None, on_end=None) -> list[Ended]:
         """Streams every request at once; how each ended (also passed to `on_end` as it ends).
-        `on_output()` is called at each stream's first output."""
+        `on_output(t)` is called at each stream's first output, with its time."""
         def one(request):
             ended = stream(request)
             if on_end is not None:
@@ -103,7 +103,7 @@ class Chaos:
                     if response.token_ids and first is None:
                         first = time.monotonic()
                         if on_output is not None:
-                            on_output()
+                            on_output(first)
                     tokens += response.token_ids
                     usage = response.usage if response.HasField("usage") else usage
                 queue_time = usage.queue_time_s if usage is not None and \
@@ -123,7 +123,7 @@ class Chaos:
         tokens: the first ones can end before the last is admitted, and a kill with nobody
         mid-output fails nobody); how each ended, when the signal was sent, and the length of
         the server's log then."""
-        pid, sent, ended, outputs = self.engine_pid(), [], [], []
+        pid, sent, ended, first_outputs = self.engine_pid(), [], [], []
 
         def admitted() -> int:
             # Ended streams first: a stream seen ended here has ended on the server too, so it
@@ -132,9 +132,10 @@ class Chaos:
             return done + self.stats().active_streams
 
         def streaming() -> bool:
-            # Streams with output, less the ended ones with output (each was in `outputs` first).
+            # Streams with output, less the ended ones with output (each had its first output
+            # before it ended).
             done = sum(e.first_output_at is not None for e in list(ended))
-            return len(outputs) > done
+            return len(first_outputs) > done
 
         def kill():
             deadline = time.monotonic() + 60
@@ -147,7 +148,7 @@ class Chaos:
 
         killer = threading.Thread(target=kill)
         killer.start()
-        results = self.run(REQUESTS, on_output=lambda: outputs.append(1), on_end=ended.append)
+        results = self.run(REQUESTS, on_output=first_outputs.append, on_end=ended.append)
         killer.join()
         assert sent, "within 60s, not every request reached the engine or none was mid-output"
         assert wait_gone(pid, 60), "the engine process was not replaced"
