@@ -290,6 +290,29 @@ def test_bench_speculative_chat_prompts_go_through_the_chat_template(cache_dir):
         assert rendered.endswith("<|im_start|>assistant\n")
 
 
+def test_ngram_ceiling_counts_the_steps_drafting_at_every_token_would_take():
+    """`ngram_ceiling` replays outputs through the n-gram proposer: an output that repeats its
+    prompt is covered by drafts (K accepted plus one token per step), one of tokens never seen
+    takes a step per token, and a draft that fails part-way keeps its matching prefix."""
+    import bench_speculative
+
+    prompt = list(range(100, 140))
+    # Copy: the last n-gram of the prompt is [138, 139]; the output starts the prompt again
+    # after its first two tokens can be matched ([100, 101] occurs at the start).
+    copy = prompt[:2] + prompt[2:34]  # 34 tokens
+    # Drafting from position 2 on: 32 tokens in steps of K + 1 = 5 (the last step is shortened
+    # by the output's end), after 2 steps without a match.
+    assert bench_speculative.ngram_ceiling([prompt], [copy], 4, 4, 2) == 34 / (2 + 7)
+    fresh = list(range(500, 540))
+    assert bench_speculative.ngram_ceiling([prompt], [fresh], 4, 4, 2) == 1.0
+    # A draft that breaks after 2 tokens: [100, 101] proposes 102..105; the output has 102, 103,
+    # then 999 (the step emits 102, 103, 999), then nothing matches.
+    broken = [100, 101, 102, 103, 999, 998]
+    assert bench_speculative.ngram_ceiling([prompt], [broken], 4, 4, 2) == 6 / 4
+    assert bench_speculative.ngram_ceiling([prompt] * 2, [copy, fresh], 4, 4, 2) == \
+        (34 + 40) / (9 + 40)
+
+
 def test_bench_verify_times_decode_and_verify_at_each_context(tmp_path, cache_dir, capsys):
     import json
 

@@ -3,7 +3,8 @@ the same loaded model: output tok/s with and without, the acceptance rate and th
 length per verify step, per workload (tools/spec_workloads.py) and batch size.
 
     python tools/bench_speculative.py --models smollm2-135m,gemma3-270m --batches 1,8 \\
-        --max-tokens 96 --reps 2 [--dtype float32] [--num-speculative-tokens 4] [--chat]
+        [--prompts 3] [--max-tokens 96] [--reps 3] [--dtype float32] \\
+        [--num-speculative-tokens 4] [--chat]
 
 `--chat` sends each prompt as one user message through the model's chat template (what an
 instruct model such as SmolLM2-135M-Instruct receives from `/v1/chat/completions`); without it
@@ -11,7 +12,17 @@ the prompts are plain text (the bundled Gemma 3 270M is a base model: it continu
 
 Each (model, batch, workload) cell runs the same prompts greedily through both engines, plain
 first, alternating for --reps rounds (the best round of each is kept), after one untimed round
-that compiles. Greedy outputs are compared token for token (they must be identical).
+that compiles. Greedy outputs are compared token for token (they must be identical). The
+default 3 prompts per slot give a batch-1 cell one prompt of each copy-heavy kind.
+
+`ceiling` is how much of the outputs the drafts can cover: the plain engine's greedy outputs
+replayed through the n-gram proposer (same K and n-gram lengths, drafting at every token, never
+cooling down), each step a verify where it drafts (its accepted drafts plus one token) and a
+one-token decode where it does not: output tokens per step. It is the speedup the engine would
+reach were a verify step as cheap as a decode token and drafts looked up after every token (a
+memory-bound accelerator at batch 1 comes close to the first); on a CPU, where a verify step
+costs more, the measured speedup stays below it. A model that paraphrases has a low ceiling
+whatever the engine does.
 """
 
 from __future__ import annotations
@@ -46,6 +57,28 @@ def encode_prompts(tok, texts: list[str], chat: bool) -> list[list[int]]:
     if chat:
         return [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     return [tok.encode(t) for t in texts]
+
+
+def ngram_ceiling(prompts, outputs, k: int, ngram_max: int, ngram_min: int) -> float:
+    """Output tokens per step when `outputs` (the greedy continuations of `prompts`) are
+    replayed through the n-gram proposer drafting at every token: a step emits the drafts that
+    match the output plus one token, or one token where nothing is drafted. 1.0: no draft
+    would ever be accepted; at most k + 1."""
+    from jaxgen.scheduler.ngram import NgramConfig, NgramProposer
+
+    config = NgramConfig(num_speculative_tokens=k, ngram_max=ngram_max, ngram_min=ngram_min,
+                         min_acceptance=0.0)  # never cools down
+    tokens = steps = 0
+    for prompt, out in zip(prompts, outputs):
+        proposer, i = NgramProposer(config, prompt), 0
+        while i < len(out):
+            drafts = proposer.propose(len(out) - i - 1)
+            accepted = next((j for j, d in enumerate(drafts) if d != out[i + j]), len(drafts))
+            proposer.extend(out[i:i + accepted + 1])
+            i += accepted + 1
+            steps += 1
+        tokens += len(out)
+    return tokens / steps if steps else 1.0
 
 
 def run(engine, prompts, params):
@@ -102,7 +135,10 @@ def bench_model(name, args) -> list[dict]:
                 ngram_tok_s=tokens / best["ngram"], speedup=best["plain"] / best["ngram"],
                 acceptance=accepted / drafted if drafted else 0.0,
                 accepted_per_verify=accepted / verifies.count if verifies.count else 0.0,
-                identical=outputs["plain"] == outputs["ngram"], device=jax.devices()[0].platform,
+                identical=outputs["plain"] == outputs["ngram"],
+                ceiling=ngram_ceiling(prompts, outputs["plain"], args.num_speculative_tokens,
+                                      args.ngram_max, args.ngram_min),
+                device=jax.devices()[0].platform,
                 dtype=args.dtype, jax=jax.__version__))
             rows[-1]["verify_cost"] = engines["ngram"].verify_cost
             r = rows[-1]
@@ -110,7 +146,7 @@ def bench_model(name, args) -> list[dict]:
             print(f"{name:>14} B={batch:<3} {cell:>17}: plain {r['plain_tok_s']:7.1f} tok/s, "
                   f"ngram {r['ngram_tok_s']:7.1f} tok/s = {r['speedup']:.2f}x; acceptance "
                   f"{r['acceptance']:.0%}, {r['accepted_per_verify']:.2f} accepted per verify; "
-                  f"identical={r['identical']}", flush=True)
+                  f"ceiling {r['ceiling']:.2f}x; identical={r['identical']}", flush=True)
     return rows
 
 
@@ -118,9 +154,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per slot in each cell")
+    p.add_argument("--prompts", type=int, default=3, help="prompts per slot in each cell")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--ngram-max", type=int, default=4)
