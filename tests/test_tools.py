@@ -290,27 +290,32 @@ def test_bench_speculative_chat_prompts_go_through_the_chat_template(cache_dir):
         assert rendered.endswith("<|im_start|>assistant\n")
 
 
-def test_ngram_ceiling_counts_the_steps_drafting_at_every_token_would_take():
-    """`ngram_ceiling` replays outputs through the n-gram proposer: an output that repeats its
+def test_ngram_replay_counts_the_steps_drafting_at_every_token_would_take():
+    """`ngram_replay` replays outputs through the n-gram proposer: an output that repeats its
     prompt is covered by drafts (K accepted plus one token per step), one of tokens never seen
     takes a step per token, and a draft that fails part-way keeps its matching prefix."""
     import bench_speculative
 
+    def replay(prompts, outputs):
+        return bench_speculative.ngram_replay(prompts, outputs, 4, 4, 2)
+
     prompt = list(range(100, 140))
-    # Copy: the last n-gram of the prompt is [138, 139]; the output starts the prompt again
-    # after its first two tokens can be matched ([100, 101] occurs at the start).
-    copy = prompt[:2] + prompt[2:34]  # 34 tokens
-    # Drafting from position 2 on: 32 tokens in steps of K + 1 = 5 (the last step is shortened
-    # by the output's end), after 2 steps without a match.
-    assert bench_speculative.ngram_ceiling([prompt], [copy], 4, 4, 2) == 34 / (2 + 7)
+    # The output starts the prompt again: its first two tokens decode (nothing matches the
+    # n-grams ending the sequence), then [100, 101] is found and the other 32 tokens come in
+    # verify steps of K + 1 = 5 (the last one shortened by the output's end): 7 verifies.
+    copy = prompt[:34]
+    assert replay([prompt], [copy]) == (34, 7, 2)
     fresh = list(range(500, 540))
-    assert bench_speculative.ngram_ceiling([prompt], [fresh], 4, 4, 2) == 1.0
+    assert replay([prompt], [fresh]) == (40, 0, 40)
     # A draft that breaks after 2 tokens: [100, 101] proposes 102..105; the output has 102, 103,
     # then 999 (the step emits 102, 103, 999), then nothing matches.
     broken = [100, 101, 102, 103, 999, 998]
-    assert bench_speculative.ngram_ceiling([prompt], [broken], 4, 4, 2) == 6 / 4
-    assert bench_speculative.ngram_ceiling([prompt] * 2, [copy, fresh], 4, 4, 2) == \
-        (34 + 40) / (9 + 40)
+    assert replay([prompt], [broken]) == (6, 1, 3)
+    assert replay([prompt] * 2, [copy, fresh]) == (74, 7, 42)
+
+    assert bench_speculative.replayed_speedup((34, 7, 2)) == 34 / 9
+    assert bench_speculative.replayed_speedup((34, 7, 2), verify_cost=2.0) == 34 / 16
+    assert bench_speculative.replayed_speedup((40, 0, 40), verify_cost=2.0) == 1.0
 
 
 def test_bench_verify_times_decode_and_verify_at_each_context(tmp_path, cache_dir, capsys):

@@ -20,9 +20,10 @@ replayed through the n-gram proposer (same K and n-gram lengths, drafting at eve
 cooling down), each step a verify where it drafts (its accepted drafts plus one token) and a
 one-token decode where it does not: output tokens per step. It is the speedup the engine would
 reach were a verify step as cheap as a decode token and drafts looked up after every token (a
-memory-bound accelerator at batch 1 comes close to the first); on a CPU, where a verify step
-costs more, the measured speedup stays below it. A model that paraphrases has a low ceiling
-whatever the engine does.
+memory-bound accelerator at batch 1 comes close to the first). `at verify cost`: the same
+replay with each verify step at the cost warm-up measured (`Engine.verify_cost`, in decode
+tokens), what drafting at every token would give on this device. A model that paraphrases has
+a low ceiling whatever the engine does.
 """
 
 from __future__ import annotations
@@ -59,16 +60,16 @@ def encode_prompts(tok, texts: list[str], chat: bool) -> list[list[int]]:
     return [tok.encode(t) for t in texts]
 
 
-def ngram_ceiling(prompts, outputs, k: int, ngram_max: int, ngram_min: int) -> float:
-    """Output tokens per step when `outputs` (the greedy continuations of `prompts`) are
-    replayed through the n-gram proposer drafting at every token: a step emits the drafts that
-    match the output plus one token, or one token where nothing is drafted. 1.0: no draft
-    would ever be accepted; at most k + 1."""
+def ngram_replay(prompts, outputs, k: int, ngram_max: int, ngram_min: int) -> tuple[int, int, int]:
+    """(output tokens, verify steps, decode steps) when `outputs` (the greedy continuations of
+    `prompts`) are replayed through the n-gram proposer drafting at every token: a verify step
+    emits the drafts that match the output plus one token, a decode step (nothing drafted) one
+    token."""
     from jaxgen.scheduler.ngram import NgramConfig, NgramProposer
 
     config = NgramConfig(num_speculative_tokens=k, ngram_max=ngram_max, ngram_min=ngram_min,
                          min_acceptance=0.0)  # never cools down
-    tokens = steps = 0
+    tokens = verifies = decodes = 0
     for prompt, out in zip(prompts, outputs):
         proposer, i = NgramProposer(config, prompt), 0
         while i < len(out):
@@ -76,9 +77,17 @@ def ngram_ceiling(prompts, outputs, k: int, ngram_max: int, ngram_min: int) -> f
             accepted = next((j for j, d in enumerate(drafts) if d != out[i + j]), len(drafts))
             proposer.extend(out[i:i + accepted + 1])
             i += accepted + 1
-            steps += 1
+            verifies += bool(drafts)
+            decodes += not drafts
         tokens += len(out)
-    return tokens / steps if steps else 1.0
+    return tokens, verifies, decodes
+
+
+def replayed_speedup(replay: tuple[int, int, int], verify_cost: float = 1.0) -> float:
+    """The speedup of drafting at every token on a replay (`ngram_replay`), a verify step
+    costing `verify_cost` decode tokens: 1.0 where nothing would be accepted, at most K + 1."""
+    tokens, verifies, decodes = replay
+    return tokens / (verifies * verify_cost + decodes) if tokens else 1.0
 
 
 def run(engine, prompts, params):
@@ -136,17 +145,20 @@ def bench_model(name, args) -> list[dict]:
                 acceptance=accepted / drafted if drafted else 0.0,
                 accepted_per_verify=accepted / verifies.count if verifies.count else 0.0,
                 identical=outputs["plain"] == outputs["ngram"],
-                ceiling=ngram_ceiling(prompts, outputs["plain"], args.num_speculative_tokens,
-                                      args.ngram_max, args.ngram_min),
                 device=jax.devices()[0].platform,
                 dtype=args.dtype, jax=jax.__version__))
-            rows[-1]["verify_cost"] = engines["ngram"].verify_cost
+            replay = ngram_replay(prompts, outputs["plain"], args.num_speculative_tokens,
+                                  args.ngram_max, args.ngram_min)
+            cost = engines["ngram"].verify_cost
+            rows[-1].update(verify_cost=cost, ceiling=replayed_speedup(replay),
+                            at_verify_cost=replayed_speedup(replay, cost))
             r = rows[-1]
             cell = workload + (" chat" if args.chat else "")
             print(f"{name:>14} B={batch:<3} {cell:>17}: plain {r['plain_tok_s']:7.1f} tok/s, "
                   f"ngram {r['ngram_tok_s']:7.1f} tok/s = {r['speedup']:.2f}x; acceptance "
                   f"{r['acceptance']:.0%}, {r['accepted_per_verify']:.2f} accepted per verify; "
-                  f"ceiling {r['ceiling']:.2f}x; identical={r['identical']}", flush=True)
+                  f"ceiling {r['ceiling']:.2f}x, {r['at_verify_cost']:.2f}x at a verify of "
+                  f"{r['verify_cost']:.2f} tokens; identical={r['identical']}", flush=True)
     return rows
 
 
