@@ -127,6 +127,9 @@ def test_step_times_refuse_a_runner_without_verify_and_a_position_past_the_lengt
         runner.step_times(limit + 1)
     with pytest.raises(ValueError, match="position=-1"):
         runner.step_times(-1)
+    with pytest.raises(ValueError, match="reps=0: must be an integer >= 1"):
+        runner.step_times(reps=0)
+    assert runner.num_drafts == runner.cfg.num_drafts == 4
     with pytest.raises(ValueError, match="no speculative decoding"):
         engine(tiny_llama).runner.step_times()
 

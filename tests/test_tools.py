@@ -94,6 +94,20 @@ def test_bench_tools_name_bad_input(capsys):
         assert e.value.code == 2
         assert f"--contexts {contexts!r}: must be comma-separated integers >= 0" in \
             capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_verify.main(["--model", "unused", "--reps", "0"])
+    assert e.value.code == 2 and "--reps 0: must be >= 1" in capsys.readouterr().err
+
+    import bench_speculative
+
+    for argv, message in [(["--batches", "1,0"], "--batches '1,0': must be comma-separated"),
+                          (["--batches", "x"], "--batches 'x': must be comma-separated"),
+                          (["--prompts", "0"], "--prompts 0: must be >= 1"),
+                          (["--max-tokens", "-1"], "--max-tokens -1: must be >= 1"),
+                          (["--reps", "0"], "--reps 0: must be >= 1")]:
+        with pytest.raises(SystemExit) as e:  # refused before any model is loaded
+            bench_speculative.main(["--models", "unused"] + argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_attention_block_specs(capsys):
@@ -288,6 +302,17 @@ def test_bench_speculative_chat_prompts_go_through_the_chat_template(cache_dir):
         rendered = tok.decode(ids)
         assert rendered.startswith("<|im_start|>") and text in rendered
         assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_bench_speculative_default_prompts_cover_every_copy_heavy_kind():
+    """At batch 1 the default prompt count gives one rewrite, one fix and one quote."""
+    import bench_speculative
+    from spec_workloads import copy_heavy
+
+    args = bench_speculative.parse_args([])
+    texts = copy_heavy(1 * args.prompts, seed=1)
+    assert [sum(marker in t for t in texts) for marker in
+            ("Original passage:", "has a typo", "Document:")] == [1, 1, 1]
 
 
 def test_ngram_replay_counts_the_steps_drafting_at_every_token_would_take():

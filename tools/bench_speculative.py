@@ -162,10 +162,10 @@ def bench_model(name, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (slots)")
     p.add_argument("--prompts", type=int, default=3, help="prompts per slot in each cell")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--reps", type=int, default=3)
@@ -176,8 +176,28 @@ def main(argv=None) -> int:
     p.add_argument("--chat", action="store_true",
                    help="prompts as one user message through the model's chat template")
     p.add_argument("--out-json", default=None)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: each count a positive integer, named with its value."""
+    p = parser()
     args = p.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
+    given = args.batches
+    try:
+        args.batches = [int(b) for b in given.split(",")]
+    except ValueError:
+        args.batches = []
+    if not args.batches or min(args.batches) < 1:
+        p.error(f"--batches {given!r}: must be comma-separated integers >= 1")
+    for flag in ("prompts", "max_tokens", "reps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     rows = [r for name in args.models.split(",") for r in bench_model(name, args)]
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(rows, indent=1))

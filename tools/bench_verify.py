@@ -44,6 +44,8 @@ def main(argv=None) -> int:
         contexts = []
     if not contexts or min(contexts) < 0:
         p.error(f"--contexts {args.contexts!r}: must be comma-separated integers >= 0")
+    if args.reps < 1:
+        p.error(f"--reps {args.reps}: must be >= 1")
     loaded = checkpoints.load(args.model, dtype=args.dtype)
     max_len = max(contexts) + args.num_speculative_tokens + 64
     engine = Engine(loaded.model, loaded.params, loaded.tokenizer, EngineConfig(

@@ -190,8 +190,6 @@ class ModelRunner:
         fns = _step_functions(model, cfg, self.num_pages, mesh, placement, sync_dispatch)
         self._prefill, self._generate, self._insert = fns.prefill, fns.generate, fns.insert
         self._verify, self._jitted = fns.verify, fns.jitted
-        # Speculative decoding: K drafts verified per slot and step (0: off).
-        self.num_drafts = cfg.num_drafts
         self._baseline_compiles: int | None = None
         self.compilations_after_warmup = 0
         self.slowest_warmup_s: float | None = None  # set by warmup()
@@ -439,6 +437,8 @@ class ModelRunner:
         if self._verify is None:
             raise ValueError("step_times: this runner has no speculative decoding "
                              "(EngineConfig.speculative), so no verify step to time")
+        if not isinstance(reps, int) or reps < 1:
+            raise ValueError(f"reps={reps!r}: must be an integer >= 1")
         limit = self.cfg.max_model_len - self.num_drafts - 1
         if position is not None and not 0 <= position <= limit:
             raise ValueError(f"position={position}: must be within 0..{limit} (max_model_len="
@@ -472,6 +472,11 @@ class ModelRunner:
 
         with self._on_mesh():
             return best(generate) / self.cfg.decode_steps, best(verify)
+
+    @property
+    def num_drafts(self) -> int:
+        """Speculative decoding: K drafts verified per slot and step (0: off)."""
+        return self.cfg.num_drafts
 
     @property
     def verify_buckets(self) -> tuple[int, ...]:

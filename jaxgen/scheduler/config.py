@@ -8,7 +8,6 @@ numbers here).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import TYPE_CHECKING
 
 from jaxgen.scheduler.ngram import NgramConfig
